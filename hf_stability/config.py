@@ -1,0 +1,129 @@
+"""`StabilityConfig`: `TrainingArguments` plus the knobs of skipping, rollback and telemetry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+SPIKE_METRICS = ("loss", "grad_norm")
+SNAPSHOT_STORAGES = ("cpu", "disk")
+
+
+@dataclass
+class StabilityConfig(TrainingArguments):
+    """Training arguments for [`StabilityTrainer`]; every `TrainingArguments` field works as usual.
+
+    Being a `TrainingArguments` subclass, it parses with `HfArgumentParser` (``--spike_sigma 5``) and
+    loads from YAML/JSON. Only the fields below are new; `restore_callback_states_from_checkpoint`
+    defaults to ``True`` here so that skip and rollback counters survive ``resume_from_checkpoint``.
+    """
+
+    # Non-finite batch skipping
+    skip_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "help": "Skip the optimizer update of any step whose gradients (after unscaling) hold NaN/Inf on any "
+            "rank: no parameter, optimizer moment or optimizer step count changes. `global_step` still counts it."
+        },
+    )
+    max_consecutive_skips: int = field(
+        default=50,
+        metadata={
+            "help": "Stop training cleanly, with a checkpoint, after this many consecutive skipped steps: the run is "
+            "not recovering on its own."
+        },
+    )
+
+    # Spike detection and rollback
+    spike_rollback: bool = field(
+        default=True,
+        metadata={
+            "help": "Watch `spike_metric` for spikes and, on one, restore the newest healthy in-memory snapshot and "
+            "continue with the next batches."
+        },
+    )
+    spike_metric: str = field(
+        default="loss",
+        metadata={"help": "Signal the spike detector watches.", "choices": list(SPIKE_METRICS)},
+    )
+    spike_window: int = field(
+        default=128,
+        metadata={"help": "Number of recent healthy steps the detector's running mean and deviation cover."},
+    )
+    spike_warmup: int = field(
+        default=64,
+        metadata={"help": "Healthy steps the detector must see before it may fire. Must not exceed `spike_window`."},
+    )
+    spike_sigma: float = field(
+        default=6.0,
+        metadata={"help": "A value above mean + `spike_sigma` x standard deviation of the window is a spike."},
+    )
+    snapshot_interval: int = field(
+        default=100,
+        metadata={"help": "Take a rollback snapshot every this many optimizer steps (only while the run is healthy)."},
+    )
+    snapshot_keep: int = field(
+        default=2,
+        metadata={"help": "Number of healthy snapshots to keep; the oldest is dropped when a new one is taken."},
+    )
+    snapshot_storage: str = field(
+        default="cpu",
+        metadata={
+            "help": "Where snapshots live: 'cpu' (host memory, ~3x the fp32 parameter size per snapshot with Adam) or "
+            "'disk' (safetensors under `<output_dir>/stability_snapshots/`, for models whose snapshots do not fit).",
+            "choices": list(SNAPSHOT_STORAGES),
+        },
+    )
+    rollback_lr_factor: float = field(
+        default=1.0,
+        metadata={"help": "Multiply the learning rate by this factor after each rollback (1.0 keeps it)."},
+    )
+    max_rollbacks: int = field(
+        default=5,
+        metadata={"help": "Stop training cleanly, with a checkpoint, when a spike would need rollback number "
+                  "`max_rollbacks + 1`."},
+    )
+
+    # Telemetry
+    log_fp16_pressure: bool = field(
+        default=True,
+        metadata={
+            "help": "On logging steps, log the fraction of gradient elements that underflow fp16 after loss scaling "
+            "and the headroom of the largest scaled gradient to the fp16 maximum (65504)."
+        },
+    )
+    log_layer_grad_norms: bool = field(
+        default=False,
+        metadata={"help": "On logging steps, also log the gradient norm of every parameter tensor."},
+    )
+
+    # Changed default of a TrainingArguments field
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True,
+        metadata={
+            "help": "Restore callback states (skip and rollback counters) from the checkpoint on resume. Defaults to "
+            "True here, unlike in `TrainingArguments`."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.spike_metric not in SPIKE_METRICS:
+            raise ValueError(f"`spike_metric` must be one of {SPIKE_METRICS}, got {self.spike_metric!r}.")
+        if self.snapshot_storage not in SNAPSHOT_STORAGES:
+            raise ValueError(f"`snapshot_storage` must be one of {SNAPSHOT_STORAGES}, got {self.snapshot_storage!r}.")
+        for name in ("spike_window", "spike_warmup", "snapshot_interval", "snapshot_keep", "max_consecutive_skips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.spike_window < self.spike_warmup:
+            raise ValueError(
+                f"`spike_window` ({self.spike_window}) must be >= `spike_warmup` ({self.spike_warmup}): the detector "
+                "cannot wait for more healthy steps than its window holds."
+            )
+        if not self.spike_sigma > 0:
+            raise ValueError(f"`spike_sigma` must be > 0, got {self.spike_sigma}.")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"`max_rollbacks` must be >= 0, got {self.max_rollbacks}.")
+        if not self.rollback_lr_factor > 0:
+            raise ValueError(f"`rollback_lr_factor` must be > 0, got {self.rollback_lr_factor}.")

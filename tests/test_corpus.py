@@ -1,0 +1,35 @@
+import pytest
+
+from hf_stability.corpus import default_corpus, split_sentences, train_tokenizer
+
+
+def test_default_corpus_is_the_pydoc_topics():
+    documents = default_corpus()
+    assert len(documents) == 79
+    assert sum(map(len, documents)) > 300_000
+    assert default_corpus() == documents  # fixed order
+
+
+def test_split_sentences_keeps_every_word():
+    text = "The first one. The second one!\n\nA new paragraph? Yes."
+    sentences = split_sentences(text)
+    assert sentences == ["The first one.", "The second one!", "A new paragraph?", "Yes."]
+
+
+def test_tokenizer_families_have_their_special_tokens(bert_tokenizer, bart_tokenizer, t5_tokenizer):
+    assert {bert_tokenizer.cls_token, bert_tokenizer.sep_token, bert_tokenizer.mask_token} == {"[CLS]", "[SEP]", "[MASK]"}
+    assert bert_tokenizer("a b").input_ids[0] == bert_tokenizer.cls_token_id
+    assert "##" in "".join(bert_tokenizer.get_vocab())
+    ids = bart_tokenizer("Hello there.").input_ids
+    assert ids[0] == bart_tokenizer.bos_token_id and ids[-1] == bart_tokenizer.eos_token_id
+    assert bart_tokenizer.mask_token == "<mask>"
+    sentinel_ids = t5_tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(100)])
+    assert sentinel_ids == list(range(len(t5_tokenizer) - 1, len(t5_tokenizer) - 101, -1))
+    assert t5_tokenizer("Hello").input_ids[-1] == t5_tokenizer.eos_token_id
+
+
+def test_tokenizer_rejects_bad_arguments(corpus):
+    with pytest.raises(ValueError, match="kind"):
+        train_tokenizer(corpus[:2], "gpt")
+    with pytest.raises(ValueError, match="texts"):
+        train_tokenizer([], "bert")
