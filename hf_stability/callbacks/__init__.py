@@ -1,0 +1,25 @@
+"""Stability callbacks; each also works with a plain `transformers.Trainer`.
+
+- `SkipNonFiniteCallback` (``skip.py``): drop the update of a step with NaN/Inf gradients on any rank.
+- `SpikeRollbackCallback` (``rollback.py``): on a loss/grad-norm spike, restore a healthy in-memory snapshot.
+- `LossScaleTelemetryCallback` (``telemetry.py``): loss scale, skip/rollback counts, fp16 pressure via `Trainer.log`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SkipNonFiniteCallback": "hf_stability.callbacks.skip",
+    "SpikeRollbackCallback": "hf_stability.callbacks.rollback",
+    "LossScaleTelemetryCallback": "hf_stability.callbacks.telemetry",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hf_stability.callbacks' has no attribute {name!r}")

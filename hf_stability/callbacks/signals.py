@@ -1,0 +1,96 @@
+"""Per-step signals the stability callbacks share, read without host synchronisation.
+
+A `TrainerCallback` sees the model and optimizer but not the step's loss or grad norm, so these
+helpers recover both on device: the loss from the model's own forward output, the norm with one
+fused ``torch._foreach_norm``. Decisions that must agree across ranks go through
+:func:`reduce_across_ranks`, one small all-reduce.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+class TrainingLossTap:
+    """Collects the training loss of the current optimizer step from the model's forward output.
+
+    A forward hook adds ``output.loss`` (detached, on device) for every training-mode forward; the
+    mean over the step's micro-batches is available from :meth:`read` until the next forward starts
+    a new step. Evaluation forwards (``model.training`` is False) are ignored. Models called without
+    ``labels`` return no loss, in which case :meth:`read` returns ``None``.
+
+    Use :meth:`for_model` so that every callback shares one tap (and one hook) per model.
+    """
+
+    _taps: weakref.WeakKeyDictionary[torch.nn.Module, TrainingLossTap] = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._closed = False
+        self._last: torch.Tensor | None = None
+        self._handle = model.register_forward_hook(self._hook)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> TrainingLossTap:
+        tap = cls._taps.get(model)
+        if tap is None:
+            tap = cls._taps[model] = cls(model)
+        return tap
+
+    def _hook(self, module: torch.nn.Module, args: object, output: object) -> None:
+        if not module.training:
+            return
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if not isinstance(loss, torch.Tensor):
+            return
+        if self._closed:
+            self._sum, self._count, self._closed = None, 0, False
+        value = loss.detach().float().mean()
+        self._sum = value if self._sum is None else self._sum + value
+        self._count += 1
+
+    def read(self) -> torch.Tensor | None:
+        """Mean training loss of the step just computed (a 0-d device tensor), or ``None``."""
+        if not self._closed:
+            self._last = None if self._sum is None else self._sum / self._count
+            self._closed = True
+        return self._last
+
+    def remove(self) -> None:
+        self._handle.remove()
+        type(self)._taps = weakref.WeakKeyDictionary({m: t for m, t in self._taps.items() if t is not self})
+
+
+def gradients(parameters: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The gradients that exist (parameters without one are frozen or unused)."""
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients as one 0-d fp32 tensor; non-finite iff some gradient is (or the norm overflows)."""
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
+
+
+def reduce_across_ranks(value: torch.Tensor, op: str = "max") -> torch.Tensor:
+    """All-reduce a small tensor (``op`` in ``"max"``, ``"min"``, ``"sum"``) when a process group is up.
+
+    Under ``gloo`` the reduction runs on CPU, under ``nccl`` on the tensor's device; the caller gets
+    a tensor on the device it passed.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    reduce_op = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}[op]
+    device = value.device
+    work = value.detach().clone()
+    if dist.get_backend() == "gloo" and work.device.type != "cpu":
+        work = work.cpu()
+    dist.all_reduce(work, op=reduce_op)
+    return work.to(device)
