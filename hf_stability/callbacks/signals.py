@@ -94,3 +94,46 @@ def reduce_across_ranks(value: torch.Tensor, op: str = "max") -> torch.Tensor:
         work = work.cpu()
     dist.all_reduce(work, op=reduce_op)
     return work.to(device)
+
+
+class SkipRecord:
+    """The skip decision of the latest optimizer step, shared per model by the stability callbacks.
+
+    `SkipNonFiniteCallback` writes it in ``on_pre_optimizer_step`` (before ``optimizer.step()``);
+    any later callback of the same step reads it with ``SkipRecord.for_model(model).skipped(step)``
+    where ``step = state.global_step + 1`` in ``on_pre_optimizer_step``/``on_optimizer_step`` and
+    ``state.global_step`` from ``on_step_end`` on. A skipped step also leaves every gradient ``None``.
+    """
+
+    _records: weakref.WeakKeyDictionary[torch.nn.Module, SkipRecord] = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.reason: str | None = None
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> SkipRecord:
+        record = cls._records.get(model)
+        if record is None:
+            record = cls._records[model] = cls()
+        return record
+
+    def mark(self, step: int, reason: str | None) -> None:
+        """Record the decision for ``step``: ``reason`` is ``None`` when the update goes ahead."""
+        self.step, self.reason = step, reason
+
+    def skipped(self, step: int) -> bool:
+        return self.step == step and self.reason is not None
+
+
+def completing_step(state: object) -> int:
+    """Number the step being computed will have once done (``global_step`` is incremented after the update)."""
+    return state.global_step + 1
+
+
+def is_logging_step(args: object, state: object, step: int) -> bool:
+    """Whether Trainer's `DefaultFlowCallback` will log after optimizer step ``step`` (``"steps"`` strategy)."""
+    if getattr(args, "logging_first_step", False) and step == 1:
+        return True
+    interval = getattr(state, "logging_steps", 0) or 0
+    return getattr(args, "logging_strategy", None) == "steps" and interval > 0 and step % interval == 0

@@ -1,0 +1,250 @@
+"""`SkipNonFiniteCallback`: drop the update of a step whose gradients are NaN/Inf on any rank.
+
+The check runs in ``on_pre_optimizer_step``, when Trainer has already unscaled (fp16) and clipped
+the gradients. Clipping does not hide a non-finite gradient (a NaN turns every gradient NaN, an Inf
+becomes NaN), so one fused norm over the gradients tells whether the step is sane. A skip sets every
+gradient to ``None``: torch optimizers then leave parameters, moments and their ``step`` count alone
+(zeroing to 0 would not — Adam still decays its moments and counts the step).
+
+Per step this costs one fused norm (none in fp16, where the grad scaler's found-inf flag is reused),
+one all-reduce of a 3-element flag vector (gradients, loss, parameters) and one device-to-host read.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from hf_stability.callbacks.signals import (
+    SkipRecord,
+    TrainingLossTap,
+    completing_step,
+    global_grad_norm,
+    gradients,
+    is_logging_step,
+    reduce_across_ranks,
+)
+from hf_stability.events import StabilityEventLog
+
+logger = logging.getLogger(__name__)
+
+GRADIENTS, LOSS, PARAMETERS = range(3)
+
+
+def active_grad_scaler(optimizer: object) -> torch.amp.GradScaler | None:
+    """The enabled grad scaler of an accelerate-wrapped optimizer (fp16), else ``None``."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _innermost(optimizer: object) -> torch.optim.Optimizer:
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[torch.Tensor]:
+    """The scaler's per-device found-inf tensors for this step, unscaling first if Trainer has not.
+
+    Trainer unscales through ``accelerator.clip_grad_norm_`` before ``on_pre_optimizer_step`` even
+    with ``max_grad_norm=0``; the explicit ``unscale_`` only covers custom training loops.
+    """
+    inner = _innermost(optimizer)
+    found = scaler._per_optimizer_states[id(inner)]["found_inf_per_device"]
+    if not found:
+        scaler.unscale_(inner)
+        found = scaler._per_optimizer_states[id(inner)]["found_inf_per_device"]
+    return list(found.values())
+
+
+def _ranks_flagged(local_flags: torch.Tensor) -> list[list[int]]:
+    """For each flag, the ranks that raised it locally (an all-gather, run only on steps that report)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        gathered = [local_flags.cpu()]
+    else:
+        work = local_flags.detach().cpu() if dist.get_backend() == "gloo" else local_flags.detach()
+        gathered = [torch.zeros_like(work) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, work)
+    table = torch.stack([g.cpu() for g in gathered])
+    return [[rank for rank in range(table.shape[0]) if table[rank, flag] > 0] for flag in range(table.shape[1])]
+
+
+class SkipNonFiniteCallback(TrainerCallback, ExportableState):
+    """Skip the optimizer update of any step with a NaN/Inf gradient on any rank; report NaN losses and weights.
+
+    On a skip, every gradient is set to ``None``, the decision is written to
+    :class:`~hf_stability.callbacks.signals.SkipRecord` (``SkipRecord.for_model(model).skipped(step)``),
+    the counters below move once, and the main process appends a ``"skip"`` event to
+    ``<output_dir>/stability_events.jsonl``. ``global_step`` still counts the batch and training goes on.
+    After ``max_consecutive_skips`` skips in a row the run stops with a checkpoint (event ``"stop"``).
+
+    Also reported (event, counter and warning; no skip): a non-finite training loss with finite gradients
+    (``"nonfinite_loss"``, e.g. a batch without a single label: 0/0) and non-finite parameters after an
+    update (``"nonfinite_parameters"``, checked after the update of every logging step and read with the
+    next step's flags, so it costs no extra host read).
+
+    fp16: the grad scaler's found-inf flag is the gradient check; the reduced flag is written back into
+    the scaler so every rank halves its scale alike. The scaler already skips the update (with the fused
+    AdamW kernel the skip happens on device and ``accelerator.optimizer_step_was_skipped`` stays False);
+    the counters here see the overflow exactly once either way.
+
+    LR scheduler: Trainer steps it on skipped steps too (it only checks accelerate's flag, which the
+    fused optimizer never sets), so the schedule follows ``global_step``, not the number of updates.
+    This is deliberate: the schedule stays aligned with the data position and with resumed runs.
+
+    Counters (``skipped_steps``, ``consecutive_skips``, ``nonfinite_loss_steps``,
+    ``nonfinite_parameter_steps``) are exported with the checkpoint and come back on
+    ``resume_from_checkpoint`` when ``restore_callback_states_from_checkpoint=True``.
+
+    Args:
+        max_consecutive_skips: stop training after this many skipped steps in a row.
+
+    Example:
+        ```python
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[SkipNonFiniteCallback(max_consecutive_skips=20)])
+        ```
+    """
+
+    def __init__(self, max_consecutive_skips: int = 50) -> None:
+        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+            raise ValueError(f"`max_consecutive_skips` must be an int >= 1, got {max_consecutive_skips!r}.")
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.nonfinite_loss_steps = 0
+        self.nonfinite_parameter_steps = 0
+        self._tap: TrainingLossTap | None = None
+        self._parameter_check: torch.Tensor | None = None
+        self._parameter_check_step = 0
+        self._filter_warned = False
+
+    def state(self) -> dict:
+        return {
+            "args": {"max_consecutive_skips": self.max_consecutive_skips},
+            "attributes": {
+                "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips,
+                "nonfinite_loss_steps": self.nonfinite_loss_steps,
+                "nonfinite_parameter_steps": self.nonfinite_parameter_steps,
+            },
+        }
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._tap = TrainingLossTap.for_model(model)
+        if getattr(args, "logging_nan_inf_filter", False) and not self._filter_warned:
+            self._filter_warned = True
+            warnings.warn(
+                "`logging_nan_inf_filter=True` replaces NaN/Inf training losses in the logged `loss` with the "
+                "running average, so NaN batches do not show there; they are counted in `stability/skipped_steps` "
+                "and listed in stability_events.jsonl. Set `logging_nan_inf_filter=False` to see them in `loss`.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = completing_step(state)
+        scaler = active_grad_scaler(optimizer)
+        found_inf = scaler_found_inf(scaler, optimizer) if scaler is not None else None
+        if found_inf is not None:
+            grads_bad = torch.stack([f.float().sum() for f in found_inf]).sum() > 0
+        else:
+            grads_bad = ~torch.isfinite(global_grad_norm(gradients(model.parameters())))
+        device = grads_bad.device
+        loss = self._tap.read() if self._tap is not None else None
+        loss_bad = ~torch.isfinite(loss).to(device) if loss is not None else torch.zeros((), dtype=torch.bool, device=device)
+        params_bad = self._parameter_check
+        self._parameter_check = None
+        if params_bad is None:
+            params_bad = torch.zeros((), dtype=torch.bool, device=device)
+        local = torch.stack([grads_bad, loss_bad, params_bad.to(device)]).float()
+        reduced = reduce_across_ranks(local, "max")
+        if found_inf is not None:
+            for flag in found_inf:
+                flag.copy_(reduced[GRADIENTS])
+        flags = [value > 0 for value in reduced.tolist()]  # the step's one device-to-host read
+
+        if flags[PARAMETERS]:
+            self._report_parameters(args, state, local)
+        if flags[LOSS] and not flags[GRADIENTS]:
+            self._report_loss(args, state, step, local, loss)
+        record = SkipRecord.for_model(model)
+        if not flags[GRADIENTS]:
+            self.consecutive_skips = 0
+            record.mark(step, None)
+            return control
+        reason = "fp16_overflow" if found_inf is not None else "nonfinite_gradients"
+        self._skip(args, state, control, model, scaler, step, reason, local, loss)
+        record.mark(step, reason)
+        return control
+
+    def _skip(self, args, state, control, model, scaler, step, reason, local, loss) -> None:
+        grad_norm = global_grad_norm(gradients(model.parameters()))
+        model.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        grad_ranks, loss_ranks, _ = _ranks_flagged(local)
+        fields = {
+            "ranks": grad_ranks,
+            "loss_ranks": loss_ranks,
+            "loss": None if loss is None else float(loss),
+            "grad_norm": float(grad_norm),
+            "loss_scale": None if scaler is None else scaler.get_scale(),
+            "consecutive": self.consecutive_skips,
+        }
+        if state.is_world_process_zero:
+            StabilityEventLog(args.output_dir).append(step, "skip", reason, **fields)
+        logger.warning("Step %d skipped (%s on ranks %s): no parameter or optimizer state changed.", step, reason, grad_ranks)
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            message = (
+                f"{self.consecutive_skips} consecutive steps had non-finite gradients (max_consecutive_skips="
+                f"{self.max_consecutive_skips}); stopping at step {step} and saving a checkpoint. The last update "
+                "was healthy; check the data around these steps, lower the learning rate or resume from an earlier "
+                "checkpoint."
+            )
+            logger.error(message)
+            control.should_training_stop = True
+            control.should_save = True
+            if state.is_world_process_zero:
+                StabilityEventLog(args.output_dir).append(step, "stop", message, consecutive=self.consecutive_skips)
+
+    def _report_loss(self, args, state, step, local, loss) -> None:
+        self.nonfinite_loss_steps += 1
+        _, loss_ranks, _ = _ranks_flagged(local)
+        logger.warning("Step %d: non-finite training loss on ranks %s with finite gradients.", step, loss_ranks)
+        if state.is_world_process_zero:
+            value = None if loss is None else float(loss)
+            StabilityEventLog(args.output_dir).append(
+                step, "nonfinite_loss", "non-finite training loss, finite gradients", ranks=loss_ranks, loss=value
+            )
+
+    def _report_parameters(self, args, state, local) -> None:
+        self.nonfinite_parameter_steps += 1
+        _, _, ranks = _ranks_flagged(local)
+        step = self._parameter_check_step
+        logger.error("Non-finite parameters after the update of step %d on ranks %s.", step, ranks)
+        if state.is_world_process_zero:
+            StabilityEventLog(args.output_dir).append(
+                step, "nonfinite_parameters", "non-finite parameter values after the optimizer update", ranks=ranks
+            )
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """On logging steps, queue a parameter finiteness check; the next step's flag read reports it."""
+        step = completing_step(state)
+        if is_logging_step(args, state, step) and not SkipRecord.for_model(model).skipped(step):
+            weights = [p.detach() for p in model.parameters()]
+            self._parameter_check = ~torch.isfinite(global_grad_norm(weights))
+            self._parameter_check_step = step
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        """Report a parameter check still queued after the last step (one read, once per run)."""
+        pending, self._parameter_check = self._parameter_check, None
+        if pending is None:
+            return
+        local = torch.stack([torch.zeros(()), torch.zeros(()), pending.float().cpu()])
+        if reduce_across_ranks(local, "max")[PARAMETERS].item() > 0:
+            self._report_parameters(args, state, local)

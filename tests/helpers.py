@@ -1,0 +1,173 @@
+"""Shared builders for trainer tests: a tiny real BERT MLM, real tokenized rows, and fault injection.
+
+Everything here is real: the model is `BertForMaskedLM`, rows come from the embedded corpus through
+a tokenizer trained on it, and faults are injected into the real backward pass (a gradient hook) or
+into a real batch (labels that leave no token to predict, so the mean loss is 0/0 = NaN).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerBase, TrainerCallback, default_data_collator
+
+from hf_stability.collators._common import IGNORE_INDEX
+from hf_stability.corpus import default_corpus, split_sentences, train_tokenizer
+
+SEQ_LEN = 32
+
+
+def tiny_bert(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 32, layers: int = 1) -> BertForMaskedLM:
+    """A `BertForMaskedLM` small enough for a CPU step in a few milliseconds; same seed, same weights."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=SEQ_LEN,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return BertForMaskedLM(config)
+
+
+def bert_tokenizer() -> PreTrainedTokenizerBase:
+    return train_tokenizer(default_corpus(), "bert", vocab_size=2000)
+
+
+def mlm_dataset(tokenizer: PreTrainedTokenizerBase, rows: int = 256, mask_every: int = 5) -> Dataset:
+    """Real sentences of the embedded corpus, tokenized to `SEQ_LEN`, with a fixed MLM mask.
+
+    Every `mask_every`-th real token (from position 1) is replaced by `[MASK]` and becomes a label,
+    so the data, and with `train_sampling_strategy="sequential"` the whole run, is deterministic.
+    """
+    sentences = [s for doc in default_corpus() for s in split_sentences(doc) if len(s.split()) >= 6][:rows]
+    if len(sentences) < rows:
+        raise ValueError(f"`rows`: the corpus has only {len(sentences)} usable sentences, asked for {rows}")
+    encoded = tokenizer(sentences, max_length=SEQ_LEN, truncation=True, padding="max_length")
+    mask_id = tokenizer.mask_token_id
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for ids, attention in zip(encoded["input_ids"], encoded["attention_mask"]):
+        real = sum(attention)
+        labels = [IGNORE_INDEX] * SEQ_LEN
+        ids = list(ids)
+        for position in range(1, real - 1, mask_every):
+            labels[position], ids[position] = ids[position], mask_id
+        columns["input_ids"].append(ids)
+        columns["attention_mask"].append(list(attention))
+        columns["labels"].append(labels)
+    return Dataset.from_dict(columns)
+
+
+class NoLabelBatches:
+    """Data collator wrapper: the batches with the given indices (0-based, in collation order) get no labels.
+
+    A batch without a single label has a mean MLM loss of 0/0 = NaN while every gradient is a
+    finite zero, the "non-finite loss, finite gradients" case.
+    """
+
+    def __init__(self, batch_indices: Iterable[int], collator=default_data_collator) -> None:
+        self.batch_indices = set(batch_indices)
+        self.collator = collator
+        self.calls = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(features)
+        if self.calls in self.batch_indices:
+            batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        self.calls += 1
+        return batch
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class PoisonGradient(TrainerCallback):
+    """Makes one gradient element non-finite during the backward pass of chosen optimizer steps.
+
+    A hook on ``parameter_name`` writes ``value`` (``inf`` or ``nan``) into the first element of that
+    parameter's gradient while ``state.global_step`` (steps completed so far) is in ``steps`` and,
+    under ``torch.distributed``, only on the processes listed in ``ranks`` (all when ``None``).
+    """
+
+    def __init__(
+        self,
+        steps: Iterable[int],
+        value: float = float("inf"),
+        parameter_name: str = "bert.embeddings.word_embeddings.weight",
+        ranks: Iterable[int] | None = None,
+    ) -> None:
+        self.steps = set(steps)
+        self.value = value
+        self.parameter_name = parameter_name
+        self.ranks = None if ranks is None else set(ranks)
+        self._handle = None
+
+    def _poison(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad.view(-1)[0] = self.value
+        return grad
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps and (self.ranks is None or rank() in self.ranks):
+            parameter = dict(model.named_parameters())[self.parameter_name]
+            self._handle = parameter.register_hook(self._poison)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class StepSnapshots(TrainerCallback):
+    """Copies parameters and optimizer state at the beginning and end of chosen optimizer steps.
+
+    ``before[k]`` / ``after[k]`` hold ``(parameters, optimizer_state)`` around the step that starts
+    with ``state.global_step == k``; compare them with :func:`assert_same_state`.
+    """
+
+    def __init__(self, steps: Iterable[int]) -> None:
+        self.steps = set(steps)
+        self.before: dict[int, tuple[dict, dict]] = {}
+        self.after: dict[int, tuple[dict, dict]] = {}
+        self._current: int | None = None
+
+    @staticmethod
+    def _capture(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+        parameters = {name: p.detach().clone() for name, p in model.named_parameters()}
+        return parameters, copy.deepcopy(optimizer.state_dict()["state"])
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step in self.steps:
+            self._current = state.global_step
+            self.before[self._current] = self._capture(model, optimizer)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self._current is not None:
+            self.after[self._current] = self._capture(model, optimizer)
+            self._current = None
+
+
+def assert_same_state(first: tuple[dict, dict], second: tuple[dict, dict]) -> None:
+    """Parameters and every optimizer state tensor (exp_avg, exp_avg_sq, step) are bit-identical."""
+    params_a, optim_a = first
+    params_b, optim_b = second
+    assert params_a.keys() == params_b.keys()
+    for name in params_a:
+        assert torch.equal(params_a[name], params_b[name]), f"parameter {name} changed"
+    assert optim_a.keys() == optim_b.keys(), "optimizer state gained or lost entries"
+    for index in optim_a:
+        for key, value in optim_a[index].items():
+            other = optim_b[index][key]
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), f"optimizer state {index}.{key} changed"
+
+
+def changed_parameters(first: tuple[dict, dict], second: tuple[dict, dict]) -> list[str]:
+    return [name for name in first[0] if not torch.equal(first[0][name], second[0][name])]
