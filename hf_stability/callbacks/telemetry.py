@@ -1,0 +1,182 @@
+"""`LossScaleTelemetryCallback`: loss scale, skip/rollback counts and fp16 pressure in the training logs.
+
+Values are measured on device in ``on_pre_optimizer_step`` of logging steps only (when the unscaled
+gradients of the step exist) and read to the host once, when the log entry is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+
+from hf_stability.callbacks.signals import completing_step, is_logging_step
+from hf_stability.callbacks.skip import SkipNonFiniteCallback, active_grad_scaler
+
+logger = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+FP16_SMALLEST_SUBNORMAL = 2.0**-24
+PREFIX = "stability/"
+
+
+def find_callback(callbacks: Sequence[TrainerCallback], callback_type: type) -> TrainerCallback | None:
+    """The first callback of ``callback_type`` in a callback list (look-ups survive Trainer's restore)."""
+    return next((callback for callback in callbacks if isinstance(callback, callback_type)), None)
+
+
+def rollback_count(callbacks: Sequence[TrainerCallback]) -> int:
+    """Cumulative rollbacks of the `SpikeRollbackCallback` in ``callbacks``, 0 when there is none."""
+    try:
+        from hf_stability.callbacks.rollback import SpikeRollbackCallback
+    except ModuleNotFoundError:
+        return 0
+    callback = find_callback(callbacks, SpikeRollbackCallback)
+    return int(getattr(callback, "rollbacks", 0)) if callback is not None else 0
+
+
+class LossScaleTelemetryCallback(TrainerCallback):
+    """Adds ``stability/*`` metrics to every training log entry.
+
+    Logged keys: ``stability/skipped_steps`` and ``stability/nonfinite_loss_steps`` (when a
+    `SkipNonFiniteCallback` runs), ``stability/rollbacks`` (cumulative, 0 without a
+    `SpikeRollbackCallback`), ``stability/loss_scale`` (when a grad scaler is active), and on
+    logging steps with ``log_fp16_pressure``: ``stability/fp16_underflow_fraction`` (share of nonzero
+    gradient elements with ``|g * scale| < 2**-24``, lost if the backward ran in fp16) and
+    ``stability/fp16_headroom_log2`` (``log2(65504 / max|g * scale|)``; below 0 means overflow). Without
+    a scaler the scale is 1, which tells how fp16 would fare. With ``log_layer_grad_norms``:
+    ``stability/grad_norm/<parameter name>`` per parameter tensor.
+
+    How the metrics reach the loggers: `StabilityTrainer` merges them in its ``log()`` override, so
+    ``log_history``, W&B, TensorBoard and the console all get them. With a plain `Trainer`, call
+    ``LossScaleTelemetryCallback.attach(trainer)``: it places the callback ahead of the reporting
+    callbacks and its ``on_log`` adds the metrics to ``logs`` (which W&B/TensorBoard receive next) and to
+    ``state.log_history[-1]``. A callback passed as ``Trainer(callbacks=[...])`` without ``attach`` sits
+    behind the reporting callbacks and does not know the other callbacks: it still fills
+    ``log_history`` and the console with what it measures itself, and warns once.
+
+    The callback keeps no state of its own across steps (counts live in the skip and rollback
+    callbacks), so it is not an `ExportableState` and survives Trainer's callback restore unchanged.
+
+    Args:
+        log_fp16_pressure: log fp16 underflow fraction and overflow headroom on logging steps.
+        log_layer_grad_norms: log the gradient norm of every parameter tensor on logging steps.
+
+    Example:
+        ```python
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[SkipNonFiniteCallback()])
+        LossScaleTelemetryCallback.attach(trainer)
+        ```
+    """
+
+    def __init__(self, log_fp16_pressure: bool = True, log_layer_grad_norms: bool = False) -> None:
+        self.log_fp16_pressure = log_fp16_pressure
+        self.log_layer_grad_norms = log_layer_grad_norms
+        self._handler: CallbackHandler | None = None
+        self._optimizer: object = None
+        self._measured: dict[str, torch.Tensor] = {}
+        self._unbound_warned = False
+
+    @classmethod
+    def attach(cls, trainer: Trainer, **kwargs: bool) -> LossScaleTelemetryCallback:
+        """Bind to ``trainer`` and place the callback right after `DefaultFlowCallback`, ahead of the loggers.
+
+        Reuses a `LossScaleTelemetryCallback` already in the trainer (``kwargs`` then must be empty).
+        """
+        callbacks = trainer.callback_handler.callbacks
+        callback = find_callback(callbacks, cls)
+        if callback is None:
+            callback = cls(**kwargs)
+        elif kwargs:
+            raise TypeError(f"`attach`: the trainer already has a {cls.__name__}; got options {sorted(kwargs)}")
+        else:
+            callbacks.remove(callback)
+        flow = find_callback(callbacks, DefaultFlowCallback)
+        callbacks.insert(callbacks.index(flow) + 1 if flow is not None else 0, callback)
+        callback.bind(trainer.callback_handler)
+        return callback
+
+    def bind(self, handler: CallbackHandler) -> None:
+        """Let the callback find its siblings (skip, rollback) in ``handler`` at logging time."""
+        self._handler = handler
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._optimizer = optimizer
+        self._measured = {}
+        if self._handler is None and not self._unbound_warned:
+            self._unbound_warned = True
+            logger.warning(
+                "LossScaleTelemetryCallback is not attached to its Trainer: skip/rollback counts are not logged and "
+                "W&B/TensorBoard do not receive stability metrics. Use LossScaleTelemetryCallback.attach(trainer)."
+            )
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not (self.log_fp16_pressure or self.log_layer_grad_norms):
+            return
+        if not is_logging_step(args, state, completing_step(state)):
+            return
+        named = [(name, p.grad.detach()) for name, p in model.named_parameters() if p.grad is not None]
+        if not named:  # the step was skipped: nothing to measure
+            return
+        grads = [grad for _, grad in named]
+        if self.log_fp16_pressure:
+            scaler = active_grad_scaler(optimizer)
+            scale = scaler._get_scale_async() if scaler is not None else None
+            self._measured.update(fp16_pressure(grads, scale))
+        if self.log_layer_grad_norms:
+            norms = torch._foreach_norm(grads)
+            for (name, _), norm in zip(named, norms):
+                self._measured[f"{PREFIX}grad_norm/{name}"] = norm
+
+    def collect(self, callbacks: Sequence[TrainerCallback] | None = None) -> dict[str, float]:
+        """The ``stability/*`` metrics for the log entry being built (one device-to-host read).
+
+        ``callbacks`` is the trainer's callback list (defaults to the bound handler's); the skip and
+        rollback callbacks are looked up there by type each time, never cached.
+        """
+        if callbacks is None and self._handler is not None:
+            callbacks = self._handler.callbacks
+        metrics: dict[str, float] = {}
+        if callbacks is not None:
+            skip = find_callback(callbacks, SkipNonFiniteCallback)
+            if skip is not None:
+                metrics[f"{PREFIX}skipped_steps"] = skip.skipped_steps
+                metrics[f"{PREFIX}nonfinite_loss_steps"] = skip.nonfinite_loss_steps
+            metrics[f"{PREFIX}rollbacks"] = rollback_count(callbacks)
+        device_values = dict(self._measured)
+        self._measured = {}
+        scaler = active_grad_scaler(self._optimizer)
+        if scaler is not None:
+            device_values[f"{PREFIX}loss_scale"] = scaler._get_scale_async()
+        if device_values:
+            values = torch.stack([v.detach().float().reshape(()).cpu() for v in device_values.values()]).tolist()
+            metrics.update(zip(device_values, values))
+        return metrics
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Plain-Trainer path: add the metrics to ``logs`` and the entry Trainer already appended to history."""
+        if logs is None or "loss" not in logs or f"{PREFIX}rollbacks" in logs:
+            return  # not a training-step entry, or StabilityTrainer.log already merged the metrics
+        metrics = self.collect()
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+
+def fp16_pressure(grads: list[torch.Tensor], scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Underflow fraction and overflow headroom of ``grads * scale`` in fp16, as 0-d device tensors."""
+    magnitudes = torch._foreach_abs(grads)
+    if scale is not None:
+        magnitudes = torch._foreach_mul(magnitudes, scale.to(grads[0].device, torch.float32))
+    underflow = torch.stack([((m < FP16_SMALLEST_SUBNORMAL) & (m > 0)).sum() for m in magnitudes]).sum()
+    nonzero = torch.stack([(m > 0).sum() for m in magnitudes]).sum().clamp(min=1)
+    largest = torch.stack([m.max().float() for m in magnitudes if m.numel()]).max()
+    headroom = math.log2(FP16_MAX) - torch.log2(largest)
+    return {
+        f"{PREFIX}fp16_underflow_fraction": underflow.float() / nonzero.float(),
+        f"{PREFIX}fp16_headroom_log2": headroom,
+    }
