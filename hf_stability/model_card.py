@@ -75,9 +75,9 @@ def _hyperparameters(args: TrainingArguments) -> dict[str, Any]:
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     rows = {
         "learning_rate": args.learning_rate,
-        "optimizer": f"{args.optim} (betas=({args.adam_beta1}, {args.adam_beta2}), eps={args.adam_epsilon})",
+        "optimizer": f"{_plain(args.optim)} (betas=({args.adam_beta1}, {args.adam_beta2}), eps={args.adam_epsilon})",
         "weight_decay": args.weight_decay,
-        "lr_scheduler": f"{args.lr_scheduler_type} {args.lr_scheduler_kwargs or ''}".strip(),
+        "lr_scheduler": f"{_plain(args.lr_scheduler_type)} {args.lr_scheduler_kwargs or ''}".strip(),
         "warmup_steps": args.warmup_steps,
         "max_grad_norm": args.max_grad_norm,
         "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -121,6 +121,11 @@ def _table(rows: Mapping[str, Any], header: str) -> str:
     lines = [f"| {header} | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows.items()]
     return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """An enum member's value (``adamw_torch_fused``), anything else unchanged."""
+    return getattr(value, "value", value)
 
 
 def _number(value: Any) -> Any:

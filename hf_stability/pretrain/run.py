@@ -1,0 +1,280 @@
+"""The shared body of the pre-training recipes; a recipe only supplies its :class:`Objective`.
+
+One run: parse arguments → load documents → tokenizer (trained on the training text unless given) →
+model (tiny by default) → pack rows → `StabilityTrainer` → evaluate → save model, tokenizer, metrics,
+``trainer_state.json``, ``training_curves.png`` and a model card into ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    EvalPrediction,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
+
+from hf_stability.config import StabilityConfig
+from hf_stability.corpus import TokenizerKind, train_tokenizer
+from hf_stability.metrics import metric_path
+from hf_stability.model_card import write_model_card
+from hf_stability.pretrain.arguments import DataArguments, ModelArguments, make_parser, parse_args
+from hf_stability.pretrain.data import AnyDataset, describe_source, load_documents, map_documents, take
+from hf_stability.report import load_run, plot_training_curves
+
+logger = logging.getLogger("hf_stability.pretrain")
+
+# The seeds' optimisation hygiene (GPT-3 AdamW betas/eps, weight decay 0.1, warmup then cosine decay to
+# 10% of the peak, clipping at 1.0) plus a size that trains a tiny model visibly in minutes on 2 CPU
+# cores. Every value can be overridden by --config YAML and by command-line flags.
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-3,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.95,
+    "adam_epsilon": 1e-8,
+    "weight_decay": 0.1,
+    "lr_scheduler_type": "cosine_with_min_lr",
+    "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+    "warmup_steps": 0.05,
+    "max_grad_norm": 1.0,
+    "max_steps": 300,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "save_total_limit": 1,
+    "report_to": "none",
+    "seed": 42,
+}
+# Model-config entries shown in the model card (whichever the model family has).
+CARD_CONFIG_KEYS = (
+    "vocab_size", "hidden_size", "d_model", "num_hidden_layers", "encoder_layers", "decoder_layers", "num_layers",
+    "num_decoder_layers", "num_attention_heads", "encoder_attention_heads", "num_heads", "intermediate_size",
+    "encoder_ffn_dim", "d_ff", "max_position_embeddings",
+)
+# Texts a tokenizer trained on the fly sees when the training set is streamed.
+STREAMED_TOKENIZER_DOCUMENTS = 10_000
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What distinguishes one pre-training recipe from another.
+
+    Attributes:
+        name: ``"bert"``, ``"bart"`` or ``"t5"``: the tokenizer family and the model-card template.
+        model_class: the `transformers` class trained (e.g. ``BartForConditionalGeneration``).
+        model_config: ``(tokenizer, data_args, base)`` → the config to train from scratch: ``base`` (from
+            ``--model_config_name``) or, when ``None``, the recipe's tiny config; either way fitted to the
+            tokenizer's vocabulary and special tokens.
+        make_rows: ``(tokenizer, data_args, objective_args, seed)`` → a batched `datasets.map` function turning
+            ``{"text": [document, ...]}`` into model rows (``input_ids`` and whatever else the collator needs).
+        make_collator: ``(tokenizer, objective_args, seed)`` → the data collator.
+        arguments: a dataclass of the objective's own flags (added to the parser), or ``None``.
+        defaults: recipe-specific argument defaults (e.g. ``output_dir``), applied over `RECIPE_DEFAULTS`.
+        configure_trainer: an optional hook run on the built trainer before training.
+    """
+
+    name: TokenizerKind
+    model_class: type[PreTrainedModel]
+    model_config: Callable[[PreTrainedTokenizerBase, DataArguments, PretrainedConfig | None], PretrainedConfig]
+    make_rows: Callable[[PreTrainedTokenizerBase, DataArguments, Any, int], Callable[[dict], dict]]
+    make_collator: Callable[[PreTrainedTokenizerBase, Any, int], Callable[[list[dict]], dict]]
+    arguments: type | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    configure_trainer: Callable[[Any], None] | None = None
+
+
+def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run one pre-training recipe end to end; returns the final train and eval metrics."""
+    parser = make_parser(objective.arguments)
+    parsed = parse_args(parser, argv, {**RECIPE_DEFAULTS, **objective.defaults})
+    data_args, model_args, training_args = parsed[0], parsed[1], parsed[-1]
+    objective_args = parsed[2] if objective.arguments is not None else None
+    _setup_logging(training_args)
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("`streaming` needs `max_steps` > 0: a stream has no length to count epochs by.")
+    set_seed(training_args.seed)
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+
+    with training_args.main_process_first(local=False, desc="loading documents"):
+        train_documents, eval_documents = load_documents(data_args)
+    tokenizer, tokenizer_note = _tokenizer(objective, model_args, data_args, training_args, train_documents)
+    model = _model(objective, model_args, data_args, tokenizer)
+    make_rows = objective.make_rows(tokenizer, data_args, objective_args, seed)
+    with training_args.main_process_first(local=False, desc="packing rows"):
+        train_rows = take(map_documents(train_documents, make_rows, data_args, "train rows"), data_args.max_train_samples)
+        eval_rows = None
+        if eval_documents is not None:
+            eval_rows = take(map_documents(eval_documents, make_rows, data_args, "eval rows"), data_args.max_eval_samples)
+    if isinstance(eval_rows, datasets.Dataset) and len(eval_rows) == 0:
+        logger.warning("The validation split yields no complete row; evaluation is skipped.")
+        eval_rows = None
+    if isinstance(train_rows, datasets.Dataset):
+        if len(train_rows) == 0:
+            raise ValueError(
+                f"The training data yields no row of `max_seq_length` {data_args.max_seq_length}: give more text "
+                "or a smaller `max_seq_length`."
+            )
+        logger.info("%d training rows, %s evaluation rows", len(train_rows), len(eval_rows) if eval_rows else 0)
+
+    from hf_stability.trainer import StabilityTrainer
+
+    with training_args.main_process_first(local=False, desc="loading the metric"):
+        metric = evaluate.load(metric_path("masked_token_accuracy"), keep_in_memory=True)
+    trainer = StabilityTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        data_collator=objective.make_collator(tokenizer, objective_args, seed),
+        processing_class=tokenizer,
+        compute_metrics=_metrics_function(metric),
+        preprocess_logits_for_metrics=_predictions_and_token_losses,
+    )
+    if objective.configure_trainer is not None:
+        objective.configure_trainer(trainer)
+    logger.info("Training on %d process(es), world size %d", training_args.world_size, training_args.world_size)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    metrics = dict(train_result.metrics)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    if eval_rows is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        _write_run_report(objective, trainer, data_args, tokenizer_note, metrics)
+    return metrics
+
+
+def _setup_logging(training_args: StabilityConfig) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+
+
+def _tokenizer(
+    objective: Objective,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: StabilityConfig,
+    train_documents: AnyDataset,
+) -> tuple[PreTrainedTokenizerBase, str]:
+    """Load the requested tokenizer, or train one on the training text (rank 0 trains and saves, others load)."""
+    checkpoint = training_args.resume_from_checkpoint
+    source = model_args.tokenizer_name or model_args.model_name_or_path or (checkpoint if isinstance(checkpoint, str) else None)
+    if source is not None:
+        return AutoTokenizer.from_pretrained(source), f"`{source}`"
+    with training_args.main_process_first(local=False, desc="training the tokenizer"):
+        if training_args.process_index == 0:
+            texts = train_documents["text"] if not data_args.streaming else (
+                row["text"] for row in itertools.islice(train_documents, STREAMED_TOKENIZER_DOCUMENTS)
+            )
+            tokenizer = train_tokenizer(texts, objective.name, vocab_size=model_args.tokenizer_vocab_size)
+            tokenizer.save_pretrained(training_args.output_dir)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(training_args.output_dir)
+    note = f"{objective.name} family, {len(tokenizer)} tokens, trained on the training text by this run (saved with it)"
+    return tokenizer, note
+
+
+def _model(
+    objective: Objective, model_args: ModelArguments, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel:
+    if model_args.model_name_or_path is not None:
+        model = objective.model_class.from_pretrained(model_args.model_name_or_path)
+    else:
+        base = AutoConfig.from_pretrained(model_args.model_config_name) if model_args.model_config_name else None
+        config = objective.model_config(tokenizer, data_args, base)
+        if model_args.config_overrides:
+            config.update_from_string(model_args.config_overrides)
+        model = objective.model_class(config)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and positions < data_args.max_seq_length:
+        raise ValueError(
+            f"`max_seq_length` {data_args.max_seq_length} exceeds the model's max_position_embeddings {positions}."
+        )
+    return model
+
+
+def _predictions_and_token_losses(logits: Any, labels: Any) -> tuple[torch.Tensor, ...]:
+    """Keep only argmax ids and per-token losses of an eval batch (not the full vocabulary logits).
+
+    The token head is the first output and ``labels`` its first label; a second label (BERT's
+    ``next_sentence_label``) pairs with the second output (the NSP logits).
+    """
+    token_logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+    token_labels = labels[0] if isinstance(labels, (tuple, list)) else labels
+    token_losses = F.cross_entropy(
+        token_logits.float().transpose(1, 2), token_labels, ignore_index=-100, reduction="none"
+    )
+    outputs = (token_logits.argmax(-1), token_losses)
+    if isinstance(labels, (tuple, list)) and len(labels) > 1:
+        outputs += (logits[1].argmax(-1),)
+    return outputs
+
+
+def _metrics_function(metric: evaluate.EvaluationModule) -> Callable[[EvalPrediction], dict[str, float]]:
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        token_predictions, token_losses, *sentence_predictions = prediction.predictions
+        labels = prediction.label_ids
+        token_labels = labels[0] if isinstance(labels, (tuple, list)) else labels
+        scores = metric.compute(
+            predictions=token_predictions.ravel(), references=token_labels.ravel(), token_losses=token_losses.ravel()
+        )
+        results = {"masked_token_accuracy": scores["accuracy"], "perplexity": scores["perplexity"]}
+        if sentence_predictions:
+            results["nsp_accuracy"] = float(np.mean(sentence_predictions[0] == labels[1]))
+        return results
+
+    return compute_metrics
+
+
+def _write_run_report(
+    objective: Objective,
+    trainer: Any,
+    data_args: DataArguments,
+    tokenizer_note: str,
+    metrics: Mapping[str, Any],
+) -> None:
+    args = trainer.args
+    run = load_run(args.output_dir)
+    plot_training_curves(run)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    config = model.config.to_dict()
+    card_metrics = {key: value for key, value in metrics.items() if not key.endswith(("_per_second", "_flos"))}
+    card_metrics["max_seq_length"] = data_args.max_seq_length
+    path = write_model_card(
+        args.output_dir,
+        objective.name,
+        args=args,
+        run=run,
+        model_class=type(model).__name__,
+        num_parameters=model.num_parameters(),
+        model_config={key: config[key] for key in CARD_CONFIG_KEYS if key in config},
+        dataset=describe_source(data_args),
+        tokenizer=tokenizer_note,
+        metrics=card_metrics,
+        command=shlex.join(sys.argv),
+    )
+    logger.info("Wrote %s and %s", path, run.output_dir / "training_curves.png")
