@@ -1,0 +1,248 @@
+"""T5 span corruption, as in ``t5.data.preprocessors.span_corruption`` (Raffel et al. 2020).
+
+Per row of ``L`` raw tokens (no EOS): ``round(L * noise_density)`` noise tokens (clamped to ``[1, L-1]``)
+split into ``max(1, round(noise / mean_noise_span_length))`` spans; noise and non-noise tokens are each cut
+into that many non-empty parts uniformly at random and interleaved, non-noise first. Each noise span
+becomes one sentinel in the inputs; the targets list each sentinel followed by the span it replaced:
+
+    inputs  = nn0 <extra_id_0> nn1 <extra_id_1> … nn_k <extra_id_k> EOS
+    targets = <extra_id_0> n0 <extra_id_1> n1 … <extra_id_k> n_k EOS
+
+The counts are computed in float32 and rounded half to even, like the TensorFlow original, so a row of
+``t5_span_corruption_lengths(n)[0]`` tokens gives exactly ``n`` inputs and the reported target length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from hf_stability.collators._common import (
+    IGNORE_INDEX,
+    SeededRandomness,
+    check_tokenizer,
+    input_id_arrays,
+    padded_length,
+    require_token_id,
+    shift_right,
+    to_tensors,
+)
+from hf_stability.collators._ragged import choose_distinct, exclusive_cumsum, pad_flat
+
+OBJECTIVE = "T5 span corruption"
+
+
+def t5_span_corruption_lengths(
+    inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> tuple[int, int]:
+    """Raw row length and target length that make span corruption produce exactly ``inputs_length`` inputs.
+
+    Same search as T5's ``random_spans_helper`` (one sentinel per span, EOS on both sides): the largest raw
+    length whose corrupted inputs still fit in ``inputs_length``, with T5's adjustment for density 0.5.
+    (The ``transformers`` Flax example starts its search one token too high and can overshoot.)
+
+    Returns:
+        ``(raw_length, targets_length)``, e.g. ``(568, 114)`` for ``(512, 0.15, 3.0)``.
+    """
+    _check_noise(noise_density, mean_noise_span_length)
+    if not isinstance(inputs_length, int) or isinstance(inputs_length, bool) or inputs_length < 2:
+        raise ValueError(f"`inputs_length` must be an int >= 2, got {inputs_length!r}.")
+
+    def corrupted_lengths(raw_length: int) -> tuple[int, int]:
+        num_noise = int(round(raw_length * noise_density))
+        num_spans = int(round(num_noise / mean_noise_span_length))
+        return raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+    raw_length = inputs_length - 1
+    while corrupted_lengths(raw_length + 1)[0] <= inputs_length:
+        raw_length += 1
+    inputs, targets = corrupted_lengths(raw_length)
+    if noise_density == 0.5 and targets > inputs:
+        raw_length -= 1
+        targets -= 1
+    return raw_length, targets
+
+
+def _check_noise(noise_density: float, mean_noise_span_length: float) -> None:
+    if not isinstance(noise_density, (int, float)) or isinstance(noise_density, bool) or not 0 < noise_density < 1:
+        raise ValueError(f"`noise_density` must be in the open interval (0, 1), got {noise_density!r}.")
+    if (
+        not isinstance(mean_noise_span_length, (int, float))
+        or isinstance(mean_noise_span_length, bool)
+        or not mean_noise_span_length >= 1
+    ):
+        raise ValueError(f"`mean_noise_span_length` must be >= 1, got {mean_noise_span_length!r}.")
+
+
+def sentinel_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """Ids of ``<extra_id_0>``, ``<extra_id_1>``, … looked up by token string (never by position in the vocab)."""
+    vocab = tokenizer.get_vocab()
+    ids = []
+    while f"<extra_id_{len(ids)}>" in vocab:
+        ids.append(vocab[f"<extra_id_{len(ids)}>"])
+    return np.array(ids, dtype=np.int64)
+
+
+@dataclass
+class DataCollatorForT5SpanCorruption:
+    """Turn raw token rows (no EOS) into T5 span-corruption examples.
+
+    Args:
+        tokenizer: needs ``eos_token``, ``pad_token`` and sentinels ``<extra_id_0>``… (enough for the most
+            spans in a row; 100 cover rows up to ~2,000 tokens at the defaults).
+        noise_density: fraction of tokens corrupted, in (0, 1).
+        mean_noise_span_length: mean corrupted span length, >= 1.
+        pad_to_multiple_of: round the padded widths of inputs and labels up to a multiple of this.
+        seed: fixes the corruption (see ``SeededRandomness``); ``None`` follows torch's global seed.
+        decoder_start_token_id: first decoder input; ``None`` uses the pad id, as T5 does.
+
+    Returns a dict of tensors: ``input_ids`` and ``labels`` (each EOS-terminated; ``labels`` padded with
+    -100), ``attention_mask``, ``decoder_input_ids`` (labels shifted right from the decoder start token).
+
+    Example:
+        >>> collator = DataCollatorForT5SpanCorruption(tokenizer, seed=0)  # doctest: +SKIP
+        >>> raw_length, _ = t5_span_corruption_lengths(512)  # rows of 568 tokens -> 512 inputs, 114 labels
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    pad_to_multiple_of: int | None = None
+    seed: int | None = None
+    decoder_start_token_id: int | None = None
+    _randomness: SeededRandomness = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_tokenizer(self.tokenizer)
+        _check_noise(self.noise_density, self.mean_noise_span_length)
+        self._eos = require_token_id(self.tokenizer, "eos_token_id", OBJECTIVE)
+        self._pad = require_token_id(self.tokenizer, "pad_token_id", OBJECTIVE)
+        self._sentinels = sentinel_token_ids(self.tokenizer)
+        if len(self._sentinels) == 0:
+            raise ValueError(
+                f"The tokenizer has no sentinel tokens `<extra_id_0>`, `<extra_id_1>`, …, which {OBJECTIVE} needs. "
+                "Add them with `tokenizer.add_special_tokens({'additional_special_tokens': [...]})`."
+            )
+        if self.decoder_start_token_id is None:
+            self.decoder_start_token_id = self._pad
+        self._randomness = SeededRandomness(self.seed)
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = input_id_arrays(features)
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        if lengths.min() < 2:
+            index = int(np.argmin(lengths))
+            raise ValueError(
+                f"`features[{index}]['input_ids']` has {lengths[index]} tokens; span corruption needs at least 2."
+            )
+        tokens = np.concatenate(rows)
+        noise, spans = self._span_counts(lengths)
+        noise_lengths, nonnoise_lengths = self._span_lengths(lengths, noise, spans)
+        inputs, targets = self._corrupt(tokens, lengths, noise, spans, noise_lengths, nonnoise_lengths)
+
+        input_lengths = lengths - noise + spans + 1
+        target_lengths = noise + spans + 1
+        input_ids, attention_mask = pad_flat(
+            inputs, input_lengths, self._pad, padded_length(int(input_lengths.max()), self.pad_to_multiple_of)
+        )
+        labels, _ = pad_flat(
+            targets, target_lengths, IGNORE_INDEX, padded_length(int(target_lengths.max()), self.pad_to_multiple_of)
+        )
+        return to_tensors(
+            {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask.astype(np.int64),
+                "labels": labels,
+                "decoder_input_ids": shift_right(labels, self.decoder_start_token_id, self._pad),
+            }
+        )
+
+    def _span_counts(self, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Noise tokens and noise spans per row, in float32 with round-half-to-even like ``tf.round``."""
+        noise = np.rint(lengths.astype(np.float32) * np.float32(self.noise_density)).astype(np.int64)
+        noise = np.clip(noise, 1, lengths - 1)
+        spans = np.rint(noise.astype(np.float32) / np.float32(self.mean_noise_span_length)).astype(np.int64)
+        spans = np.maximum(spans, 1)
+        too_many = np.flatnonzero(spans > lengths - noise)
+        if len(too_many):
+            row = int(too_many[0])
+            raise ValueError(
+                f"`features[{row}]['input_ids']` ({lengths[row]} tokens) would need {spans[row]} noise spans but has "
+                f"only {lengths[row] - noise[row]} non-noise tokens to separate them: lower `noise_density` or raise "
+                "`mean_noise_span_length`."
+            )
+        if spans.max() > len(self._sentinels):
+            row = int(np.argmax(spans))
+            raise ValueError(
+                f"`features[{row}]['input_ids']` needs {spans[row]} sentinels but the tokenizer has only "
+                f"{len(self._sentinels)} (`<extra_id_0>`…): use shorter rows or add sentinel tokens."
+            )
+        return noise, spans
+
+    def _span_lengths(self, lengths: np.ndarray, noise: np.ndarray, spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Split each row's noise and non-noise tokens into ``spans`` non-empty parts, uniformly at random."""
+        rng = self._randomness.generator()
+        return _random_segmentation(rng, noise, spans), _random_segmentation(rng, lengths - noise, spans)
+
+    def _corrupt(
+        self,
+        tokens: np.ndarray,
+        lengths: np.ndarray,
+        noise: np.ndarray,
+        spans: np.ndarray,
+        noise_lengths: np.ndarray,
+        nonnoise_lengths: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Flat inputs and targets (EOS included) for all rows, from the interleaved span lengths."""
+        interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=1).ravel()
+        span_start = np.zeros(len(tokens), dtype=np.int64)
+        span_start[exclusive_cumsum(interleaved)] = 1
+        span_number = np.cumsum(span_start) - 1  # global; every row starts on an even (non-noise) span
+        is_noise = (span_number & 1).astype(bool)
+        row_of_token = np.repeat(np.arange(len(lengths)), lengths)
+        sentinel = self._sentinels[(span_number >> 1) - exclusive_cumsum(spans)[row_of_token]]
+        first = span_start.astype(bool)
+
+        # Inputs keep non-noise tokens; the first token of each noise span becomes its sentinel.
+        inputs = np.where(first & is_noise, sentinel, tokens)[~is_noise | first]
+        # Targets keep noise tokens; the first token of each non-noise span becomes the next sentinel.
+        targets = np.where(first & ~is_noise, sentinel, tokens)[is_noise | first]
+        return (
+            _append_per_row(inputs, lengths - noise + spans, self._eos),
+            _append_per_row(targets, noise + spans, self._eos),
+        )
+
+
+def _random_segmentation(rng: np.random.Generator, items: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Flat lengths of ``segments[r]`` non-empty parts summing to ``items[r]``, every composition equally likely.
+
+    Like T5's ``_random_segmentation``: the ``segments - 1`` cut points are a uniform subset of the
+    ``items - 1`` gaps between items.
+    """
+    cuts = choose_distinct(rng, items - 1, segments - 1)
+    row_of_cut = np.repeat(np.arange(len(items)), segments - 1)
+    item_offsets = exclusive_cumsum(items)
+    cuts = np.sort(item_offsets[row_of_cut] + cuts + 1)  # global index of the first item after each cut
+    starts = np.empty(int(segments.sum()), dtype=np.int64)
+    is_row_start = np.zeros(len(starts), dtype=bool)
+    is_row_start[exclusive_cumsum(segments)] = True
+    starts[is_row_start] = item_offsets
+    starts[~is_row_start] = cuts
+    ends = np.append(starts[1:], item_offsets[-1] + items[-1])
+    return ends - starts
+
+
+def _append_per_row(flat: np.ndarray, counts: np.ndarray, value: int) -> np.ndarray:
+    """Insert ``value`` after each row of ``flat`` (row sizes ``counts``)."""
+    out = np.empty(len(flat) + len(counts), dtype=np.int64)
+    ends = np.cumsum(counts + 1) - 1
+    is_end = np.zeros(len(out), dtype=bool)
+    is_end[ends] = True
+    out[is_end] = value
+    out[~is_end] = flat
+    return out
