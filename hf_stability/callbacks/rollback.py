@@ -1,0 +1,314 @@
+"""`SpikeRollbackCallback`: on a loss/grad-norm spike, restore a healthy snapshot and keep training.
+
+How a step flows through the callback:
+
+1. ``on_pre_optimizer_step`` / ``on_optimizer_step``: the step's metric (the training loss from the
+   model's forward output, or the global grad norm) is appended to a buffer **on device** — no host
+   sync. Steps that `SkipNonFiniteCallback` skipped are recorded as skipped and never judged.
+2. ``on_step_end``, on *check steps* only — every `check_interval` (10) steps, every logging step (Trainer
+   synchronises there anyway), every snapshot step and the last step — the buffered values are copied to
+   the host at once and judged by `SpikeDetector` (mean + ``spike_sigma``·σ over the last
+   ``spike_window`` healthy values, non-finite = spike). Each rank's first spike position goes through
+   one all-reduce (MIN), so every rank acts on the same step.
+3. If no step spiked, snapshots followed by enough healthy steps become *trusted* (below), and on
+   snapshot steps a new snapshot is captured. If a step spiked, every rank restores its newest trusted snapshot
+   right there, after the scheduler stepped, so nothing advances the restored state a second time.
+
+Why "trusted": the loss of step k is computed before step k's update, so a bad update at step k first
+shows in the loss of step k+1 (or later, once Adam's moments carry it). A snapshot taken at the end of
+step k may therefore already hold the update that caused the spike; it becomes a rollback target only
+when a check has judged all of steps k+1 .. k+`check_interval` healthy. Untrusted snapshots are discarded
+on a spike. The snapshot taken when training begins is trusted at once: it is the state the run started
+from, which no update of this run can have spoiled.
+
+What is *not* rewound: ``global_step``, ``log_history`` and the W&B step axis go on increasing, and the
+dataloader keeps going, so the batches after a rollback are new ones (PaLM/OPT practice). The LR
+scheduler *is* restored (its position is part of the snapshot) and then scaled by ``rollback_lr_factor``
+per rollback, on ``base_lrs`` as well as on the optimizer's param groups.
+
+Memory: ``snapshot_keep`` trusted snapshots plus the untrusted ones awaiting confirmation (one when
+``snapshot_interval >= check_interval``), each ≈ 3x the fp32 parameter
+size with Adam (weights + two moments), per rank — see `hf_stability.snapshots`. Use
+``snapshot_storage="disk"`` when that does not fit in host memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
+from transformers.utils import logging
+
+from hf_stability.callbacks.signals import (
+    SkipRecord,
+    TrainingLossTap,
+    global_grad_norm,
+    gradients,
+    is_logging_step,
+    reduce_across_ranks,
+)
+from hf_stability.config import SPIKE_METRICS, StabilityConfig
+from hf_stability.events import StabilityEventLog
+from hf_stability.snapshots import SnapshotStore, restore_training_state
+from hf_stability.spike import SpikeDetector
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_CHECK_INTERVAL = 10
+SNAPSHOT_DIRNAME = "stability_snapshots"
+
+# Constructor argument -> `StabilityConfig` field it defaults to.
+_CONFIG_FIELDS = {
+    "metric": "spike_metric",
+    "window": "spike_window",
+    "warmup": "spike_warmup",
+    "sigma": "spike_sigma",
+    "snapshot_interval": "snapshot_interval",
+    "snapshot_keep": "snapshot_keep",
+    "snapshot_storage": "snapshot_storage",
+    "lr_factor": "rollback_lr_factor",
+    "max_rollbacks": "max_rollbacks",
+}
+_CONFIG_DEFAULTS = {f.name: f.default for f in fields(StabilityConfig) if f.name in _CONFIG_FIELDS.values()}
+
+
+class SpikeRollbackCallback(TrainerCallback, ExportableState):
+    """Detects loss (or grad-norm) spikes and rolls every rank back to the newest trusted snapshot.
+
+    Works with `StabilityTrainer` and with a plain `transformers.Trainer`. Every argument left ``None`` is
+    read from the `StabilityConfig` field named in brackets when ``args`` is one, else that field's default.
+
+    Args:
+        metric: ``"loss"`` or ``"grad_norm"`` [``spike_metric``]. ``grad_norm`` is the norm of the gradients
+            the optimizer applies, i.e. after clipping when ``max_grad_norm > 0``.
+        window, warmup, sigma: detector window, warm-up and threshold [``spike_window``, ``spike_warmup``,
+            ``spike_sigma``].
+        snapshot_interval, snapshot_keep, snapshot_storage: [same names].
+        lr_factor: LR multiplier per rollback [``rollback_lr_factor``].
+        max_rollbacks: rollbacks allowed; the next spike stops training [``max_rollbacks``].
+        check_interval: judge the buffered values at least every this many steps (one device-to-host copy
+            and one all-reduce of a single int per check).
+
+    ``rollbacks`` (the cumulative count, read by `LossScaleTelemetryCallback`) and ``lr_scale`` survive
+    ``resume_from_checkpoint`` through `ExportableState`.
+
+    Example:
+        ```python
+        trainer = Trainer(model, args, train_dataset=ds, callbacks=[SpikeRollbackCallback(lr_factor=0.5)])
+        ```
+    """
+
+    def __init__(
+        self,
+        metric: str | None = None,
+        window: int | None = None,
+        warmup: int | None = None,
+        sigma: float | None = None,
+        snapshot_interval: int | None = None,
+        snapshot_keep: int | None = None,
+        snapshot_storage: str | None = None,
+        lr_factor: float | None = None,
+        max_rollbacks: int | None = None,
+        check_interval: int = DEFAULT_CHECK_INTERVAL,
+    ) -> None:
+        self._given = {
+            "metric": metric,
+            "window": window,
+            "warmup": warmup,
+            "sigma": sigma,
+            "snapshot_interval": snapshot_interval,
+            "snapshot_keep": snapshot_keep,
+            "snapshot_storage": snapshot_storage,
+            "lr_factor": lr_factor,
+            "max_rollbacks": max_rollbacks,
+            "check_interval": check_interval,
+        }
+        self._settings = self._resolve(None)  # validates the explicit arguments now, before any training
+        self.rollbacks = 0
+        self.lr_scale = 1.0
+        self._detector: SpikeDetector | None = None
+        self._store: SnapshotStore | None = None
+        self._pending: list[tuple[int, torch.Tensor | None]] = []
+        self._grad_norm: torch.Tensor | None = None
+
+    # ---- configuration -------------------------------------------------------------------------
+
+    def _resolve(self, args: TrainingArguments | None) -> dict[str, Any]:
+        settings = {}
+        for name, value in self._given.items():
+            if value is None:
+                config_field = _CONFIG_FIELDS[name]
+                value = getattr(args, config_field, _CONFIG_DEFAULTS[config_field])
+            settings[name] = value
+        if settings["metric"] not in SPIKE_METRICS:
+            raise ValueError(f"`metric` must be one of {SPIKE_METRICS}, got {settings['metric']!r}.")
+        for name in ("snapshot_interval", "check_interval"):
+            if not isinstance(settings[name], int) or settings[name] < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {settings[name]!r}.")
+        if not isinstance(settings["max_rollbacks"], int) or settings["max_rollbacks"] < 0:
+            raise ValueError(f"`max_rollbacks` must be an int >= 0, got {settings['max_rollbacks']!r}.")
+        if not settings["lr_factor"] > 0:
+            raise ValueError(f"`lr_factor` must be > 0, got {settings['lr_factor']!r}.")
+        SpikeDetector(settings["window"], settings["warmup"], settings["sigma"])  # raises on bad values
+        SnapshotStore(settings["snapshot_keep"], settings["snapshot_storage"], directory=".")
+        return settings
+
+    def state(self) -> dict:
+        return {
+            "args": dict(self._given),
+            "attributes": {"rollbacks": self.rollbacks, "lr_scale": self.lr_scale},
+        }
+
+    # ---- trainer events ------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state: TrainerState, control: TrainerControl, model=None, optimizer=None,
+                       lr_scheduler=None, **kwargs):
+        self._settings = s = self._resolve(args)
+        self._detector = SpikeDetector(s["window"], s["warmup"], s["sigma"])
+        rank_dir = None
+        if s["snapshot_storage"] == "disk":
+            rank_dir = f"{args.output_dir}/{SNAPSHOT_DIRNAME}/rank-{args.process_index}"
+        if self._store is not None:
+            self._store.clear()
+        self._store = SnapshotStore(s["snapshot_keep"], s["snapshot_storage"], rank_dir)
+        self._pending = []
+        if s["metric"] == "loss":
+            TrainingLossTap.for_model(model)
+        # The starting state cannot hold a bad update made in this run, so it is a rollback target at once.
+        self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self._settings["metric"] == "grad_norm":
+            self._grad_norm = global_grad_norm(gradients(model.parameters()))
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        step = state.global_step + 1
+        if SkipRecord.for_model(model).skipped(step):
+            value = None
+        elif self._settings["metric"] == "loss":
+            value = TrainingLossTap.for_model(model).read()
+        else:
+            value = self._grad_norm
+        self._pending.append((step, value))
+        self._grad_norm = None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        step = state.global_step
+        snapshot_due = step % self._settings["snapshot_interval"] == 0
+        last_step = state.max_steps > 0 and step >= state.max_steps
+        check_due = (
+            snapshot_due
+            or last_step
+            or step % self._settings["check_interval"] == 0
+            or is_logging_step(args, state, step)
+        )
+        if not check_due or self._detector is None:
+            return control
+        spike = self._check(args.device)
+        if spike is not None:
+            self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
+        elif snapshot_due and not last_step:
+            self._store.capture(step, model, optimizer, lr_scheduler, self.lr_scale, trusted=False)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._store is not None:
+            self._store.clear()
+
+    # ---- detection -----------------------------------------------------------------------------
+
+    def _check(self, device: torch.device) -> tuple[int, float, float | None, bool] | None:
+        """Judge the buffered steps; on a spike return ``(step, value, threshold, seen_here)``.
+
+        The step is the earliest spike on any rank (one all-reduce); ``seen_here`` says whether this
+        rank's own value spiked there, the value and threshold being this rank's.
+        """
+        pending, self._pending = self._pending, []
+        judged = [(step, value) for step, value in pending if value is not None]
+        values = []
+        if judged:
+            stacked = torch.stack([value.detach().float().reshape(()) for _, value in judged])
+            values = stacked.cpu().tolist()  # the one host sync of this check
+        local_first, verdicts = self._detector.scan(values)
+        first = int(reduce_across_ranks(torch.tensor(local_first, device=device), "min").item())
+        self._detector.accept(values[:first])
+        if first == len(values):
+            if judged:
+                # A snapshot vouched for by `check_interval` healthy steps after it becomes a rollback target.
+                self._store.trust_through(judged[-1][0] - self._settings["check_interval"] + 1)
+            return None
+        verdict = verdicts[first]
+        return judged[first][0], verdict.value, verdict.threshold, verdict.spike
+
+    # ---- rollback ------------------------------------------------------------------------------
+
+    def _roll_back(self, args, state, control, model, optimizer, lr_scheduler, spike_step: int, value: float,
+                   threshold: float | None, seen_here: bool) -> None:
+        self._store.discard_untrusted()
+        target = self._store.newest_trusted()
+        metric = self._settings["metric"]
+        if not seen_here:
+            reason = f"{metric} spike on another rank at step {spike_step} (here {value:.6g})"
+        elif not math.isfinite(value):
+            reason = f"non-finite {metric} {value} at step {spike_step}"
+        else:
+            reason = f"{metric} {value:.6g} above threshold {threshold:.6g} at step {spike_step}"
+        event_fields = {"metric": metric, "value": value, "threshold": threshold, "spike_step": spike_step}
+        events = StabilityEventLog(args.output_dir)
+        limit = self._settings["max_rollbacks"]
+        if self.rollbacks >= limit:
+            if target is not None:
+                restore_training_state(target, model, optimizer, lr_scheduler)
+            restored = None if target is None else target.step
+            message = (
+                f"Spike rollback: {reason}, but the limit of max_rollbacks={limit} rollbacks is reached; stopping "
+                f"training at step {state.global_step} and saving a checkpoint"
+                + ("" if restored is None else f" holding the healthy state of step {restored}")
+                + ". Lower the learning rate or inspect the data around the spike before resuming."
+            )
+            logger.error(message)
+            if state.is_world_process_zero:
+                events.append(state.global_step, "stop", f"max_rollbacks ({limit}) reached: {reason}",
+                              restored_step=restored, **event_fields)
+            control.should_training_stop = True
+            control.should_save = True
+            return
+        if target is None:
+            logger.warning(f"Spike rollback: {reason}, but no trusted snapshot exists yet; continuing without one.")
+            return
+        restore_training_state(target, model, optimizer, lr_scheduler)
+        self.rollbacks += 1
+        previous_scale, self.lr_scale = self.lr_scale, self.lr_scale * self._settings["lr_factor"]
+        _scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / target.lr_scale)
+        logger.warning(
+            f"Spike rollback {self.rollbacks}/{limit}: {reason}; restored the snapshot of step {target.step} and "
+            f"continue at step {state.global_step} with new batches (LR scale {previous_scale:g} -> {self.lr_scale:g})."
+        )
+        if state.is_world_process_zero:
+            events.append(state.global_step, "rollback", reason, restored_step=target.step, rollbacks=self.rollbacks,
+                          lr_scale=self.lr_scale, **event_fields)
+
+
+def _scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> None:
+    """Multiply the LR everywhere it lives: param groups and the scheduler's ``base_lrs``/``_last_lr``.
+
+    `LambdaLR` recomputes ``lr = base_lr * lambda(step)`` on every step, so scaling only the param groups
+    would be undone by the next ``scheduler.step()``.
+    """
+    if factor == 1.0:
+        return
+    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if scheduler is None:
+        return
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    if getattr(scheduler, "_last_lr", None) is not None:
+        scheduler._last_lr = [lr * factor for lr in scheduler._last_lr]

@@ -1,0 +1,275 @@
+"""Rollback snapshots: a copy of everything an optimizer step changes, kept off the accelerator.
+
+A snapshot holds, for the calling rank only, the model's local `state_dict` tensors, the optimizer state
+(moments and step counts), the LR scheduler state, the grad scaler state and the RNG states (python,
+numpy, torch CPU, CUDA when present). Each rank snapshots its own local tensors, so sharded setups
+(FSDP, ZeRO) snapshot their shards the same way DDP snapshots full replicas.
+
+Cost: one snapshot of an Adam run is about 3x the fp32 parameter size (weights + two moments); tied
+weights are stored once. ``cpu`` storage keeps it in host memory (pinned, copied with
+``non_blocking=True`` when the source lives on a CUDA device — the copy is queued on the current stream,
+so later kernels cannot overwrite the source before it is read, and a restore is queued after it);
+``disk`` storage writes tensors as safetensors and the remaining small, non-tensor state (scheduler,
+scaler, python/numpy RNG, the optimizer's structure) with `torch.save`, because safetensors holds only
+tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STORAGES = ("cpu", "disk")
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    """Placeholder for a tensor inside a nested state structure (the tensor lives in a flat dict)."""
+
+    key: str
+
+
+@dataclass
+class Snapshot:
+    """One rank's training state at the end of optimizer step ``step``.
+
+    ``trusted`` turns True once the caller has judged the steps *after* ``step`` healthy: the loss of a step
+    is measured before that step's update, so only later losses vouch for the weights saved here (see
+    `SpikeRollbackCallback`). ``lr_scale`` is the rollback LR factor in force when it was taken.
+    """
+
+    step: int
+    lr_scale: float
+    trusted: bool = False
+    nbytes: int = 0
+    tensors: dict[str, torch.Tensor] | None = None
+    structure: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of a tensor (the shard of a DTensor, the tensor itself otherwise)."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _inner_scheduler(scheduler: Any) -> Any:
+    return getattr(scheduler, "scheduler", scheduler)
+
+
+def _model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's live state tensors by name, each storage once, plus ``alias -> stored name`` for tied ones."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        local = _local(tensor.detach())
+        owner = seen.get(id(tensor))
+        if owner is None:
+            seen[id(tensor)] = name
+            unique[name] = local
+        else:
+            aliases[name] = owner
+    return unique, aliases
+
+
+def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list structure by a slot, collecting tensors by key."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = _local(obj.detach())
+        return _TensorSlot(prefix)
+    if isinstance(obj, dict):
+        return {k: _split(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_split(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj))
+    return copy.deepcopy(obj)
+
+
+def _join(obj: Any, tensors: dict[str, torch.Tensor], clone: bool) -> Any:
+    if isinstance(obj, _TensorSlot):
+        return tensors[obj.key].clone() if clone else tensors[obj.key]
+    if isinstance(obj, dict):
+        return {k: _join(v, tensors, clone) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_join(v, tensors, clone) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _host_copy(source: dict[str, torch.Tensor], reuse: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Copy tensors to host memory, into ``reuse``'s buffers where name, shape and dtype match."""
+    copies = {}
+    for key, tensor in source.items():
+        buffer = None if reuse is None else reuse.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            pin = tensor.device.type == "cuda"
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+        buffer.copy_(tensor, non_blocking=tensor.device.type == "cuda")
+        copies[key] = buffer
+    return copies
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _capture(model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Live tensors (not yet copied) and the small non-tensor structure of the training state."""
+    tensors, aliases = _model_tensors(model)
+    tensors = {f"model.{name}": t for name, t in tensors.items()}
+    optimizer_structure = _split(_inner_optimizer(optimizer).state_dict(), "optimizer", tensors)
+    scaler = getattr(optimizer, "scaler", None)
+    structure = {
+        "model_aliases": aliases,
+        "optimizer": optimizer_structure,
+        "scheduler": None if scheduler is None else copy.deepcopy(_inner_scheduler(scheduler).state_dict()),
+        "scaler": None if scaler is None else copy.deepcopy(scaler.state_dict()),
+        "rng": _rng_state(),
+    }
+    return tensors, structure
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, structure: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the saved state into the live optimizer state in place when the layout matches, else reload it.
+
+    In-place copies keep the optimizer's own tensors (no reallocation, and any reference a fused kernel or
+    wrapper holds stays valid); a layout change (e.g. a snapshot taken before Adam's lazy state existed)
+    falls back to ``load_state_dict`` with cloned tensors so the snapshot is never aliased by live state.
+    """
+    live_tensors: dict[str, torch.Tensor] = {}
+    live_structure = _split(optimizer.state_dict(), "optimizer", live_tensors)
+    same_layout = live_tensors.keys() == {k for k in tensors if k.startswith("optimizer.")} and all(
+        live_tensors[k].shape == tensors[k].shape and live_tensors[k].dtype == tensors[k].dtype for k in live_tensors
+    )
+    if not (same_layout and live_structure["state"].keys() == structure["state"].keys()):
+        optimizer.load_state_dict(_join(structure, tensors, clone=True))
+        return
+    for key, live in live_tensors.items():
+        live.copy_(tensors[key], non_blocking=True)
+    for group, saved in zip(optimizer.param_groups, structure["param_groups"], strict=True):
+        group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
+
+
+def restore_training_state(snapshot: Snapshot, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """Put ``snapshot`` back into the live model, optimizer, scheduler, grad scaler and RNGs of this rank."""
+    tensors = snapshot.tensors if snapshot.tensors is not None else load_file(snapshot.path / "tensors.safetensors")
+    structure = snapshot.structure or torch.load(snapshot.path / "structure.pt", weights_only=False)
+    live, _ = _model_tensors(model)
+    missing = live.keys() - {k[len("model.") :] for k in tensors if k.startswith("model.")}
+    if missing:
+        raise ValueError(f"`model` does not match the snapshot of step {snapshot.step}: missing {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for name, tensor in live.items():
+            tensor.copy_(tensors[f"model.{name}"], non_blocking=True)
+        _restore_optimizer(_inner_optimizer(optimizer), structure["optimizer"], tensors)
+    if scheduler is not None and structure["scheduler"] is not None:
+        _inner_scheduler(scheduler).load_state_dict(copy.deepcopy(structure["scheduler"]))
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is not None and structure["scaler"]:
+        scaler.load_state_dict(copy.deepcopy(structure["scaler"]))
+    _set_rng_state(structure["rng"])
+
+
+class SnapshotStore:
+    """Keeps this rank's rollback snapshots: at most ``keep`` trusted ones plus the untrusted newer ones.
+
+    Args:
+        keep: trusted snapshots to keep; the oldest is dropped (its host buffers reused) when a newer one
+            becomes trusted.
+        storage: ``"cpu"`` (host memory) or ``"disk"`` (``directory``, one sub-directory per snapshot).
+        directory: where ``disk`` snapshots go; required for ``disk``.
+    """
+
+    def __init__(self, keep: int, storage: str = "cpu", directory: str | Path | None = None) -> None:
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"`keep` must be an int >= 1, got {keep!r}.")
+        if storage not in STORAGES:
+            raise ValueError(f"`storage` must be one of {STORAGES}, got {storage!r}.")
+        if storage == "disk" and directory is None:
+            raise ValueError("`directory` is required when `storage` is 'disk'.")
+        self.keep = keep
+        self.storage = storage
+        self.directory = None if directory is None else Path(directory)
+        self.snapshots: list[Snapshot] = []
+        self._spare: dict[str, torch.Tensor] | None = None
+
+    def capture(
+        self, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any, lr_scale: float, trusted: bool
+    ) -> Snapshot:
+        """Snapshot the live state at the end of ``step``."""
+        live, structure = _capture(model, optimizer, scheduler)
+        snapshot = Snapshot(step=step, lr_scale=lr_scale, trusted=trusted)
+        snapshot.nbytes = sum(t.numel() * t.element_size() for t in live.values())
+        if self.storage == "cpu":
+            snapshot.tensors, self._spare = _host_copy(live, self._spare), None
+            snapshot.structure = structure
+        else:
+            snapshot.path = self.directory / f"step-{step}"
+            snapshot.path.mkdir(parents=True, exist_ok=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            # safetensors refuses views into shared or non-contiguous storage, so hand it compact copies.
+            save_file({k: t.detach().to("cpu").contiguous().clone() for k, t in live.items()},
+                      str(snapshot.path / "tensors.safetensors"))
+            torch.save(structure, snapshot.path / "structure.pt")
+        self.snapshots.append(snapshot)
+        if trusted:
+            self._evict()
+        return snapshot
+
+    def trust_through(self, step: int) -> None:
+        """Mark snapshots taken before ``step`` trusted (the caller vouches for the steps that followed them)."""
+        changed = False
+        for snapshot in self.snapshots:
+            if not snapshot.trusted and snapshot.step < step:
+                snapshot.trusted = changed = True
+        if changed:
+            self._evict()
+
+    def newest_trusted(self) -> Snapshot | None:
+        trusted = [s for s in self.snapshots if s.trusted]
+        return trusted[-1] if trusted else None
+
+    def discard_untrusted(self) -> None:
+        """Drop snapshots no healthy step has vouched for (they may hold the update that caused a spike)."""
+        for snapshot in [s for s in self.snapshots if not s.trusted]:
+            self._drop(snapshot)
+
+    def clear(self) -> None:
+        for snapshot in list(self.snapshots):
+            self._drop(snapshot)
+        self._spare = None
+
+    def _evict(self) -> None:
+        trusted = [s for s in self.snapshots if s.trusted]
+        for snapshot in trusted[: max(0, len(trusted) - self.keep)]:
+            self._drop(snapshot)
+
+    def _drop(self, snapshot: Snapshot) -> None:
+        self.snapshots.remove(snapshot)
+        if snapshot.tensors is not None:
+            self._spare = snapshot.tensors  # pinned host buffers are slow to allocate; the next capture reuses them
+        if snapshot.path is not None:
+            shutil.rmtree(snapshot.path, ignore_errors=True)

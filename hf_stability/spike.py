@@ -1,0 +1,94 @@
+"""Loss/grad-norm spike detector: mean + `sigma` standard deviations over a window of healthy values.
+
+This is the rule OLMo-core and Levanter use (mean + 6σ over the last 128 steps), made robust in three
+ways: a spike never enters the window (so one spike cannot raise the bar for the next), non-finite
+values are always spikes (except on steps the caller marks as skipped), and the deviation has a small
+floor relative to the mean so a near-constant signal does not turn noise in the last digits into alarms.
+
+The detector is plain host-side arithmetic on Python floats; the callback buffers the per-step values on
+device and hands them over in batches (see `hf_stability.callbacks.rollback`), so judging costs no extra
+host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+# A deviation below this fraction of |mean| is treated as this fraction: float noise on a flat signal
+# is not a spike, while any real spike (orders of magnitude above 6 x 0.1 % of the mean) still is.
+MIN_RELATIVE_STD = 1e-3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The detector's judgement of one value: ``threshold`` is ``None`` while warming up."""
+
+    spike: bool
+    value: float
+    threshold: float | None
+
+
+class SpikeDetector:
+    """Judges values in order against the statistics of the last ``window`` healthy values.
+
+    Args:
+        window: number of recent healthy values the mean and standard deviation cover.
+        warmup: healthy values needed before a finite value can be called a spike (non-finite values
+            are spikes from the first step).
+        sigma: a value above ``mean + sigma * std`` is a spike.
+    """
+
+    def __init__(self, window: int = 128, warmup: int = 64, sigma: float = 6.0) -> None:
+        if not isinstance(window, int) or window < 2:
+            raise ValueError(f"`window` must be an int >= 2, got {window!r}.")
+        if not isinstance(warmup, int) or not 1 <= warmup <= window:
+            raise ValueError(f"`warmup` must be an int in [1, window={window}], got {warmup!r}.")
+        if not sigma > 0:
+            raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
+        self.window = window
+        self.warmup = warmup
+        self.sigma = float(sigma)
+        self._values: deque[float] = deque(maxlen=window)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def threshold(self) -> float | None:
+        """The current spike threshold, or ``None`` before ``warmup`` healthy values were seen."""
+        count = len(self._values)
+        if count < max(self.warmup, 2):
+            return None
+        mean = math.fsum(self._values) / count
+        variance = math.fsum((v - mean) ** 2 for v in self._values) / (count - 1)
+        std = max(math.sqrt(variance), MIN_RELATIVE_STD * abs(mean))
+        return mean + self.sigma * std
+
+    def scan(self, values: list[float]) -> tuple[int, list[Verdict]]:
+        """Judge ``values`` in order, as if each healthy one joined the window, without recording any.
+
+        Returns the index of the first spike (``len(values)`` when there is none) and the verdicts up to
+        and including it. Ranks scan first, agree on the earliest spike, then :meth:`accept` the values
+        before it, so every rank's window holds exactly the steps the run kept.
+        """
+        trial = SpikeDetector(self.window, self.warmup, self.sigma)
+        trial._values = deque(self._values, maxlen=self.window)
+        verdicts = []
+        for index, value in enumerate(values):
+            value = float(value)
+            threshold = trial.threshold()
+            spike = not math.isfinite(value) or (threshold is not None and value > threshold)
+            verdicts.append(Verdict(spike, value, threshold))
+            if spike:
+                return index, verdicts
+            trial._values.append(value)
+        return len(values), verdicts
+
+    def accept(self, values: list[float]) -> None:
+        """Add healthy values (as judged by :meth:`scan`) to the window."""
+        for value in values:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"`values` must be finite healthy values, got {value}.")
+            self._values.append(value)
