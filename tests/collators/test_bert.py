@@ -9,8 +9,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, Trainer, TrainingArguments
 
-from hf_stability.collators import DataCollatorForBertPretraining
+from hf_stability.collators import DataCollatorForBertPretraining, nsp_dataset
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +314,44 @@ def test_whole_word_mask_skips_words_that_would_overshoot(bert_tokenizer, stream
     assert chosen.sum(axis=1).tolist() == [3] * 20
     triples = chosen[:, 1:28].reshape(20, 9, 3)
     assert (triples.all(axis=2) | ~triples.any(axis=2)).all()
+
+
+@pytest.fixture(scope="module")
+def nsp_examples(bert_tokenizer, corpus):
+    return nsp_dataset(Dataset.from_dict({"text": corpus[:12]}), bert_tokenizer, max_seq_length=64, seed=0)
+
+
+@pytest.mark.parametrize("model_class", [BertForPreTraining, BertForMaskedLM])
+def test_trainer_steps_with_the_collator(bert_tokenizer, nsp_examples, tmp_path, model_class):
+    config = BertConfig(
+        vocab_size=len(bert_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=bert_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = model_class(config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    collator = DataCollatorForBertPretraining(bert_tokenizer, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=nsp_examples, data_collator=collator)
+    # Trainer drops the columns the model's forward does not take: NSP labels only reach BertForPreTraining.
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert ("next_sentence_label" in batch) == (model_class is BertForPreTraining)
+    assert "token_type_ids" in batch
+    result = trainer.train()
+    assert math.isfinite(result.training_loss) and result.training_loss > 0
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[name])]
+    assert len(changed) > len(before) // 2
