@@ -171,3 +171,53 @@ def assert_same_state(first: tuple[dict, dict], second: tuple[dict, dict]) -> No
 
 def changed_parameters(first: tuple[dict, dict], second: tuple[dict, dict]) -> list[str]:
     return [name for name in first[0] if not torch.equal(first[0][name], second[0][name])]
+
+
+class PoisonActivations(TrainerCallback):
+    """Fills a module's forward output with NaN during chosen optimizer steps, on chosen ranks.
+
+    The loss of that process becomes NaN and so do its gradients: the fault starts in the forward
+    pass of one rank, as a corrupt batch would.
+    """
+
+    def __init__(self, steps: Iterable[int], module_name: str = "bert.embeddings", ranks: Iterable[int] | None = None):
+        self.steps = set(steps)
+        self.module_name = module_name
+        self.ranks = None if ranks is None else set(ranks)
+        self._handle = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps and (self.ranks is None or rank() in self.ranks):
+            module = dict(model.named_modules())[self.module_name]
+            self._handle = module.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def training_args(output_dir, **overrides: Any):
+    """`StabilityConfig` for a short deterministic CPU run; ``overrides`` replace any field."""
+    from hf_stability import StabilityConfig
+
+    defaults = dict(
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        train_sampling_strategy="sequential",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    defaults.update(overrides)
+    return StabilityConfig(str(output_dir), **defaults)
+
+
+def emulate_fp16_scaler(trainer, init_scale: float = 2.0**10) -> None:
+    """Give a CPU ``fp16=True`` trainer a real GradScaler (accelerate creates none on CPU)."""
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    trainer.accelerator.native_amp = True

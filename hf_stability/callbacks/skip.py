@@ -141,7 +141,8 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
             warnings.warn(
                 "`logging_nan_inf_filter=True` replaces NaN/Inf training losses in the logged `loss` with the "
                 "running average, so NaN batches do not show there; they are counted in `stability/skipped_steps` "
-                "and listed in stability_events.jsonl. Set `logging_nan_inf_filter=False` to see them in `loss`.",
+                "and listed in stability_events.jsonl. With `logging_nan_inf_filter=False` they do show, but Trainer's "
+                "running loss then stays NaN in every later entry too (it resets it by subtracting it from itself).",
                 UserWarning,
                 stacklevel=2,
             )

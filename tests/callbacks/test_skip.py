@@ -1,0 +1,228 @@
+"""SkipNonFiniteCallback on real tiny BERT runs: a poisoned step changes nothing, the run goes on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    NoLabelBatches,
+    PoisonGradient,
+    StepSnapshots,
+    assert_same_state,
+    changed_parameters,
+    emulate_fp16_scaler,
+    mlm_dataset,
+    tiny_bert,
+    training_args,
+)
+from transformers import Trainer
+
+from hf_stability import SkipNonFiniteCallback, StabilityTrainer, read_events
+from hf_stability.callbacks.signals import SkipRecord
+from hf_stability.callbacks.telemetry import find_callback
+
+POISONED = 2  # global_step when the poisoned step begins; it completes as step 3
+
+
+@pytest.fixture(scope="module")
+def dataset(bert_tokenizer):
+    return mlm_dataset(bert_tokenizer, rows=64)
+
+
+class ScalerWatch(StepSnapshots):
+    """Also records the grad scaler's scale (if any) at the beginning and end of the watched steps."""
+
+    def __init__(self, steps, scaler):
+        super().__init__(steps)
+        self.scaler = scaler
+        self.scales: dict[int, list[float]] = {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step in self.steps and self.scaler is not None:
+            self.scales[state.global_step] = [self.scaler.get_scale()]
+        return super().on_step_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._current is not None and self.scaler is not None:
+            self.scales[self._current].append(self.scaler.get_scale())
+        return super().on_step_end(args, state, control, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("regime", "optim", "value"),
+    [
+        ("fp32", "adamw_torch_fused", float("inf")),
+        ("fp32", "adamw_torch", float("nan")),
+        ("bf16", "adamw_torch_fused", float("inf")),
+        ("fp16", "adamw_torch_fused", float("inf")),
+        ("fp16", "adamw_torch", float("nan")),
+    ],
+)
+def test_poisoned_step_changes_nothing_and_training_goes_on(tmp_path, bert_tokenizer, dataset, regime, optim, value):
+    args = training_args(tmp_path, optim=optim, bf16=regime == "bf16", fp16=regime == "fp16")
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    if regime == "fp16":
+        emulate_fp16_scaler(trainer)
+    watch = ScalerWatch([POISONED, POISONED + 1], trainer.accelerator.scaler)
+    trainer.add_callback(PoisonGradient([POISONED], value=value))
+    trainer.add_callback(watch)
+    trainer.train()
+
+    assert_same_state(watch.before[POISONED], watch.after[POISONED])
+    assert changed_parameters(watch.before[POISONED + 1], watch.after[POISONED + 1]), "training did not go on"
+    assert trainer.state.global_step == args.max_steps
+    skip = find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback)
+    assert (skip.skipped_steps, skip.consecutive_skips) == (1, 0)
+    events = read_events(tmp_path)
+    assert [(e["step"], e["event"]) for e in events] == [(POISONED + 1, "skip")]
+    assert events[0]["ranks"] == [0]
+    logged = {entry["step"]: entry["stability/skipped_steps"] for entry in trainer.state.log_history if "loss" in entry}
+    assert logged == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1}
+    if regime == "fp16":
+        # Overflow: the scaler halves its scale on the skipped step, and counts it once with either optimizer.
+        assert events[0]["reason"] == "fp16_overflow"
+        assert events[0]["loss_scale"] == 2.0**10
+        assert watch.scales == {POISONED: [2.0**10, 2.0**9], POISONED + 1: [2.0**9, 2.0**9]}
+    else:
+        assert events[0]["reason"] == "nonfinite_gradients"
+
+
+def test_skip_record_and_gradients_tell_later_callbacks(tmp_path, bert_tokenizer, dataset):
+    """The interface a later callback (spike rollback) relies on: no gradients and SkipRecord.skipped(step)."""
+    seen = {}
+
+    class Observer(StepSnapshots):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            step = state.global_step + 1
+            seen[step] = (
+                SkipRecord.for_model(model).skipped(step),
+                all(p.grad is None for p in model.parameters()),
+            )
+
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), training_args(tmp_path, max_steps=4), train_dataset=dataset)
+    trainer.add_callback(PoisonGradient([POISONED]))
+    trainer.add_callback(Observer([]))
+    trainer.train()
+    assert seen == {1: (False, False), 2: (False, False), 3: (True, True), 4: (False, False)}
+
+
+def test_nonfinite_loss_with_finite_gradients_is_reported_not_skipped(tmp_path, bert_tokenizer, dataset):
+    # The batch without labels has loss 0/0 = NaN and all-zero gradients; the update goes ahead.
+    args = training_args(tmp_path, max_steps=4, logging_nan_inf_filter=False)
+    trainer = StabilityTrainer(
+        tiny_bert(bert_tokenizer), args, train_dataset=dataset, data_collator=NoLabelBatches([POISONED])
+    )
+    trainer.train()
+    skip = find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback)
+    assert (skip.skipped_steps, skip.nonfinite_loss_steps) == (0, 1)
+    events = read_events(tmp_path)
+    assert [(e["step"], e["event"], e["ranks"]) for e in events] == [(POISONED + 1, "nonfinite_loss", [0])]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    # Trainer resets its running loss with `tr_loss -= tr_loss`, which keeps a NaN: every entry from the
+    # poisoned one on reads NaN although the model is fine (hence the warning about the filter).
+    assert [loss != loss for loss in losses] == [False, False, True, True]
+
+
+def test_nonfinite_parameters_after_an_update_are_reported(tmp_path, bert_tokenizer, dataset):
+    class CorruptWeights(StepSnapshots):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == POISONED:  # a NaN that appears while applying the update
+                with torch.no_grad():
+                    model.cls.predictions.transform.dense.weight[0, 0] = float("nan")
+
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), training_args(tmp_path, max_steps=3), train_dataset=dataset)
+    trainer.callback_handler.callbacks.insert(1, CorruptWeights([]))  # ahead of the skip callback's check
+    trainer.train()
+    skip = find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback)
+    assert skip.nonfinite_parameter_steps == 1
+    assert [(e["step"], e["event"]) for e in read_events(tmp_path)] == [(POISONED + 1, "nonfinite_parameters")]
+
+
+def test_consecutive_skips_stop_cleanly_with_a_checkpoint(tmp_path, bert_tokenizer, dataset):
+    args = training_args(tmp_path, max_steps=20, max_consecutive_skips=3, save_strategy="steps", save_steps=100)
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    trainer.add_callback(PoisonGradient(range(1, 20)))
+    trainer.train()
+    assert trainer.state.global_step == 4  # step 1 healthy, steps 2-4 skipped, then stop
+    assert (tmp_path / "checkpoint-4" / "trainer_state.json").is_file()
+    events = read_events(tmp_path)
+    assert [(e["step"], e["event"]) for e in events] == [(2, "skip"), (3, "skip"), (4, "skip"), (4, "stop")]
+    assert "max_consecutive_skips=3" in events[-1]["reason"]
+
+
+def test_counters_survive_resume_from_checkpoint(tmp_path, bert_tokenizer, dataset):
+    args = training_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=4)
+    first = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    first.add_callback(PoisonGradient([1]))
+    first.train()
+
+    resumed = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    resumed.add_callback(PoisonGradient([4]))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    callbacks = resumed.callback_handler.callbacks
+    skip = find_callback(callbacks, SkipNonFiniteCallback)
+    assert skip.skipped_steps == 2  # one before the checkpoint, one after the resume
+    entries = {entry["step"]: entry for entry in resumed.state.log_history if "loss" in entry}
+    assert entries[5]["stability/skipped_steps"] == 2
+    # Trainer re-created the stateful callback at the end of the list; StabilityTrainer restored the order.
+    names = [type(callback).__name__ for callback in callbacks]
+    assert names.index("SkipNonFiniteCallback") < names.index("LossScaleTelemetryCallback") < names.index("PoisonGradient")
+
+
+def test_plain_trainer_with_callback_skips_and_warns_about_nan_filter(tmp_path, bert_tokenizer, dataset):
+    args = training_args(tmp_path, max_steps=4)
+    assert args.logging_nan_inf_filter
+    skip = SkipNonFiniteCallback()
+    snapshots = StepSnapshots([POISONED])
+    trainer = Trainer(
+        tiny_bert(bert_tokenizer), args, train_dataset=dataset, callbacks=[skip, PoisonGradient([POISONED]), snapshots]
+    )
+    with pytest.warns(UserWarning, match="logging_nan_inf_filter=True"):
+        trainer.train()
+    assert_same_state(snapshots.before[POISONED], snapshots.after[POISONED])
+    assert skip.skipped_steps == 1
+
+    quiet = Trainer(
+        tiny_bert(bert_tokenizer),
+        training_args(tmp_path / "quiet", max_steps=1, logging_nan_inf_filter=False),
+        train_dataset=dataset,
+        callbacks=[SkipNonFiniteCallback()],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*logging_nan_inf_filter.*")
+        quiet.train()
+
+
+def test_max_consecutive_skips_is_validated():
+    with pytest.raises(ValueError, match="max_consecutive_skips"):
+        SkipNonFiniteCallback(max_consecutive_skips=0)
+
+
+@pytest.mark.distributed
+def test_two_ranks_skip_together_when_one_rank_is_poisoned(tmp_path):
+    script = Path(__file__).parents[1] / "distributed" / "skip_two_ranks.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    final = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for name in final[0]["parameters"]:
+        assert torch.equal(final[0]["parameters"][name], final[1]["parameters"][name]), name
+    for rank in (0, 1):
+        assert final[rank]["unchanged_across_poisoned_step"] and final[rank]["changed_after"]
+        assert final[rank]["skipped_steps"] == 1
+    events = read_events(tmp_path)
+    assert len(events) == 1, events  # written once, by the main process
+    # The NaN starts in rank 1's forward (its loss); DDP's all-reduce spreads it to both ranks' gradients.
+    assert (events[0]["event"], events[0]["loss_ranks"], events[0]["ranks"]) == ("skip", [1], [0, 1])
