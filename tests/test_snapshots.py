@@ -1,0 +1,157 @@
+"""Snapshot capture/restore of a real tiny BERT, AdamW, LambdaLR, GradScaler and RNGs, in host memory and on disk."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+from helpers import mlm_dataset, tiny_bert
+from transformers import default_data_collator, get_linear_schedule_with_warmup
+
+from hf_stability.snapshots import SnapshotStore, restore_training_state
+
+
+class ScaledOptimizer:
+    """What accelerate hands a callback: an optimizer wrapper with ``.optimizer`` and ``.scaler``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        self.optimizer = optimizer
+        self.scaler = scaler
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+
+@pytest.fixture()
+def run(bert_tokenizer):
+    model = tiny_bert(bert_tokenizer)
+    batches = [default_data_collator([row for row in mlm_dataset(bert_tokenizer, rows=32).select(range(i, i + 4))])
+               for i in range(0, 32, 4)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=20)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    wrapped = ScaledOptimizer(optimizer, scaler)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            batch = batches[random.randrange(len(batches))]
+            scaler.scale(model(**batch).loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return model, wrapped, scheduler, train
+
+
+def full_state(model, wrapped, scheduler) -> dict:
+    return {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optimizer": copy.deepcopy(wrapped.optimizer.state_dict()),
+        "scheduler": copy.deepcopy(scheduler.state_dict()),
+        "scaler": wrapped.scaler.state_dict(),
+        "draws": (random.random(), np.random.random(), torch.rand(3)),
+    }
+
+
+def assert_equal_state(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys()
+    for index in state_a:
+        for key in state_a[index]:
+            assert torch.equal(state_a[index][key], state_b[index][key]), (index, key)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["scheduler"] == b["scheduler"]
+    assert a["scaler"] == b["scaler"]
+    assert a["draws"][0] == b["draws"][0] and a["draws"][1] == b["draws"][1]
+    assert torch.equal(a["draws"][2], b["draws"][2])
+
+
+def capture_and_remember(store, step, model, wrapped, scheduler):
+    """Capture, then record the state with RNG draws that the restore must reproduce."""
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    snapshot = store.capture(step, model, wrapped, scheduler, lr_scale=1.0, trusted=True)
+    expected = full_state(model, wrapped, scheduler)
+    random.setstate(rng[0]), np.random.set_state(rng[1]), torch.set_rng_state(rng[2])
+    return snapshot, expected
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_restore_is_bit_exact_and_the_snapshot_is_never_aliased(run, storage, tmp_path):
+    model, wrapped, scheduler, train = run
+    random.seed(0)
+    train(3)
+    store = SnapshotStore(keep=2, storage=storage, directory=tmp_path / "snaps")
+    snapshot, expected = capture_and_remember(store, 3, model, wrapped, scheduler)
+    train(4)
+    assert not torch.equal(model.bert.embeddings.word_embeddings.weight, expected["model"][
+        "bert.embeddings.word_embeddings.weight"]), "training should have moved the weights"
+    assert wrapped.scaler.state_dict() != expected["scaler"], "the scaler should have grown its scale"
+    restore_training_state(snapshot, model, wrapped, scheduler)
+    assert_equal_state(full_state(model, wrapped, scheduler), expected)
+    # Training on from the restored state must not write into the snapshot: a second restore is exact too.
+    train(2)
+    restore_training_state(snapshot, model, wrapped, scheduler)
+    assert_equal_state(full_state(model, wrapped, scheduler), expected)
+    if storage == "disk":
+        assert (tmp_path / "snaps" / "step-3" / "tensors.safetensors").is_file()
+
+
+def test_tied_weights_are_stored_once(run, tmp_path):
+    model, wrapped, scheduler, _ = run
+    snapshot = SnapshotStore(keep=1).capture(0, model, wrapped, scheduler, lr_scale=1.0, trusted=True)
+    embeddings = model.bert.embeddings.word_embeddings.weight
+    assert model.cls.predictions.decoder.weight is embeddings
+    unique = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    assert snapshot.nbytes == sum(t.numel() * t.element_size() for t in unique.values())
+    aliases = snapshot.structure["model_aliases"]
+    assert aliases["cls.predictions.decoder.weight"] == "bert.embeddings.word_embeddings.weight"
+
+
+def test_restoring_a_snapshot_from_before_the_first_step_empties_adam_state(run):
+    model, wrapped, scheduler, train = run
+    snapshot = SnapshotStore(keep=1).capture(0, model, wrapped, scheduler, lr_scale=1.0, trusted=True)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    train(2)
+    assert wrapped.optimizer.state
+    restore_training_state(snapshot, model, wrapped, scheduler)
+    assert not wrapped.optimizer.state
+    assert all(torch.equal(initial[k], v) for k, v in model.state_dict().items())
+    assert scheduler.last_epoch == 0
+    train(1)  # Adam initialises its state lazily again
+    assert all(int(s["step"]) == 1 for s in wrapped.optimizer.state.values())
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_store_keeps_trusted_snapshots_and_drops_untrusted_ones(run, storage, tmp_path):
+    model, wrapped, scheduler, _ = run
+    store = SnapshotStore(keep=2, storage=storage, directory=tmp_path)
+    for step, trusted in [(0, True), (10, False), (20, False)]:
+        store.capture(step, model, wrapped, scheduler, lr_scale=1.0, trusted=trusted)
+    store.trust_through(11)  # steps after 10 were judged healthy: 10 is trusted, 20 not yet
+    assert [(s.step, s.trusted) for s in store.snapshots] == [(0, True), (10, True), (20, False)]
+    assert store.newest_trusted().step == 10
+    store.trust_through(21)  # 20 trusted too: only the newest `keep` trusted ones stay
+    assert [s.step for s in store.snapshots] == [10, 20]
+    store.capture(30, model, wrapped, scheduler, lr_scale=1.0, trusted=False)
+    store.discard_untrusted()
+    assert [s.step for s in store.snapshots] == [10, 20]
+    if storage == "disk":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step-10", "step-20"]
+    store.clear()
+    assert store.snapshots == [] and (storage == "cpu" or not any(tmp_path.iterdir()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"keep": 0}, "keep"), ({"keep": 1, "storage": "gpu"}, "storage"), ({"keep": 1, "storage": "disk"}, "directory")],
+)
+def test_bad_store_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SnapshotStore(**kwargs)
