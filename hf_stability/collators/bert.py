@@ -45,9 +45,11 @@ class DataCollatorForBertPretraining:
       ``min(max_predictions, max(1, round(n * mlm_probability)))`` tokens, where ``n`` is the row's
       length including ``[CLS]``/``[SEP]`` but not padding. ``round`` is Python 3's round-half-to-even,
       exactly as in Google's ``create_pretraining_data.py`` under Python 3: ``n=30`` gives ``round(4.5) = 4``
-      and ``n=50`` gives ``round(7.5) = 8``. With ``mlm_probability=0`` nothing is predicted.
-    * ``masking="bernoulli"`` (``transformers``): each candidate is chosen independently with
-      probability ``mlm_probability``; ``max_predictions`` caps the count (a random subset is kept).
+      and ``n=50`` gives ``round(7.5) = 8``. A row with fewer candidates predicts all of them. With
+      ``mlm_probability=0`` nothing is predicted (Google's ``max(1, ·)`` would still predict one).
+    * ``masking="bernoulli"`` (``transformers``): each candidate (each word, with
+      ``whole_word_mask``) is chosen independently with probability ``mlm_probability``;
+      ``max_predictions`` caps the count (a random subset is kept).
 
     Candidates are all tokens except the tokenizer's special tokens (Google excludes only
     ``[CLS]``/``[SEP]``; we never touch any special token, ``[PAD]``/``[MASK]``/``[UNK]`` included).
@@ -62,7 +64,7 @@ class DataCollatorForBertPretraining:
     token of a chosen word still gets its own mask/random/keep draw (Google decides per token).
     Unlike Google, a continuation token right after ``[SEP]`` starts a new word instead of joining
     the word before the separator. With the ``Trainer``, keep a ``word_ids`` column alive with
-    ``remove_unused_columns=False``.
+    ``remove_unused_columns=False`` (and then drop columns the model does not take yourself).
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (the original id at predicted positions,
     -100 elsewhere, padding included) and, when every feature has them, ``token_type_ids`` (padded
@@ -143,13 +145,13 @@ class DataCollatorForBertPretraining:
             eligible = candidate
             if self.masking == "bernoulli":
                 eligible = candidate & (rng.random(ids.shape) < self.mlm_probability)
-            chosen = eligible if budget is None else _fill_budget(candidate.astype(np.int64), eligible, budget, rng)
+            chosen = eligible if budget is None else _smallest_keys(eligible, budget, rng)
 
         batch = {"input_ids": self._corrupt(ids, chosen, rng), "attention_mask": attended.astype(np.int64)}
         labels = np.full_like(ids, IGNORE_INDEX)
         labels[chosen] = ids[chosen]
         batch["labels"] = labels
-        batch.update(_pass_through(features, rows, ids.shape[1]))
+        batch.update(_pass_through(features, rows, real))
         return to_tensors(batch)
 
     def _budget(self, lengths: np.ndarray) -> np.ndarray | None:
@@ -219,6 +221,18 @@ class DataCollatorForBertPretraining:
         return inputs
 
 
+def _smallest_keys(eligible: np.ndarray, budget: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random ``budget[i]``-subset of each row's eligible tokens (all of them if fewer).
+
+    Single tokens make Google's greedy a plain "first ``budget`` of a shuffle": give every token a
+    random key and keep the keys up to the row's ``budget``-th smallest (a sort, no index shuffling).
+    """
+    keys = rng.random(eligible.shape)
+    keys[~eligible] = 2.0
+    kth = np.sort(keys, axis=1)[np.arange(len(keys)), np.clip(budget - 1, 0, keys.shape[1] - 1)]
+    return eligible & (keys <= kth[:, None]) & (budget > 0)[:, None]
+
+
 def _fill_budget(sizes: np.ndarray, eligible: np.ndarray, budget: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Google's greedy choice, vectorised over rows: visit eligible units (tokens or words, ``sizes``
     tokens each) in random order and take a unit when it still fits the row's ``budget``, else skip it.
@@ -226,7 +240,7 @@ def _fill_budget(sizes: np.ndarray, eligible: np.ndarray, budget: np.ndarray, rn
     Up to the first unit that does not fit, this is a prefix of the shuffled order; after it only
     units no larger than the remaining budget can be taken. So each round takes the prefix of the
     remaining fitting units, and since the budget left after a round is smaller than the unit that
-    stopped it, the loop runs at most ``1 + largest unit size`` rounds (2 for single tokens).
+    stopped it, the loop runs at most ``1 + largest word length`` rounds.
     """
     keys = rng.random(sizes.shape)
     keys[~eligible] = 2.0  # sort after every eligible unit
@@ -279,7 +293,9 @@ def _word_id_array(features: Sequence[Mapping[str, Any]], shape: tuple[int, int]
     return out
 
 
-def _pass_through(features: Sequence[Mapping[str, Any]], rows: list[np.ndarray], width: int) -> dict[str, np.ndarray]:
+def _pass_through(
+    features: Sequence[Mapping[str, Any]], rows: list[np.ndarray], real: np.ndarray
+) -> dict[str, np.ndarray]:
     """``token_type_ids`` (padded with 0) and ``next_sentence_label`` when every feature carries them."""
     out: dict[str, np.ndarray] = {}
     for key in ("token_type_ids", "next_sentence_label"):
@@ -291,8 +307,8 @@ def _pass_through(features: Sequence[Mapping[str, Any]], rows: list[np.ndarray],
         for index, (row, row_types) in enumerate(zip(rows, types, strict=True)):
             if len(row) != len(row_types):
                 raise ValueError(f"`features[{index}]['token_type_ids']` must have one entry per input id.")
-        padded, _ = pad_rows(types, 0)
-        out["token_type_ids"] = np.pad(padded, ((0, 0), (0, width - padded.shape[1])))
+        out["token_type_ids"] = np.zeros(real.shape, dtype=np.int64)
+        out["token_type_ids"][real] = np.concatenate(types)
     if "next_sentence_label" in features[0]:
         try:
             out["next_sentence_label"] = np.array([int(f["next_sentence_label"]) for f in features], dtype=np.int64)
