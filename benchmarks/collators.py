@@ -87,7 +87,37 @@ def cases(corpus: list[str], bert, bert_rows: list[dict]) -> list[tuple[str, Cal
             bert_rows,
         ),
     ]
+    found += seq2seq_cases(corpus)
     return found
+
+
+def seq2seq_cases(corpus: list[str]) -> list[tuple[str, Callable, list[dict]]]:
+    """BART on 512-token rows `<s> … </s>`; T5 on raw rows of 568 tokens (-> 512 inputs, 114 labels)."""
+    from hf_stability.collators import (
+        DataCollatorForBartDenoising,
+        DataCollatorForT5SpanCorruption,
+        t5_span_corruption_lengths,
+    )
+
+    bart = train_tokenizer(corpus, "bart", vocab_size=8000)
+    bart_rows = [{"input_ids": ids} for ids in token_rows(bart, SEQ_LEN, 4 * BATCH, add_special_tokens=True)]
+    t5 = train_tokenizer(corpus, "t5", vocab_size=8000)
+    raw_length, _ = t5_span_corruption_lengths(SEQ_LEN)
+    t5_rows = [{"input_ids": ids} for ids in token_rows(t5, raw_length, 4 * BATCH, add_special_tokens=False)]
+    every_noise = DataCollatorForBartDenoising(bart, insert_ratio=0.1, rotate_ratio=0.5, seed=0)
+    return [
+        (
+            "hf-stability BART denoising (infilling 0.3 + sentence permutation)",
+            DataCollatorForBartDenoising(bart, seed=0),
+            bart_rows,
+        ),
+        ("hf-stability BART denoising, + insertion 0.1 + rotation 0.5", every_noise, bart_rows),
+        (
+            f"hf-stability T5 span corruption ({raw_length} raw -> {SEQ_LEN} inputs)",
+            DataCollatorForT5SpanCorruption(t5, seed=0),
+            t5_rows,
+        ),
+    ]
 
 
 if __name__ == "__main__":
