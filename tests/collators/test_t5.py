@@ -220,6 +220,16 @@ def test_rows_of_the_raw_length_give_the_promised_shapes(t5_tokenizer, stream, n
     assert bool(batch["attention_mask"].all()) and bool((batch["labels"] != -100).all())
 
 
+def test_counts_use_float32_like_tensorflow(ascending_tokenizer):
+    """T5 computes round(L * density) on float32 tensors: 95 * 0.3 is 28.4999… in float64 but 28.500001 in
+    float32, so TensorFlow's mask has 29 noise tokens (and round(29 / 3) = 10 spans), not 28 and 9."""
+    collator = DataCollatorForT5SpanCorruption(ascending_tokenizer, noise_density=0.3, mean_noise_span_length=3.0)
+    batch = collator([{"input_ids": [200] * 95}])
+    assert int((batch["labels"] != -100).sum()) == 29 + 10 + 1
+    assert batch["input_ids"].shape[1] == 95 - 29 + 10 + 1
+    assert round(95 * 0.3) == 28 and np.rint(np.float32(95) * np.float32(0.3)) == 29
+
+
 def test_seed_reproducible(t5_tokenizer, stream):
     features = [{"input_ids": r} for r in rows_of(stream, [100, 80, 120])]
 
