@@ -53,7 +53,7 @@ def mlm_dataset(tokenizer: PreTrainedTokenizerBase, rows: int = 256, mask_every:
     encoded = tokenizer(sentences, max_length=SEQ_LEN, truncation=True, padding="max_length")
     mask_id = tokenizer.mask_token_id
     columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
-    for ids, attention in zip(encoded["input_ids"], encoded["attention_mask"]):
+    for ids, attention in zip(encoded["input_ids"], encoded["attention_mask"], strict=True):
         real = sum(attention)
         labels = [IGNORE_INDEX] * SEQ_LEN
         ids = list(ids)

@@ -157,12 +157,11 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
             grads_bad = ~torch.isfinite(global_grad_norm(gradients(model.parameters())))
         device = grads_bad.device
         loss = self._tap.read() if self._tap is not None else None
-        loss_bad = ~torch.isfinite(loss).to(device) if loss is not None else torch.zeros((), dtype=torch.bool, device=device)
+        no_flag = torch.zeros((), dtype=torch.bool, device=device)
+        loss_bad = ~torch.isfinite(loss).to(device) if loss is not None else no_flag
         params_bad = self._parameter_check
         self._parameter_check = None
-        if params_bad is None:
-            params_bad = torch.zeros((), dtype=torch.bool, device=device)
-        local = torch.stack([grads_bad, loss_bad, params_bad.to(device)]).float()
+        local = torch.stack([grads_bad, loss_bad, no_flag if params_bad is None else params_bad.to(device)]).float()
         reduced = reduce_across_ranks(local, "max")
         if found_inf is not None:
             for flag in found_inf:
@@ -199,7 +198,9 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
         }
         if state.is_world_process_zero:
             StabilityEventLog(args.output_dir).append(step, "skip", reason, **fields)
-        logger.warning("Step %d skipped (%s on ranks %s): no parameter or optimizer state changed.", step, reason, grad_ranks)
+        logger.warning(
+            "Step %d skipped (%s on ranks %s): parameters and optimizer state unchanged.", step, reason, grad_ranks
+        )
         if self.consecutive_skips >= self.max_consecutive_skips:
             message = (
                 f"{self.consecutive_skips} consecutive steps had non-finite gradients (max_consecutive_skips="

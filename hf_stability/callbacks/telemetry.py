@@ -129,7 +129,7 @@ class LossScaleTelemetryCallback(TrainerCallback):
             self._measured.update(fp16_pressure(grads, scale))
         if self.log_layer_grad_norms:
             norms = torch._foreach_norm(grads)
-            for (name, _), norm in zip(named, norms):
+            for (name, _), norm in zip(named, norms, strict=True):
                 self._measured[f"{PREFIX}grad_norm/{name}"] = norm
 
     def collect(self, callbacks: Sequence[TrainerCallback] | None = None) -> dict[str, float]:
@@ -154,7 +154,7 @@ class LossScaleTelemetryCallback(TrainerCallback):
             device_values[f"{PREFIX}loss_scale"] = scaler._get_scale_async()
         if device_values:
             values = torch.stack([v.detach().float().reshape(()).cpu() for v in device_values.values()]).tolist()
-            metrics.update(zip(device_values, values))
+            metrics.update(zip(device_values, values, strict=True))
         return metrics
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -172,7 +172,9 @@ def test_counters_survive_resume_from_checkpoint(tmp_path, bert_tokenizer, datas
     assert entries[5]["stability/skipped_steps"] == 2
     # Trainer re-created the stateful callback at the end of the list; StabilityTrainer restored the order.
     names = [type(callback).__name__ for callback in callbacks]
-    assert names.index("SkipNonFiniteCallback") < names.index("LossScaleTelemetryCallback") < names.index("PoisonGradient")
+    assert (
+        names.index("SkipNonFiniteCallback") < names.index("LossScaleTelemetryCallback") < names.index("PoisonGradient")
+    )
 
 
 def test_plain_trainer_with_callback_skips_and_warns_about_nan_filter(tmp_path, bert_tokenizer, dataset):
