@@ -1,0 +1,221 @@
+"""`SpikeRollbackCallback` under the real `Trainer`: a bad update at a known step, a tiny real BERT.
+
+The fault: during the update of one optimizer step, `ThrowWeights` adds N(0, 2²) noise to every
+parameter, as a diverging update would (``tests/rollback_faults.py``). The loss of the next step jumps by an order of magnitude,
+far above mean + 6σ of the healthy window.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import PoisonActivations, mlm_dataset, tiny_bert
+from rollback_faults import ThrowWeights
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityConfig, read_events
+
+HERE = Path(__file__).resolve().parent
+
+
+class Recorder(TrainerCallback):
+    """Records, independently of the callback under test, what a rollback must bring back.
+
+    At the start and at every ``every``-th step end: parameters, optimizer state and last LR. At every
+    step end: the last LR. When ``watch.rollbacks`` grows during a step: the state right after the restore.
+    """
+
+    def __init__(self, watch: SpikeRollbackCallback, every: int) -> None:
+        self.watch = watch
+        self.every = every
+        self.saved: dict[int, tuple[dict, dict, list[float]]] = {}
+        self.after_rollback: list[tuple[int, tuple[dict, dict, list[float]]]] = []
+        self.lrs: dict[int, float] = {}
+        self._rollbacks = 0
+
+    @staticmethod
+    def _capture(model, optimizer, lr_scheduler):
+        parameters = {name: p.detach().clone() for name, p in model.named_parameters()}
+        return parameters, copy.deepcopy(optimizer.state_dict()["state"]), list(lr_scheduler.get_last_lr())
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        self.saved[state.global_step] = self._capture(model, optimizer, lr_scheduler)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        self.lrs[state.global_step] = lr_scheduler.get_last_lr()[0]
+        if self.watch.rollbacks > self._rollbacks:
+            self._rollbacks = self.watch.rollbacks
+            self.after_rollback.append((state.global_step, self._capture(model, optimizer, lr_scheduler)))
+        elif state.global_step % self.every == 0:
+            self.saved[state.global_step] = self._capture(model, optimizer, lr_scheduler)
+
+
+def make_args(output_dir, args_class=TrainingArguments, **overrides) -> TrainingArguments:
+    settings = dict(
+        max_steps=300,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=25,
+        save_strategy="no",
+        report_to=[],
+        train_sampling_strategy="sequential",
+        max_grad_norm=0.0,  # clipping would soften the thrown update; the fault must be unmistakable
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return args_class(str(output_dir), **settings)
+
+
+def rollback_callback(trainer: Trainer) -> SpikeRollbackCallback:
+    """Looked up in the handler: on resume Trainer replaces callback objects with restored copies."""
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SpikeRollbackCallback)]
+    return callback
+
+
+@pytest.fixture(scope="module")
+def dataset(bert_tokenizer):
+    return mlm_dataset(bert_tokenizer, rows=256)
+
+
+@pytest.fixture(scope="module")
+def clean_run(bert_tokenizer, dataset, tmp_path_factory):
+    """300 clean steps watched by the callback with its default detector (window 128, warm-up 64, 6σ)."""
+    output_dir = tmp_path_factory.mktemp("clean")
+    callback = SpikeRollbackCallback(snapshot_interval=50)
+    recorder = Recorder(callback, every=50)
+    trainer = Trainer(tiny_bert(bert_tokenizer), make_args(output_dir), train_dataset=dataset,
+                      callbacks=[callback, recorder])
+    trainer.train()
+    return trainer, recorder, output_dir
+
+
+def test_no_false_alarm_on_300_clean_steps_with_default_detector(clean_run):
+    trainer, _, output_dir = clean_run
+    assert rollback_callback(trainer).rollbacks == 0
+    assert read_events(output_dir) == []
+    assert trainer.state.global_step == 300
+
+
+def test_a_thrown_update_triggers_exactly_one_exact_rollback_with_lr_cut(bert_tokenizer, dataset, clean_run, tmp_path):
+    clean_trainer, clean_recorder, _ = clean_run
+    throw_at = 150
+    callback = SpikeRollbackCallback(snapshot_interval=50, lr_factor=0.5)
+    recorder = Recorder(callback, every=50)
+    trainer = Trainer(tiny_bert(bert_tokenizer), make_args(tmp_path), train_dataset=dataset,
+                      callbacks=[callback, ThrowWeights([throw_at]), recorder])
+    trainer.train()
+
+    events = read_events(tmp_path)
+    assert [e["event"] for e in events] == ["rollback"] and callback.rollbacks == 1
+    event = events[0]
+    # The update of step 150 is thrown, so the loss of step 151 (measured before its own update) spikes.
+    assert event["spike_step"] == throw_at + 1 and event["value"] > event["threshold"]
+    # The snapshot of step 150 holds the thrown update and was never trusted: step 100's is restored.
+    assert event["restored_step"] == 100
+    rollback_step, (parameters, optimizer_state, last_lr) = recorder.after_rollback[0]
+    assert rollback_step == event["step"] and throw_at < rollback_step <= throw_at + 10
+
+    saved_parameters, saved_optimizer_state, saved_lr = recorder.saved[event["restored_step"]]
+    for name, value in saved_parameters.items():
+        assert torch.equal(parameters[name], value), f"parameter {name} differs from step 100's"
+    for index, entries in saved_optimizer_state.items():
+        for key, value in entries.items():
+            assert torch.equal(torch.as_tensor(optimizer_state[index][key]), torch.as_tensor(value)), (index, key)
+    # LR: halved right after the restore, and the scheduler keeps it halved (its base_lrs were scaled).
+    assert last_lr == pytest.approx([0.5 * lr for lr in saved_lr], rel=1e-12)
+    assert recorder.lrs[rollback_step + 1] == pytest.approx(0.5 * clean_recorder.lrs[event["restored_step"] + 1])
+
+    # global_step and the logged history never go back.
+    logged_steps = [entry["step"] for entry in trainer.state.log_history]
+    assert logged_steps == sorted(logged_steps) and trainer.state.global_step == 300
+
+    evaluation = dataset.select(range(64))
+    clean_loss = clean_trainer.evaluate(evaluation)["eval_loss"]
+    recovered_loss = trainer.evaluate(evaluation)["eval_loss"]
+    assert recovered_loss < 2 * clean_loss
+
+
+def test_grad_norm_metric_catches_the_thrown_update(bert_tokenizer, dataset, tmp_path):
+    callback = SpikeRollbackCallback(metric="grad_norm", window=32, warmup=16, snapshot_interval=10)
+    trainer = Trainer(tiny_bert(bert_tokenizer), make_args(tmp_path, max_steps=60), train_dataset=dataset,
+                      callbacks=[callback, ThrowWeights([40])])
+    trainer.train()
+    (event,) = read_events(tmp_path)
+    assert event["metric"] == "grad_norm" and event["spike_step"] == 41 and event["restored_step"] == 30
+
+
+def test_a_nan_step_rolls_back_alone_but_feeds_nothing_once_the_skip_callback_skipped_it(
+    bert_tokenizer, dataset, tmp_path
+):
+    # The forward pass of step 31 turns NaN (loss and gradients alike), as a corrupt batch would.
+    def run(output_dir, callbacks):
+        trainer = Trainer(tiny_bert(bert_tokenizer), make_args(output_dir, max_steps=40), train_dataset=dataset,
+                          callbacks=[*callbacks, PoisonActivations([30])])
+        trainer.train()
+        return read_events(output_dir)
+
+    alone = run(tmp_path / "alone", [SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10)])
+    assert [(e["event"], e["spike_step"], e["restored_step"]) for e in alone] == [("rollback", 31, 20)]
+    assert alone[0]["reason"].startswith("non-finite loss")
+
+    together = run(tmp_path / "together", [SkipNonFiniteCallback(),
+                                           SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10)])
+    assert [(e["event"], e["step"]) for e in together] == [("skip", 31)]
+
+
+def test_max_rollbacks_stops_with_a_checkpoint_and_resume_keeps_the_count(bert_tokenizer, dataset, tmp_path):
+    config = dict(max_steps=80, save_strategy="steps", save_steps=1000, snapshot_interval=10, spike_window=32,
+                  spike_warmup=16, max_rollbacks=1, rollback_lr_factor=0.5)
+    args = make_args(tmp_path, StabilityConfig, **config)
+    trainer = Trainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset,
+                      callbacks=[SpikeRollbackCallback(), ThrowWeights([30, 60])])
+    trainer.train()
+
+    events = read_events(tmp_path)
+    assert [(e["event"], e["spike_step"]) for e in events] == [("rollback", 31), ("stop", 61)]
+    stopped_at = events[1]["step"]
+    assert trainer.state.global_step == stopped_at < 80
+    checkpoint = tmp_path / f"checkpoint-{stopped_at}"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
+
+    # Resume for a few more clean steps: the count and the LR scale come back, no new event is written.
+    resumed = Trainer(tiny_bert(bert_tokenizer, seed=1), args, train_dataset=dataset,
+                      callbacks=[SpikeRollbackCallback()])
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    restored = rollback_callback(resumed)
+    assert restored.rollbacks == 1 and restored.lr_scale == 0.5
+    assert len(read_events(tmp_path)) == 2
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="metric"):
+        SpikeRollbackCallback(metric="accuracy")
+    with pytest.raises(ValueError, match="lr_factor"):
+        SpikeRollbackCallback(lr_factor=0.0)
+    with pytest.raises(ValueError, match="check_interval"):
+        SpikeRollbackCallback(check_interval=0)
+    with pytest.raises(ValueError, match="warmup"):
+        SpikeRollbackCallback(window=8, warmup=16)
+
+
+@pytest.mark.distributed
+def test_two_ranks_roll_back_together_and_stay_identical(tmp_path):
+    script = HERE.parent / "distributed" / "rollback_two_ranks.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = read_events(tmp_path)
+    assert [(e["event"], e["restored_step"]) for e in events] == [("rollback", 20)], "one event, from rank 0"
+    assert "spike on another rank" in events[0]["reason"]  # only rank 1's weights were thrown
+    assert (tmp_path / "ranks_identical").read_text() == "True"

@@ -1,0 +1,61 @@
+"""Launched by tests/callbacks/test_rollback.py: ``torchrun --nproc_per_node 2 rollback_two_ranks.py OUTPUT_DIR``.
+
+Only rank 1's weights are thrown at step 30, so only rank 1's loss spikes. Both ranks must roll back
+at the same step to their own snapshot of step 20 and end with bit-identical parameters; rank 0 writes
+whether they did to ``OUTPUT_DIR/ranks_identical``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from helpers import bert_tokenizer, mlm_dataset, tiny_bert  # noqa: E402
+from rollback_faults import ThrowWeights  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from hf_stability import SpikeRollbackCallback  # noqa: E402
+
+
+def main(output_dir: str) -> None:
+    tokenizer = bert_tokenizer()
+    args = TrainingArguments(
+        output_dir,
+        max_steps=50,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=25,
+        save_strategy="no",
+        report_to=[],
+        train_sampling_strategy="sequential",
+        max_grad_norm=0.0,
+        use_cpu=True,
+        ddp_backend="gloo",
+        disable_tqdm=True,
+        seed=0,
+    )
+    callback = SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10)
+    trainer = Trainer(
+        tiny_bert(tokenizer),
+        args,
+        train_dataset=mlm_dataset(tokenizer, rows=128),
+        callbacks=[callback, ThrowWeights([30], ranks=[1])],
+    )
+    trainer.train()
+    if callback.rollbacks != 1:
+        raise RuntimeError(f"rank {args.process_index}: expected one rollback, got {callback.rollbacks}")
+    flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    if args.process_index == 0:
+        identical = all(torch.equal(gathered[0], other) for other in gathered[1:])
+        with open(os.path.join(output_dir, "ranks_identical"), "w") as handle:
+            handle.write(str(identical))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
