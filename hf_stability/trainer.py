@@ -9,6 +9,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
+from hf_stability.callbacks.rollback import SpikeRollbackCallback
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback, find_callback
 from hf_stability.config import StabilityConfig
@@ -37,7 +38,9 @@ def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
     callbacks: list[TrainerCallback] = []
     if stability_option(args, "skip_nonfinite"):
         callbacks.append(SkipNonFiniteCallback(max_consecutive_skips=stability_option(args, "max_consecutive_skips")))
-    # --- spike rollback: SpikeRollbackCallback is added here, after skipping and before telemetry ---
+    if stability_option(args, "spike_rollback"):
+        # Reads its spike_*/snapshot_*/rollback settings from `args` when training begins.
+        callbacks.append(SpikeRollbackCallback())
     callbacks.append(
         LossScaleTelemetryCallback(
             log_fp16_pressure=stability_option(args, "log_fp16_pressure"),
