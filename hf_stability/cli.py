@@ -1,17 +1,31 @@
-"""The ``hf-stability`` command."""
+"""The ``hf-stability`` command.
+
+``hf-stability report OUTPUT_DIR`` prints a run's loss and stability events (from ``trainer_state.json``
+and ``stability_events.jsonl``) and draws ``OUTPUT_DIR/training_curves.png``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from hf_stability import __version__
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-stability", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hf-stability", description="Tools for hf-stability training runs.")
     parser.add_argument("--version", action="version", version=f"hf-stability {__version__}")
-    parser.add_subparsers(dest="command")
+    commands = parser.add_subparsers(dest="command")
+    report = commands.add_parser(
+        "report",
+        help="Summarise a run's stability events and plot its training curves.",
+        description="Summarise a run's loss, skipped steps, rollbacks and loss scale, and plot its training curves. "
+        "Works for any output directory of StabilityTrainer, the recipes, or a plain Trainer with the callbacks.",
+    )
+    report.add_argument("output_dir", help="The run's output directory (holding trainer_state.json or checkpoints).")
+    report.add_argument("--plot", default=None, help="Where to write the PNG (default: OUTPUT_DIR/training_curves.png).")
+    report.add_argument("--no-plot", action="store_true", help="Only print the summary.")
     return parser
 
 
@@ -20,6 +34,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 0
+    from hf_stability.report import format_summary, load_run, plot_training_curves
+
+    try:
+        run = load_run(args.output_dir)
+    except ValueError as error:
+        print(f"hf-stability report: error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(run))
+    if not args.no_plot:
+        print(f"  plot: {plot_training_curves(run, args.plot)}")
     return 0
 
 

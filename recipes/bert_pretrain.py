@@ -71,11 +71,6 @@ def make_collator(tokenizer, objective_args: BertPretrainingArguments, seed: int
     )
 
 
-def configure_trainer(trainer) -> None:
-    # BertForPreTraining takes no loss kwargs; without this Trainer rescales its loss by the world size.
-    trainer.model_accepts_loss_kwargs = False
-
-
 BERT = Objective(
     name="bert",
     model_class=BertForPreTraining,
@@ -84,7 +79,6 @@ BERT = Objective(
     make_collator=make_collator,
     arguments=BertPretrainingArguments,
     defaults={"output_dir": "outputs/bert-pretrain"},
-    configure_trainer=configure_trainer,
 )
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -87,7 +88,6 @@ class Objective:
         make_collator: ``(tokenizer, objective_args, seed)`` → the data collator.
         arguments: a dataclass of the objective's own flags (added to the parser), or ``None``.
         defaults: recipe-specific argument defaults (e.g. ``output_dir``), applied over `RECIPE_DEFAULTS`.
-        configure_trainer: an optional hook run on the built trainer before training.
     """
 
     name: TokenizerKind
@@ -97,16 +97,16 @@ class Objective:
     make_collator: Callable[[PreTrainedTokenizerBase, Any, int], Callable[[list[dict]], dict]]
     arguments: type | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
-    configure_trainer: Callable[[Any], None] | None = None
 
 
 def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run one pre-training recipe end to end; returns the final train and eval metrics."""
     parser = make_parser(objective.arguments)
-    parsed = parse_args(parser, argv, {**RECIPE_DEFAULTS, **objective.defaults})
+    parsed = parse_args(parser, argv, {**RECIPE_DEFAULTS, **_launcher_defaults(), **objective.defaults})
     data_args, model_args, training_args = parsed[0], parsed[1], parsed[-1]
     objective_args = parsed[2] if objective.arguments is not None else None
     _setup_logging(training_args)
+    _check_world_size(training_args)
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("`streaming` needs `max_steps` > 0: a stream has no length to count epochs by.")
     set_seed(training_args.seed)
@@ -147,8 +147,9 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
         compute_metrics=_metrics_function(metric),
         preprocess_logits_for_metrics=_predictions_and_token_losses,
     )
-    if objective.configure_trainer is not None:
-        objective.configure_trainer(trainer)
+    # BERT, BART and T5 average their own loss and ignore `num_items_in_batch`; left True, Trainer would
+    # multiply their (already averaged) train and eval losses by the number of processes.
+    trainer.model_accepts_loss_kwargs = False
     logger.info("Training on %d process(es), world size %d", training_args.world_size, training_args.world_size)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
@@ -164,6 +165,26 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
     if trainer.is_world_process_zero():
         _write_run_report(objective, trainer, data_args, tokenizer_note, metrics)
     return metrics
+
+
+def _launcher_defaults() -> dict[str, Any]:
+    """Defaults that depend on how the script was launched.
+
+    Under ``torchrun``/``accelerate launch`` on a machine without CUDA, `TrainingArguments` only joins
+    the process group when ``use_cpu`` is set; otherwise every process silently trains alone.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        return {"use_cpu": True}
+    return {}
+
+
+def _check_world_size(training_args: StabilityConfig) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != training_args.world_size:
+        raise ValueError(
+            f"{launched} processes were launched but the run's world size is {training_args.world_size}: each would "
+            "train alone. On CPU pass `--use_cpu true` (or `--ddp_backend gloo`)."
+        )
 
 
 def _setup_logging(training_args: StabilityConfig) -> None:
