@@ -5,7 +5,7 @@ The scripts in ``recipes/`` (BERT, BART, T5) each define an :class:`Objective` a
 
 from hf_stability.pretrain.arguments import DataArguments, ModelArguments, make_parser, parse_args
 from hf_stability.pretrain.data import load_documents, pack_token_streams
-from hf_stability.pretrain.run import RECIPE_DEFAULTS, Objective, main
+from hf_stability.pretrain.run import RECIPE_DEFAULTS, Objective, main, parse_recipe_args
 
 __all__ = [
     "RECIPE_DEFAULTS",
@@ -17,4 +17,5 @@ __all__ = [
     "make_parser",
     "pack_token_streams",
     "parse_args",
+    "parse_recipe_args",
 ]

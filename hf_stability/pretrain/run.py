@@ -101,10 +101,7 @@ class Objective:
 
 def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run one pre-training recipe end to end; returns the final train and eval metrics."""
-    parser = make_parser(objective.arguments)
-    parsed = parse_args(parser, argv, {**RECIPE_DEFAULTS, **_launcher_defaults(), **objective.defaults})
-    data_args, model_args, training_args = parsed[0], parsed[1], parsed[-1]
-    objective_args = parsed[2] if objective.arguments is not None else None
+    data_args, model_args, objective_args, training_args = parse_recipe_args(objective, argv)
     _setup_logging(training_args)
     _check_world_size(training_args)
     if data_args.streaming and training_args.max_steps <= 0:
@@ -167,15 +164,29 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
     return metrics
 
 
-def _launcher_defaults() -> dict[str, Any]:
-    """Defaults that depend on how the script was launched.
+def parse_recipe_args(
+    objective: Objective, argv: Sequence[str] | None = None
+) -> tuple[DataArguments, ModelArguments, Any, StabilityConfig]:
+    """``(data, model, objective, training)`` arguments; objective arguments are ``None`` without a class.
 
-    Under ``torchrun``/``accelerate launch`` on a machine without CUDA, `TrainingArguments` only joins
-    the process group when ``use_cpu`` is set; otherwise every process silently trains alone.
+    Defaults, lowest precedence first: the dataclasses, `RECIPE_DEFAULTS`, launch-dependent defaults,
+    the objective's own, then ``--config`` YAML and the command line.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        return {"use_cpu": True}
-    return {}
+    parser = make_parser(objective.arguments)
+    parsed = parse_args(parser, argv, {**RECIPE_DEFAULTS, **_launcher_defaults(), **objective.defaults})
+    objective_args = parsed[2] if objective.arguments is not None else None
+    return parsed[0], parsed[1], objective_args, parsed[-1]
+
+
+def _launcher_defaults() -> dict[str, Any]:
+    """Defaults that depend on the machine: ``use_cpu`` when it has no accelerator.
+
+    Without ``use_cpu``, `TrainingArguments` on a CPU-only machine refuses ``--bf16`` and, under
+    ``torchrun``/``accelerate launch``, does not join the process group: every process trains alone.
+    """
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return {} if has_accelerator else {"use_cpu": True}
 
 
 def _check_world_size(training_args: StabilityConfig) -> None:
