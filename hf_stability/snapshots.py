@@ -218,7 +218,9 @@ class SnapshotStore:
     def capture(
         self, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any, lr_scale: float, trusted: bool
     ) -> Snapshot:
-        """Snapshot the live state at the end of ``step``."""
+        """Snapshot the live state at the end of ``step`` (replacing an older snapshot of the same step)."""
+        for stale in [s for s in self.snapshots if s.step == step]:
+            self._drop(stale)
         live, structure = _capture(model, optimizer, scheduler)
         snapshot = Snapshot(step=step, lr_scale=lr_scale, trusted=trusted)
         snapshot.nbytes = sum(t.numel() * t.element_size() for t in live.values())

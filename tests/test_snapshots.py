@@ -139,6 +139,8 @@ def test_store_keeps_trusted_snapshots_and_drops_untrusted_ones(run, storage, tm
     assert store.newest_trusted().step == 10
     store.trust_through(21)  # 20 trusted too: only the newest `keep` trusted ones stay
     assert [s.step for s in store.snapshots] == [10, 20]
+    store.capture(20, model, wrapped, scheduler, lr_scale=1.0, trusted=True)  # a re-capture replaces, never stacks
+    assert [s.step for s in store.snapshots] == [10, 20]
     store.capture(30, model, wrapped, scheduler, lr_scale=1.0, trusted=False)
     store.discard_untrusted()
     assert [s.step for s in store.snapshots] == [10, 20]

@@ -1,8 +1,8 @@
 """`SpikeRollbackCallback` under the real `Trainer`: a bad update at a known step, a tiny real BERT.
 
-The fault: during the update of one optimizer step, `ThrowWeights` adds N(0, 2²) noise to every
-parameter, as a diverging update would (``tests/rollback_faults.py``). The loss of the next step jumps by an order of magnitude,
-far above mean + 6σ of the healthy window.
+The fault: during the update of one optimizer step, `ThrowWeights` (``tests/rollback_faults.py``) adds
+N(0, 2²) noise to every parameter, as a diverging update would. The loss of the next step jumps by an
+order of magnitude, far above mean + 6σ of the healthy window.
 """
 
 from __future__ import annotations
