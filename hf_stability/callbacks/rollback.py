@@ -59,6 +59,8 @@ from hf_stability.spike import SpikeDetector
 logger = logging.get_logger(__name__)
 
 DEFAULT_CHECK_INTERVAL = 10
+# Grad-norm buffer entry of a step whose fp16 overflow the grad scaler handles (a norm is never negative).
+_SCALER_OVERFLOW = -1.0
 SNAPSHOT_DIRNAME = "stability_snapshots"
 
 # Constructor argument -> `StabilityConfig` field it defaults to.
@@ -84,7 +86,9 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
 
     Args:
         metric: ``"loss"`` or ``"grad_norm"`` [``spike_metric``]. ``grad_norm`` is the norm of the gradients
-            the optimizer applies, i.e. after clipping when ``max_grad_norm > 0``.
+            the optimizer applies, i.e. after clipping when ``max_grad_norm > 0`` (a callback cannot see the
+            pre-clip norm), so with clipping on prefer ``loss``. fp16 overflow steps, which the grad scaler
+            skips itself, are not judged.
         window, warmup, sigma: detector window, warm-up and threshold [``spike_window``, ``spike_warmup``,
             ``spike_sigma``].
         snapshot_interval, snapshot_keep, snapshot_storage: [same names].
@@ -178,12 +182,24 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         self._pending = []
         if s["metric"] == "loss":
             TrainingLossTap.for_model(model)
+        elif getattr(args, "max_grad_norm", 0) > 0:
+            logger.warning(
+                "SpikeRollbackCallback watches grad_norm with clipping on (max_grad_norm="
+                f"{args.max_grad_norm}): it sees the clipped norm, which hides spikes above the clip; "
+                "spike_metric='loss' does not have this blind spot."
+            )
         # The starting state cannot hold a bad update made in this run, so it is a rollback target at once.
         self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self._settings["metric"] == "grad_norm":
-            self._grad_norm = global_grad_norm(gradients(model.parameters()))
+            norm = global_grad_norm(gradients(model.parameters()))
+            scaler = getattr(optimizer, "scaler", None)
+            if scaler is not None and scaler.is_enabled():
+                # An fp16 overflow is the grad scaler's business (it skips the update and lowers the scale),
+                # not a spike: mark it on device, to be dropped when the buffer is read.
+                norm = torch.where(torch.isfinite(norm), norm, torch.full_like(norm, _SCALER_OVERFLOW))
+            self._grad_norm = norm
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1
@@ -233,6 +249,9 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         if judged:
             stacked = torch.stack([value.detach().float().reshape(()) for _, value in judged])
             values = stacked.cpu().tolist()  # the one host sync of this check
+        if self._settings["metric"] == "grad_norm":
+            kept = [index for index, value in enumerate(values) if value != _SCALER_OVERFLOW]
+            judged, values = [judged[i] for i in kept], [values[i] for i in kept]
         local_first, verdicts = self._detector.scan(values)
         first = int(reduce_across_ranks(torch.tensor(local_first, device=device), "min").item())
         self._detector.accept(values[:first])

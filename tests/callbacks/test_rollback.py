@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PoisonActivations, mlm_dataset, tiny_bert
+from helpers import PoisonActivations, emulate_fp16_scaler, mlm_dataset, tiny_bert
 from rollback_faults import ThrowWeights
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -150,6 +150,18 @@ def test_grad_norm_metric_catches_the_thrown_update(bert_tokenizer, dataset, tmp
     trainer.train()
     (event,) = read_events(tmp_path)
     assert event["metric"] == "grad_norm" and event["spike_step"] == 41 and event["restored_step"] == 30
+
+
+def test_grad_norm_metric_leaves_fp16_overflows_to_the_grad_scaler(bert_tokenizer, dataset, tmp_path):
+    # A 2^40 initial loss scale overflows the first steps; the scaler skips them and halves its scale.
+    # Their non-finite norm must not count as a spike (the detector would otherwise fire at step 1).
+    callback = SpikeRollbackCallback(metric="grad_norm", window=16, warmup=8, snapshot_interval=10)
+    trainer = Trainer(tiny_bert(bert_tokenizer), make_args(tmp_path, max_steps=30, fp16=True, optim="adamw_torch"),
+                      train_dataset=dataset, callbacks=[callback])
+    emulate_fp16_scaler(trainer, init_scale=2.0**40)
+    trainer.train()
+    assert trainer.accelerator.scaler.get_scale() < 2.0**30, "the scaler should have met overflows and backed off"
+    assert callback.rollbacks == 0 and read_events(tmp_path) == []
 
 
 def test_a_nan_step_rolls_back_alone_but_feeds_nothing_once_the_skip_callback_skipped_it(
