@@ -24,7 +24,9 @@ def make_parser() -> argparse.ArgumentParser:
         "Works for any output directory of StabilityTrainer, the recipes, or a plain Trainer with the callbacks.",
     )
     report.add_argument("output_dir", help="The run's output directory (holding trainer_state.json or checkpoints).")
-    report.add_argument("--plot", default=None, help="Where to write the PNG (default: OUTPUT_DIR/training_curves.png).")
+    report.add_argument(
+        "--plot", default=None, help="Where to write the PNG (default: OUTPUT_DIR/training_curves.png)."
+    )
     report.add_argument("--no-plot", action="store_true", help="Only print the summary.")
     return parser
 

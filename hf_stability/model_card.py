@@ -88,7 +88,14 @@ def _hyperparameters(args: TrainingArguments) -> dict[str, Any]:
         "precision": precision,
         "seed": args.seed,
     }
-    for name in ("skip_nonfinite", "spike_rollback", "spike_metric", "spike_sigma", "spike_window", "snapshot_interval"):
+    for name in (
+        "skip_nonfinite",
+        "spike_rollback",
+        "spike_metric",
+        "spike_sigma",
+        "spike_window",
+        "snapshot_interval",
+    ):
         if hasattr(args, name):
             rows[name] = getattr(args, name)
     return rows
@@ -99,7 +106,9 @@ def _stability_section(run: RunRecord, args: TrainingArguments) -> str:
     scale = (
         f"{figures['loss_scale_min']:g} to {figures['loss_scale_max']:g}"
         if figures["loss_scale_min"] is not None
-        else "no grad scaler (fp32 or bf16 training)" if not args.fp16 else "not logged"
+        else "no grad scaler (fp32 or bf16 training)"
+        if not args.fp16
+        else "not logged"
     )
     lines = [
         f"- Skipped steps (non-finite gradients): **{figures['skipped_steps']}**",
@@ -111,7 +120,9 @@ def _stability_section(run: RunRecord, args: TrainingArguments) -> str:
     if run.events:
         lines += ["", "| step | event | reason | restored step |", "|---|---|---|---|"]
         for event in run.events:
-            lines.append(f"| {event['step']} | {event['event']} | {event['reason']} | {event.get('restored_step', '')} |")
+            lines.append(
+                f"| {event['step']} | {event['event']} | {event['reason']} | {event.get('restored_step', '')} |"
+            )
     else:
         lines += ["", "No skip or rollback happened in this run."]
     return "\n".join(lines)

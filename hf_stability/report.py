@@ -110,8 +110,7 @@ def format_summary(run: RunRecord) -> str:
     lines.append(f"  steps logged: {figures['steps']}")
     if figures["first_loss"] is not None:
         lines.append(
-            f"  loss: first {figures['first_loss']:.4f}, last {figures['last_loss']:.4f}, "
-            f"min {figures['min_loss']:.4f}"
+            f"  loss: first {figures['first_loss']:.4f}, last {figures['last_loss']:.4f}, min {figures['min_loss']:.4f}"
         )
     if figures["last_eval_loss"] is not None:
         lines.append(f"  eval loss: {figures['last_eval_loss']:.4f}")
@@ -144,9 +143,9 @@ def plot_training_curves(run: RunRecord, path: str | os.PathLike | None = None) 
     figure, axes = plt.subplots(panels, 1, figsize=(9, 3.2 * panels), sharex=True, squeeze=False)
     loss_axis = axes[0][0]
     if losses:
-        loss_axis.plot(*zip(*losses), label="training loss", color="tab:blue")
+        loss_axis.plot(*_xy(losses), label="training loss", color="tab:blue")
     if eval_losses:
-        loss_axis.plot(*zip(*eval_losses), "o", label="eval loss", color="tab:green")
+        loss_axis.plot(*_xy(eval_losses), "o", label="eval loss", color="tab:green")
     loss_axis.set_ylabel("loss")
     loss_axis.set_title(f"{run.output_dir.name}: loss with stability events")
     for row in axes:
@@ -154,18 +153,18 @@ def plot_training_curves(run: RunRecord, path: str | os.PathLike | None = None) 
     if panels == 2:
         lower = axes[1][0]
         if grad_norms:
-            lower.semilogy(*zip(*grad_norms), color="tab:purple", label="grad norm")
+            lower.semilogy(*_xy(grad_norms), color="tab:purple", label="grad norm")
             lower.set_ylabel("grad norm")
         if scales:
             scale_axis = lower.twinx() if grad_norms else lower
-            scale_axis.semilogy(*zip(*scales), color="tab:orange", drawstyle="steps-post", label="loss scale")
+            scale_axis.semilogy(*_xy(scales), color="tab:orange", drawstyle="steps-post", label="loss scale")
             scale_axis.set_ylabel("loss scale")
         lower.set_xlabel("step")
     else:
         loss_axis.set_xlabel("step")
     handles, labels = [], []
     for axis in figure.axes:
-        for handle, label in zip(*axis.get_legend_handles_labels()):
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)
@@ -177,13 +176,24 @@ def plot_training_curves(run: RunRecord, path: str | os.PathLike | None = None) 
     return path
 
 
+def _xy(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
+    return [step for step, _ in points], [value for _, value in points]
+
+
 def _mark_events(axis: Any, run: RunRecord) -> None:
     for index, event in enumerate(run.events_of("skip")):
-        axis.axvline(event["step"], color="tab:red", linestyle=":", linewidth=1, label="skipped step" if index == 0 else None)
+        axis.axvline(
+            event["step"], color="tab:red", linestyle=":", linewidth=1, label="skipped step" if index == 0 else None
+        )
     for index, event in enumerate(run.events_of("rollback")):
-        axis.axvline(event["step"], color="black", linestyle="--", linewidth=1, label="rollback" if index == 0 else None)
+        axis.axvline(
+            event["step"], color="black", linestyle="--", linewidth=1, label="rollback" if index == 0 else None
+        )
         if "restored_step" in event:
             axis.axvspan(
-                event["restored_step"], event["step"], color="grey", alpha=0.15,
+                event["restored_step"],
+                event["step"],
+                color="grey",
+                alpha=0.15,
                 label="rolled back span" if index == 0 else None,
             )

@@ -33,15 +33,28 @@ class BartDenoisingArguments:
 def model_config(tokenizer, data_args, base=None) -> BartConfig:
     """A tiny BART (2+2 layers, width 64) unless ``--model_config_name`` gave ``base``; fitted to the tokenizer."""
     config = base or BartConfig(
-        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=data_args.max_seq_length,
-        dropout=0.0, use_cache=False,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=256,
+        decoder_ffn_dim=256,
+        max_position_embeddings=data_args.max_seq_length,
+        dropout=0.0,
+        use_cache=False,
     )
-    config.update({
-        "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id, "decoder_start_token_id": tokenizer.eos_token_id,
-        "forced_bos_token_id": None, "forced_eos_token_id": tokenizer.eos_token_id,
-    })
+    config.update(
+        {
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.eos_token_id,
+            "forced_bos_token_id": None,
+            "forced_eos_token_id": tokenizer.eos_token_id,
+        }
+    )
     return config
 
 

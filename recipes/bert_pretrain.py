@@ -34,8 +34,13 @@ class BertPretrainingArguments:
 def model_config(tokenizer, data_args, base=None) -> BertConfig:
     """A tiny BERT (2 layers, width 64) unless ``--model_config_name`` gave ``base``; fitted to the tokenizer."""
     config = base or BertConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-        max_position_embeddings=data_args.max_seq_length, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=data_args.max_seq_length,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     config.update({"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
     return config
@@ -55,7 +60,10 @@ def make_rows(tokenizer, data_args, objective_args: BertPretrainingArguments, se
             nsp_probability=objective_args.nsp_probability,
             seed=zlib.crc32("\n".join(batch["text"]).encode(), seed),
         )
-        return {key: [example[key] for example in examples] for key in ("input_ids", "token_type_ids", "next_sentence_label")}
+        return {
+            key: [example[key] for example in examples]
+            for key in ("input_ids", "token_type_ids", "next_sentence_label")
+        }
 
     return rows
 

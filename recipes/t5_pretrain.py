@@ -28,13 +28,23 @@ class T5SpanCorruptionArguments:
 def model_config(tokenizer, data_args, base=None) -> T5Config:
     """A tiny T5 (2+2 layers, width 64) unless ``--model_config_name`` gave ``base``; fitted to the tokenizer."""
     config = base or T5Config(
-        d_model=64, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=2,
-        dropout_rate=0.0, use_cache=False,
+        d_model=64,
+        d_kv=32,
+        d_ff=256,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        dropout_rate=0.0,
+        use_cache=False,
     )
-    config.update({
-        "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "decoder_start_token_id": tokenizer.pad_token_id,
-    })
+    config.update(
+        {
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+        }
+    )
     return config
 
 

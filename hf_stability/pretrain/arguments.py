@@ -72,7 +72,9 @@ class DataArguments:
         if self.text_sample_by not in TEXT_SAMPLE_BY:
             raise ValueError(f"`text_sample_by` must be one of {TEXT_SAMPLE_BY}, got {self.text_sample_by!r}.")
         if not 0 <= self.validation_split_percentage < 100:
-            raise ValueError(f"`validation_split_percentage` must be in [0, 100), got {self.validation_split_percentage}.")
+            raise ValueError(
+                f"`validation_split_percentage` must be in [0, 100), got {self.validation_split_percentage}."
+            )
         if self.max_seq_length < 8:
             raise ValueError(f"`max_seq_length` must be >= 8, got {self.max_seq_length}.")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -93,7 +95,9 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Override config attributes when training from scratch, e.g. 'd_model=128,encoder_layers=4'."},
+        metadata={
+            "help": "Override config attributes when training from scratch, e.g. 'd_model=128,encoder_layers=4'."
+        },
     )
     tokenizer_name: str | None = field(
         default=None,

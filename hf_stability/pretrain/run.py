@@ -65,9 +65,21 @@ RECIPE_DEFAULTS: dict[str, Any] = {
 }
 # Model-config entries shown in the model card (whichever the model family has).
 CARD_CONFIG_KEYS = (
-    "vocab_size", "hidden_size", "d_model", "num_hidden_layers", "encoder_layers", "decoder_layers", "num_layers",
-    "num_decoder_layers", "num_attention_heads", "encoder_attention_heads", "num_heads", "intermediate_size",
-    "encoder_ffn_dim", "d_ff", "max_position_embeddings",
+    "vocab_size",
+    "hidden_size",
+    "d_model",
+    "num_hidden_layers",
+    "encoder_layers",
+    "decoder_layers",
+    "num_layers",
+    "num_decoder_layers",
+    "num_attention_heads",
+    "encoder_attention_heads",
+    "num_heads",
+    "intermediate_size",
+    "encoder_ffn_dim",
+    "d_ff",
+    "max_position_embeddings",
 )
 # Texts a tokenizer trained on the fly sees when the training set is streamed.
 STREAMED_TOKENIZER_DOCUMENTS = 10_000
@@ -115,10 +127,14 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
     model = _model(objective, model_args, data_args, tokenizer)
     make_rows = objective.make_rows(tokenizer, data_args, objective_args, seed)
     with training_args.main_process_first(local=False, desc="packing rows"):
-        train_rows = take(map_documents(train_documents, make_rows, data_args, "train rows"), data_args.max_train_samples)
+        train_rows = take(
+            map_documents(train_documents, make_rows, data_args, "train rows"), data_args.max_train_samples
+        )
         eval_rows = None
         if eval_documents is not None:
-            eval_rows = take(map_documents(eval_documents, make_rows, data_args, "eval rows"), data_args.max_eval_samples)
+            eval_rows = take(
+                map_documents(eval_documents, make_rows, data_args, "eval rows"), data_args.max_eval_samples
+            )
     if isinstance(eval_rows, datasets.Dataset) and len(eval_rows) == 0:
         logger.warning("The validation split yields no complete row; evaluation is skipped.")
         eval_rows = None
@@ -179,14 +195,14 @@ def parse_recipe_args(
 
 
 def _launcher_defaults() -> dict[str, Any]:
-    """Defaults that depend on the machine: ``use_cpu`` when it has no accelerator.
+    """Defaults that depend on the machine: ``use_cpu`` (and no pinned memory) when it has no accelerator.
 
     Without ``use_cpu``, `TrainingArguments` on a CPU-only machine refuses ``--bf16`` and, under
     ``torchrun``/``accelerate launch``, does not join the process group: every process trains alone.
     """
     accelerator = getattr(torch, "accelerator", None)
     has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-    return {} if has_accelerator else {"use_cpu": True}
+    return {} if has_accelerator else {"use_cpu": True, "dataloader_pin_memory": False}
 
 
 def _check_world_size(training_args: StabilityConfig) -> None:
@@ -212,13 +228,19 @@ def _tokenizer(
 ) -> tuple[PreTrainedTokenizerBase, str]:
     """Load the requested tokenizer, or train one on the training text (rank 0 trains and saves, others load)."""
     checkpoint = training_args.resume_from_checkpoint
-    source = model_args.tokenizer_name or model_args.model_name_or_path or (checkpoint if isinstance(checkpoint, str) else None)
+    source = (
+        model_args.tokenizer_name
+        or model_args.model_name_or_path
+        or (checkpoint if isinstance(checkpoint, str) else None)
+    )
     if source is not None:
         return AutoTokenizer.from_pretrained(source), f"`{source}`"
     with training_args.main_process_first(local=False, desc="training the tokenizer"):
         if training_args.process_index == 0:
-            texts = train_documents["text"] if not data_args.streaming else (
-                row["text"] for row in itertools.islice(train_documents, STREAMED_TOKENIZER_DOCUMENTS)
+            texts = (
+                train_documents["text"]
+                if not data_args.streaming
+                else (row["text"] for row in itertools.islice(train_documents, STREAMED_TOKENIZER_DOCUMENTS))
             )
             tokenizer = train_tokenizer(texts, objective.name, vocab_size=model_args.tokenizer_vocab_size)
             tokenizer.save_pretrained(training_args.output_dir)

@@ -17,12 +17,18 @@ RECIPES = REPO / "recipes"
 BIN = Path(sys.executable).parent
 # Small enough for a handful of steps in seconds on 2 CPU cores; real data, tokenizer and model all the same.
 TINY_RUN = [
-    "--max_seq_length", "64",
-    "--per_device_train_batch_size", "8",
-    "--per_device_eval_batch_size", "16",
-    "--max_eval_samples", "32",
-    "--tokenizer_vocab_size", "800",
-    "--logging_steps", "1",
+    "--max_seq_length",
+    "64",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "16",
+    "--max_eval_samples",
+    "32",
+    "--tokenizer_vocab_size",
+    "800",
+    "--logging_steps",
+    "1",
 ]
 
 
@@ -53,7 +59,9 @@ def run_recipe(
         command, capture_output=True, text=True, timeout=600, env=environment, cwd=output_dir.parent
     )
     if result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        pytest.fail(
+            f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

@@ -36,8 +36,14 @@ def test_recipe_defaults_follow_the_seeds_hygiene(bart):
 def test_yaml_overrides_recipe_defaults_and_command_line_overrides_yaml(bart, tmp_path):
     config = write_yaml(
         tmp_path,
-        {"learning_rate": 5e-4, "max_steps": 7, "mask_ratio": 0.2, "max_seq_length": 64, "adam_beta2": 0.98,
-         "lr_scheduler_kwargs": {"min_lr_rate": 0.05}},
+        {
+            "learning_rate": 5e-4,
+            "max_steps": 7,
+            "mask_ratio": 0.2,
+            "max_seq_length": 64,
+            "adam_beta2": 0.98,
+            "lr_scheduler_kwargs": {"min_lr_rate": 0.05},
+        },
     )
     data, _, objective, training = parse_recipe_args(bart, ["--config", config, "--max_steps", "9", "--bf16"])
     assert training.learning_rate == 5e-4  # YAML over the recipe's 1e-3

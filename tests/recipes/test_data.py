@@ -37,7 +37,9 @@ def test_text_files_are_split_into_documents_by_paragraph_or_line(tmp_path):
         DataArguments(train_file=str(train_file), text_sample_by="line", validation_split_percentage=0)
     )
     assert [text for text in by_line["text"] if text.strip()] == [
-        "First doc. Two sentences.", "Same paragraph.", "Second doc here."
+        "First doc. Two sentences.",
+        "Same paragraph.",
+        "Second doc here.",
     ]
 
 

@@ -44,6 +44,7 @@ def assert_run_artifacts(output_dir, title: str, world_size: int, eval_loss_has_
     return card
 
 
+@pytest.mark.slow
 def test_bart_recipe_lowers_the_loss_on_the_default_corpus(tmp_path):
     output_dir = tmp_path / "bart"
     run_recipe(PYTHON, "bart", output_dir, *TINY_RUN, "--max_steps", "40", "--learning_rate", "3e-3")
@@ -61,7 +62,9 @@ def test_bert_recipe_from_yaml_config_logs_stability_metrics_to_wandb_offline(tm
     output_dir, wandb_dir = tmp_path / "bert", tmp_path / "wandb_runs"
     wandb_dir.mkdir()
     config = tmp_path / "bert.yaml"
-    config.write_text(yaml.safe_dump({"max_steps": 3, "report_to": "wandb", "run_name": "bert-test", "nsp_probability": 0.5}))
+    config.write_text(
+        yaml.safe_dump({"max_steps": 3, "report_to": "wandb", "run_name": "bert-test", "nsp_probability": 0.5})
+    )
     run_recipe(PYTHON, "bert", output_dir, "--config", str(config), *TINY_RUN, env={"WANDB_DIR": str(wandb_dir)})
     card = assert_run_artifacts(output_dir, "next-sentence prediction", world_size=1, eval_loss_has_nsp=True)
     assert "eval_nsp_accuracy" in results(output_dir, "eval") and "| eval_nsp_accuracy |" in card
@@ -73,7 +76,9 @@ def test_bert_recipe_from_yaml_config_logs_stability_metrics_to_wandb_offline(tm
     history = [json.loads(line)["history"]["item"] for line in records.splitlines() if '"type":"history"' in line]
     train_rows = [row for row in history if "train/loss" in row]
     assert len(train_rows) == 3
-    assert all(row["train/stability/skipped_steps"] == 0 and row["train/stability/rollbacks"] == 0 for row in train_rows)
+    assert all(
+        row["train/stability/skipped_steps"] == 0 and row["train/stability/rollbacks"] == 0 for row in train_rows
+    )
     assert any("eval/masked_token_accuracy" in row for row in history)
 
 
@@ -81,8 +86,9 @@ def test_t5_recipe_trains_on_a_local_jsonl_file(tmp_path, corpus):
     data = tmp_path / "my_corpus.jsonl"
     data.write_text("".join(json.dumps({"body": document}) + "\n" for document in corpus[:40]))
     output_dir = tmp_path / "t5"
-    run_recipe(PYTHON, "t5", output_dir, "--train_file", str(data), "--text_column_name", "body", *TINY_RUN,
-               "--max_steps", "3")
+    run_recipe(
+        PYTHON, "t5", output_dir, "--train_file", str(data), "--text_column_name", "body", *TINY_RUN, "--max_steps", "3"
+    )
     card = assert_run_artifacts(output_dir, "T5 span corruption", world_size=1)
     assert "Training text: my_corpus.jsonl" in card
 
@@ -98,8 +104,9 @@ def check_two_process_run(output_dir, completed: subprocess.CompletedProcess) ->
 @pytest.mark.distributed
 def test_bart_recipe_under_torchrun_with_two_processes(tmp_path):
     output_dir = tmp_path / "bart_torchrun"
-    completed = run_recipe([str(BIN / "torchrun"), "--nproc_per_node", "2"], "bart", output_dir, *TINY_RUN,
-                           "--max_steps", "3")
+    completed = run_recipe(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2"], "bart", output_dir, *TINY_RUN, "--max_steps", "3"
+    )
     check_two_process_run(output_dir, completed)
 
 
@@ -107,6 +114,12 @@ def test_bart_recipe_under_torchrun_with_two_processes(tmp_path):
 def test_bart_recipe_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     output_dir = tmp_path / "bart_accelerate"
     config = REPO / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
-    completed = run_recipe([str(BIN / "accelerate"), "launch", "--config_file", str(config)], "bart", output_dir,
-                           *TINY_RUN, "--max_steps", "3")
+    completed = run_recipe(
+        [str(BIN / "accelerate"), "launch", "--config_file", str(config)],
+        "bart",
+        output_dir,
+        *TINY_RUN,
+        "--max_steps",
+        "3",
+    )
     check_two_process_run(output_dir, completed)
