@@ -26,7 +26,12 @@ def test_callbacks_follow_the_config_and_sit_ahead_of_reporting_and_user_callbac
     args = training_args(tmp_path, report_to=["wandb"], max_consecutive_skips=7, log_layer_grad_norms=True)
     trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, callbacks=[PoisonGradient([])])
     names = callback_names(trainer)
-    assert names[:3] == ["DefaultFlowCallback", "SkipNonFiniteCallback", "LossScaleTelemetryCallback"]
+    assert names[:4] == [
+        "DefaultFlowCallback",
+        "SkipNonFiniteCallback",
+        "SpikeRollbackCallback",
+        "LossScaleTelemetryCallback",
+    ]
     assert names.index("LossScaleTelemetryCallback") < names.index("WandbCallback") < names.index("PoisonGradient")
     callbacks = trainer.callback_handler.callbacks
     assert find_callback(callbacks, SkipNonFiniteCallback).max_consecutive_skips == 7
@@ -62,7 +67,9 @@ def test_plain_training_arguments_get_stability_defaults_and_a_resume_warning(
 
 def test_stability_callbacks_order_and_unknown_option(tmp_path):
     names = [type(cb).__name__ for cb in stability_callbacks(training_args(tmp_path))]
-    assert names == ["SkipNonFiniteCallback", "LossScaleTelemetryCallback"]
+    assert names == ["SkipNonFiniteCallback", "SpikeRollbackCallback", "LossScaleTelemetryCallback"]
+    only_telemetry = stability_callbacks(training_args(tmp_path, skip_nonfinite=False, spike_rollback=False))
+    assert [type(cb).__name__ for cb in only_telemetry] == ["LossScaleTelemetryCallback"]
     with pytest.raises(ValueError, match="name"):
         stability_option(training_args(tmp_path), "learning_rate")
 

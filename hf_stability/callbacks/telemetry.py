@@ -153,7 +153,8 @@ class LossScaleTelemetryCallback(TrainerCallback):
         if scaler is not None:
             device_values[f"{PREFIX}loss_scale"] = scaler._get_scale_async()
         if device_values:
-            values = torch.stack([v.detach().float().reshape(()).cpu() for v in device_values.values()]).tolist()
+            device = next(iter(device_values.values())).device
+            values = torch.stack([v.detach().float().reshape(()).to(device) for v in device_values.values()]).tolist()
             metrics.update(zip(device_values, values, strict=True))
         return metrics
 

@@ -1,0 +1,160 @@
+"""Steps/s and device-to-host reads per step: `StabilityTrainer` against a plain `Trainer`, same run.
+
+Both train the same tiny BERT MLM (tests/helpers.py) on the same real rows for ``--steps`` steps per
+run; runs alternate between the trainers ``--repeats`` times per precision regime and the median
+steps/s (first 20 steps excluded) is reported, so drift in machine load hits both alike. A second,
+untimed run per trainer counts the Python-level device-to-host reads (``Tensor.item``, ``tolist``,
+``numpy``, ``cpu``, ``bool``, ``float``, ``int``) made while training, divided by the number of steps.
+One process, one torch thread.
+
+Run: ``python benchmarks/trainer_overhead.py [--steps 300 --repeats 3 --logging-steps 50]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from helpers import bert_tokenizer, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
+
+from hf_stability import StabilityTrainer  # noqa: E402
+
+WARMUP_STEPS = 20
+READ_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
+REGIMES = ("fp32", "bf16", "fp16")
+
+
+class StepClock(TrainerCallback):
+    """Wall time from the beginning of step ``WARMUP_STEPS`` to the end of the last step."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == WARMUP_STEPS:
+            self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.end = time.perf_counter()
+
+
+@contextlib.contextmanager
+def counting_host_reads() -> Iterator[Counter]:
+    """Counts calls of the tensor methods that copy a value to the host (a sync on an accelerator)."""
+    counts: Counter = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in READ_METHODS}
+
+    def counted(name):
+        original = originals[name]
+
+        def wrapper(self, *args, **kwargs):
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in READ_METHODS:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+# (label, trainer class, StabilityConfig overrides): skip + telemetry alone, then the defaults (with spike rollback).
+CONFIGS = (
+    ("Trainer", Trainer, {}),
+    ("StabilityTrainer, skip+telemetry", StabilityTrainer, {"spike_rollback": False}),
+    ("StabilityTrainer, defaults", StabilityTrainer, {}),
+)
+
+
+def build(config, regime: str, steps: int, logging_steps: int, tokenizer, dataset, output_dir):
+    _, trainer_class, overrides = config
+    args = training_args(
+        output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        logging_steps=logging_steps,
+        bf16=regime == "bf16",
+        fp16=regime == "fp16",
+        disable_tqdm=False,  # progress bars go to stderr
+        **overrides,
+    )
+    trainer = trainer_class(tiny_bert(tokenizer, hidden=64, layers=2), args, train_dataset=dataset)
+    if regime == "fp16":
+        emulate_fp16_scaler(trainer, init_scale=2.0**8)
+    return trainer
+
+
+def steps_per_second(config, regime, steps, logging_steps, tokenizer, dataset) -> float:
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build(config, regime, steps, logging_steps, tokenizer, dataset, output_dir)
+        clock = StepClock()
+        trainer.add_callback(clock)
+        with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its log entries
+            trainer.train()
+    return (steps - WARMUP_STEPS) / (clock.end - clock.start)
+
+
+def host_reads_per_step(config, regime, steps, logging_steps, tokenizer, dataset) -> float:
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build(config, regime, steps, logging_steps, tokenizer, dataset, output_dir)
+        with counting_host_reads() as counts, contextlib.redirect_stdout(sys.stderr):
+            trainer.train()
+    return sum(counts.values()) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--logging-steps", type=int, default=50)
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
+    options = parser.parse_args()
+    # One thread: with other processes on the machine, OpenMP's spinning threads slow tiny steps by 30x.
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    tokenizer = bert_tokenizer()
+    dataset = mlm_dataset(tokenizer, rows=512)
+    run = (options.steps, options.logging_steps, tokenizer, dataset)
+
+    rows = []
+    for regime in options.regimes:
+        rates: dict[str, list[float]] = {label: [] for label, _, _ in CONFIGS}
+        for repeat in range(options.repeats):
+            order = CONFIGS if repeat % 2 == 0 else CONFIGS[::-1]
+            for config in order:
+                rates[config[0]].append(steps_per_second(config, regime, *run))
+        base = statistics.median(rates["Trainer"])
+        for config in CONFIGS:
+            rate = statistics.median(rates[config[0]])
+            reads = host_reads_per_step(config, regime, *run)
+            rows.append(f"| {regime} | {config[0]} | {rate:.1f} | {(base / rate - 1) * 100:+.1f}% | {reads:.2f} |")
+    print(
+        f"tiny BERT MLM (hidden 64, 2 layers, seq 32, batch 16), {options.steps} steps/run, logging every "
+        f"{options.logging_steps} steps, median of {options.repeats} interleaved runs, 1 torch thread\n"
+    )
+    print("| precision | trainer | steps/s | overhead vs Trainer | host reads/step |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
