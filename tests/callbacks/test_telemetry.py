@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from helpers import PoisonGradient, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
+from helpers import NoLabelBatches, PoisonGradient, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
 from transformers import Trainer, TrainerCallback
 
-from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, StabilityTrainer
+from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
+from hf_stability.callbacks.telemetry import find_callback
 
 STABILITY_KEYS = ("stability/skipped_steps", "stability/rollbacks", "stability/loss_scale")
 
@@ -141,3 +142,16 @@ def test_attach_reuses_an_existing_callback_and_rejects_new_options(tmp_path, be
     assert sum(isinstance(cb, LossScaleTelemetryCallback) for cb in trainer.callback_handler.callbacks) == 1
     with pytest.raises(TypeError, match="log_layer_grad_norms"):
         LossScaleTelemetryCallback.attach(trainer, log_layer_grad_norms=True)
+
+
+def test_rollbacks_are_looked_up_in_the_trainer_and_logged(tmp_path, bert_tokenizer, dataset):
+    """A NaN-loss batch (no labels) makes the default spike rollback fire; telemetry logs its live count."""
+    args = training_args(tmp_path, max_steps=4)
+    trainer = StabilityTrainer(
+        tiny_bert(bert_tokenizer), args, train_dataset=dataset, data_collator=NoLabelBatches([2])
+    )
+    trainer.train()
+    rollback = find_callback(trainer.callback_handler.callbacks, SpikeRollbackCallback)
+    assert rollback.rollbacks >= 1
+    logged = [entry["stability/rollbacks"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[:2] == [0, 0] and logged[-1] == rollback.rollbacks
