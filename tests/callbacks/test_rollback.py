@@ -97,6 +97,7 @@ def clean_run(bert_tokenizer, dataset, tmp_path_factory):
     return trainer, recorder, output_dir
 
 
+@pytest.mark.slow
 def test_no_false_alarm_on_300_clean_steps_with_default_detector(clean_run):
     trainer, _, output_dir = clean_run
     assert rollback_callback(trainer).rollbacks == 0
@@ -104,6 +105,7 @@ def test_no_false_alarm_on_300_clean_steps_with_default_detector(clean_run):
     assert trainer.state.global_step == 300
 
 
+@pytest.mark.slow
 def test_a_thrown_update_triggers_exactly_one_exact_rollback_with_lr_cut(bert_tokenizer, dataset, clean_run, tmp_path):
     clean_trainer, clean_recorder, _ = clean_run
     throw_at = 150
@@ -137,6 +139,8 @@ def test_a_thrown_update_triggers_exactly_one_exact_rollback_with_lr_cut(bert_to
     logged_steps = [entry["step"] for entry in trainer.state.log_history]
     assert logged_steps == sorted(logged_steps) and trainer.state.global_step == 300
 
+    # Without the rollback the thrown run stays far off (training loss ~70 vs ~5 at step 300 in the same setup),
+    # so this bound fails if the restore or the continuation is wrong.
     evaluation = dataset.select(range(64))
     clean_loss = clean_trainer.evaluate(evaluation)["eval_loss"]
     recovered_loss = trainer.evaluate(evaluation)["eval_loss"]
