@@ -101,6 +101,9 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
     ``nonfinite_parameter_steps``) are exported with the checkpoint and come back on
     ``resume_from_checkpoint`` when ``restore_callback_states_from_checkpoint=True``.
 
+    With ``logging_nan_inf_filter=True`` (Trainer's default) the first non-finite loss also raises a
+    one-time warning, since Trainer's logged ``loss`` hides it.
+
     Args:
         max_consecutive_skips: stop training after this many skipped steps in a row.
 
@@ -136,16 +139,20 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._tap = TrainingLossTap.for_model(model)
-        if getattr(args, "logging_nan_inf_filter", False) and not self._filter_warned:
-            self._filter_warned = True
-            warnings.warn(
-                "`logging_nan_inf_filter=True` replaces NaN/Inf training losses in the logged `loss` with the "
-                "running average, so NaN batches do not show there; they are counted in `stability/skipped_steps` "
-                "and listed in stability_events.jsonl. With `logging_nan_inf_filter=False` they do show, but Trainer's "
-                "running loss then stays NaN in every later entry too (it resets it by subtracting it from itself).",
-                UserWarning,
-                stacklevel=2,
-            )
+
+    def _warn_filter_hides_loss(self, args) -> None:
+        """Once per run, at the first non-finite loss, say where it went if Trainer's filter hid it."""
+        if self._filter_warned or not getattr(args, "logging_nan_inf_filter", False):
+            return
+        self._filter_warned = True
+        warnings.warn(
+            "A non-finite training loss was hidden from the logged `loss` by `logging_nan_inf_filter=True` (Trainer "
+            "logs the running average instead); it is counted in `stability/skipped_steps` and listed in "
+            "stability_events.jsonl. With `logging_nan_inf_filter=False` it would show, but Trainer's running loss "
+            "would then stay NaN in every later entry (it resets it by subtracting it from itself).",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = completing_step(state)
@@ -167,6 +174,9 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
             for flag in found_inf:
                 flag.copy_(reduced[GRADIENTS])
         flags = [value > 0 for value in reduced.tolist()]  # the step's one device-to-host read
+
+        if flags[LOSS]:
+            self._warn_filter_hides_loss(args)
 
         if flags[PARAMETERS]:
             self._report_parameters(args, state, local)

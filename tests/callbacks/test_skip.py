@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import (
     NoLabelBatches,
+    PoisonActivations,
     PoisonGradient,
     StepSnapshots,
     assert_same_state,
@@ -187,22 +188,28 @@ def test_plain_trainer_with_callback_skips_and_warns_about_nan_filter(tmp_path, 
     skip = SkipNonFiniteCallback()
     snapshots = StepSnapshots([POISONED])
     trainer = Trainer(
-        tiny_bert(bert_tokenizer), args, train_dataset=dataset, callbacks=[skip, PoisonGradient([POISONED]), snapshots]
+        tiny_bert(bert_tokenizer),
+        args,
+        train_dataset=dataset,
+        callbacks=[skip, PoisonActivations([POISONED]), snapshots],
     )
-    with pytest.warns(UserWarning, match="logging_nan_inf_filter=True"):
+    with pytest.warns(UserWarning, match="hidden from the logged `loss` by `logging_nan_inf_filter=True`") as caught:
         trainer.train()
+    assert sum("logging_nan_inf_filter" in str(w.message) for w in caught) == 1
     assert_same_state(snapshots.before[POISONED], snapshots.after[POISONED])
     assert skip.skipped_steps == 1
 
-    quiet = Trainer(
-        tiny_bert(bert_tokenizer),
-        training_args(tmp_path / "quiet", max_steps=1, logging_nan_inf_filter=False),
-        train_dataset=dataset,
-        callbacks=[SkipNonFiniteCallback()],
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*logging_nan_inf_filter.*")
-        quiet.train()
+    # No NaN loss, nothing hidden: no warning, whatever the filter says (an Inf gradient leaves the loss finite).
+    for name, overrides in [("clean", {}), ("unfiltered", {"logging_nan_inf_filter": False})]:
+        quiet = Trainer(
+            tiny_bert(bert_tokenizer),
+            training_args(tmp_path / name, max_steps=4, **overrides),
+            train_dataset=dataset,
+            callbacks=[SkipNonFiniteCallback(), PoisonGradient([POISONED])],
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*logging_nan_inf_filter.*")
+            quiet.train()
 
 
 def test_max_consecutive_skips_is_validated():
