@@ -59,6 +59,14 @@ class StabilityConfig(TrainingArguments):
         default=6.0,
         metadata={"help": "A value above mean + `spike_sigma` x standard deviation of the window is a spike."},
     )
+    spike_check_interval: int = field(
+        default=10,
+        metadata={
+            "help": "Judge the buffered loss/grad-norm values at least every this many steps (and on logging and "
+            "snapshot steps): one small device-to-host copy per check, none on the steps in between. A snapshot "
+            "becomes a rollback target once a check has found this many healthy steps after it."
+        },
+    )
     snapshot_interval: int = field(
         default=100,
         metadata={"help": "Take a rollback snapshot every this many optimizer steps (only while the run is healthy)."},
@@ -113,7 +121,15 @@ class StabilityConfig(TrainingArguments):
             raise ValueError(f"`spike_metric` must be one of {SPIKE_METRICS}, got {self.spike_metric!r}.")
         if self.snapshot_storage not in SNAPSHOT_STORAGES:
             raise ValueError(f"`snapshot_storage` must be one of {SNAPSHOT_STORAGES}, got {self.snapshot_storage!r}.")
-        for name in ("spike_window", "spike_warmup", "snapshot_interval", "snapshot_keep", "max_consecutive_skips"):
+        if self.spike_window < 2:
+            raise ValueError(f"`spike_window` must be >= 2 (a standard deviation needs two values), got {self.spike_window}.")
+        for name in (
+            "spike_warmup",
+            "spike_check_interval",
+            "snapshot_interval",
+            "snapshot_keep",
+            "max_consecutive_skips",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.spike_window < self.spike_warmup:

@@ -9,7 +9,7 @@ def test_defaults_match_the_contract(tmp_path):
     assert config.skip_nonfinite and config.spike_rollback
     assert (config.spike_metric, config.spike_window, config.spike_warmup, config.spike_sigma) == ("loss", 128, 64, 6.0)
     assert (config.snapshot_interval, config.snapshot_keep, config.max_rollbacks) == (100, 2, 5)
-    assert (config.rollback_lr_factor, config.max_consecutive_skips) == (1.0, 50)
+    assert (config.rollback_lr_factor, config.max_consecutive_skips, config.spike_check_interval) == (1.0, 50, 10)
     assert config.restore_callback_states_from_checkpoint is True
 
 
@@ -40,6 +40,8 @@ def test_parses_from_command_line_and_yaml(tmp_path):
     ("overrides", "named"),
     [
         ({"spike_window": 10, "spike_warmup": 20}, "spike_window"),
+        ({"spike_window": 1, "spike_warmup": 1}, "spike_window"),
+        ({"spike_check_interval": 0}, "spike_check_interval"),
         ({"spike_sigma": 0.0}, "spike_sigma"),
         ({"spike_sigma": -1.0}, "spike_sigma"),
         ({"snapshot_interval": 0}, "snapshot_interval"),

@@ -58,7 +58,6 @@ from hf_stability.spike import SpikeDetector
 
 logger = logging.get_logger(__name__)
 
-DEFAULT_CHECK_INTERVAL = 10
 # Grad-norm buffer entry of a step whose fp16 overflow the grad scaler handles (a norm is never negative).
 _SCALER_OVERFLOW = -1.0
 SNAPSHOT_DIRNAME = "stability_snapshots"
@@ -74,6 +73,7 @@ _CONFIG_FIELDS = {
     "snapshot_storage": "snapshot_storage",
     "lr_factor": "rollback_lr_factor",
     "max_rollbacks": "max_rollbacks",
+    "check_interval": "spike_check_interval",
 }
 _CONFIG_DEFAULTS = {f.name: f.default for f in fields(StabilityConfig) if f.name in _CONFIG_FIELDS.values()}
 
@@ -95,7 +95,7 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         lr_factor: LR multiplier per rollback [``rollback_lr_factor``].
         max_rollbacks: rollbacks allowed; the next spike stops training [``max_rollbacks``].
         check_interval: judge the buffered values at least every this many steps (one device-to-host copy
-            and one all-reduce of a single int per check).
+            and one all-reduce of a single int per check) [``spike_check_interval``].
 
     ``rollbacks`` (the cumulative count, read by `LossScaleTelemetryCallback`) and ``lr_scale`` survive
     ``resume_from_checkpoint`` through `ExportableState`.
@@ -117,7 +117,7 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         snapshot_storage: str | None = None,
         lr_factor: float | None = None,
         max_rollbacks: int | None = None,
-        check_interval: int = DEFAULT_CHECK_INTERVAL,
+        check_interval: int | None = None,
     ) -> None:
         self._given = {
             "metric": metric,
