@@ -27,3 +27,4 @@ test: install
 benchmark: install
 	$(BIN)/python benchmarks/collators.py
 	$(BIN)/python benchmarks/trainer_overhead.py
+	$(BIN)/python benchmarks/rollback.py

@@ -58,7 +58,7 @@ def main() -> None:
         results.append((name, samples_per_second(collate, features, args.batches)))
 
     print(f"\n{SEQ_LEN}-token rows, batch {BATCH}, {args.batches} batches each, 1 thread\n")
-    print(f"| collator | samples/s | vs transformers MLM |\n|---|---:|---:|")
+    print("| collator | samples/s | vs transformers MLM |\n|---|---:|---:|")
     for name, rate in results:
         print(f"| {name} | {rate:,.0f} | {rate / baseline:.1f}x |")
 

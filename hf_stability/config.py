@@ -122,7 +122,9 @@ class StabilityConfig(TrainingArguments):
         if self.snapshot_storage not in SNAPSHOT_STORAGES:
             raise ValueError(f"`snapshot_storage` must be one of {SNAPSHOT_STORAGES}, got {self.snapshot_storage!r}.")
         if self.spike_window < 2:
-            raise ValueError(f"`spike_window` must be >= 2 (a standard deviation needs two values), got {self.spike_window}.")
+            raise ValueError(
+                f"`spike_window` must be >= 2 (a standard deviation needs two values), got {self.spike_window}."
+            )
         for name in (
             "spike_warmup",
             "spike_check_interval",

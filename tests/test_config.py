@@ -27,7 +27,8 @@ def test_every_new_field_has_help():
 def test_parses_from_command_line_and_yaml(tmp_path):
     parser = HfArgumentParser(StabilityConfig)
     (config,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--spike_sigma", "4.5", "--spike_metric", "grad_norm", "--skip_nonfinite", "false"]
+        ["--output_dir", str(tmp_path), "--spike_sigma", "4.5", "--spike_metric", "grad_norm"]
+        + ["--skip_nonfinite", "false"]
     )
     assert config.spike_sigma == 4.5 and config.spike_metric == "grad_norm" and config.skip_nonfinite is False
     yaml_file = tmp_path / "c.yaml"

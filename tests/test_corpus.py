@@ -17,7 +17,8 @@ def test_split_sentences_keeps_every_word():
 
 
 def test_tokenizer_families_have_their_special_tokens(bert_tokenizer, bart_tokenizer, t5_tokenizer):
-    assert {bert_tokenizer.cls_token, bert_tokenizer.sep_token, bert_tokenizer.mask_token} == {"[CLS]", "[SEP]", "[MASK]"}
+    special = {bert_tokenizer.cls_token, bert_tokenizer.sep_token, bert_tokenizer.mask_token}
+    assert special == {"[CLS]", "[SEP]", "[MASK]"}
     assert bert_tokenizer("a b").input_ids[0] == bert_tokenizer.cls_token_id
     assert "##" in "".join(bert_tokenizer.get_vocab())
     ids = bart_tokenizer("Hello there.").input_ids

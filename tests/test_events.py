@@ -34,7 +34,8 @@ def test_torn_last_line_is_dropped_with_a_warning(tmp_path):
 
 def test_corrupt_line_in_the_middle_is_an_error_naming_it(tmp_path):
     path = tmp_path / EVENTS_FILENAME
-    path.write_text('{"step": 1, "event": "skip", "reason": "x"}\nnot json\n{"step": 3, "event": "skip", "reason": "x"}\n')
+    event = '{"step": %d, "event": "skip", "reason": "x"}\n'
+    path.write_text(event % 1 + "not json\n" + event % 3)
     with pytest.raises(ValueError, match="line 2"):
         read_events(path)
 

@@ -31,7 +31,7 @@ def check_tokenizer(tokenizer: Any) -> None:
 
 
 def require_token_id(tokenizer: PreTrainedTokenizerBase, attribute: str, objective: str) -> int:
-    """Return ``tokenizer.<attribute>`` (e.g. ``mask_token_id``) or raise a ``ValueError`` that says why it is needed."""
+    """Return ``tokenizer.<attribute>`` (e.g. ``mask_token_id``), or raise a ``ValueError`` saying why it is needed."""
     token_id = getattr(tokenizer, attribute, None)
     if token_id is None:
         raise ValueError(
