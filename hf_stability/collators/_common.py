@@ -81,17 +81,51 @@ def padded_length(longest: int, pad_to_multiple_of: int | None) -> int:
     return -(-longest // pad_to_multiple_of) * pad_to_multiple_of
 
 
+def pad_flat(
+    flat: np.ndarray, lengths: np.ndarray, pad_value: int, pad_to_multiple_of: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scatter consecutive rows of ``flat`` (sizes ``lengths``) into one right-padded ``[rows, width]`` array.
+
+    Also returns the boolean "real token" mask. One numpy scatter for the whole batch.
+    """
+    width = padded_length(int(lengths.max(initial=0)), pad_to_multiple_of)
+    mask = np.arange(width) < lengths[:, None]
+    out = np.full((len(lengths), width), pad_value, dtype=np.int64)
+    out[mask] = flat
+    return out, mask
+
+
 def pad_rows(
     rows: Sequence[np.ndarray], pad_value: int, pad_to_multiple_of: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad ``rows`` into one ``[batch, length]`` array; also return the boolean "real token" mask."""
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    width = padded_length(int(lengths.max(initial=0)), pad_to_multiple_of)
-    mask = np.arange(width) < lengths[:, None]
-    out = np.full((len(rows), width), pad_value, dtype=np.int64)
-    if lengths.sum():
-        out[mask] = np.concatenate(rows)
-    return out, mask
+    return pad_flat(np.concatenate(rows), lengths, pad_value, pad_to_multiple_of)
+
+
+def seq2seq_batch(
+    inputs: np.ndarray,
+    input_lengths: np.ndarray,
+    targets: np.ndarray,
+    target_lengths: np.ndarray,
+    pad_token_id: int,
+    decoder_start_token_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The encoder-decoder batch from flat corrupted inputs and flat targets (rows given by their lengths).
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding) and ``decoder_input_ids``.
+    """
+    input_ids, attention_mask = pad_flat(inputs, input_lengths, pad_token_id, pad_to_multiple_of)
+    labels, _ = pad_flat(targets, target_lengths, IGNORE_INDEX, pad_to_multiple_of)
+    return to_tensors(
+        {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask.astype(np.int64),
+            "labels": labels,
+            "decoder_input_ids": shift_right(labels, decoder_start_token_id, pad_token_id),
+        }
+    )
 
 
 def shift_right(labels: np.ndarray, decoder_start_token_id: int, pad_token_id: int) -> np.ndarray:

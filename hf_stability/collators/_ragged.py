@@ -63,11 +63,3 @@ def _choose_by_sorting(
     kept = shuffled[rank < counts[owner]]
     return kept - offsets[segment]
 
-
-def pad_flat(flat: np.ndarray, lengths: np.ndarray, pad_value: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scatter consecutive rows of ``flat`` (sizes ``lengths``) into a ``[rows, width]`` array right-padded
-    with ``pad_value``; also return the boolean real-token mask."""
-    mask = np.arange(width) < lengths[:, None]
-    out = np.full((len(lengths), width), pad_value, dtype=np.int64)
-    out[mask] = flat
-    return out, mask

@@ -30,17 +30,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from hf_stability.collators._common import (
-    IGNORE_INDEX,
     SeededRandomness,
     check_probability,
     check_tokenizer,
     input_id_arrays,
-    padded_length,
     require_token_id,
-    shift_right,
-    to_tensors,
+    seq2seq_batch,
 )
-from hf_stability.collators._ragged import choose_distinct, exclusive_cumsum, pad_flat
+from hf_stability.collators._ragged import choose_distinct, exclusive_cumsum
 
 OBJECTIVE = "BART denoising"
 MASK_LENGTHS = ("span-poisson", "word", "subword")
@@ -162,19 +159,8 @@ class DataCollatorForBartDenoising:
         if self.rotate_ratio > 0:
             tokens = self._rotate(rng, tokens, new_lengths)
 
-        input_ids, attention_mask = pad_flat(
-            tokens, new_lengths, self._pad, padded_length(int(new_lengths.max()), self.pad_to_multiple_of)
-        )
-        labels, _ = pad_flat(
-            original, lengths, IGNORE_INDEX, padded_length(int(lengths.max()), self.pad_to_multiple_of)
-        )
-        return to_tensors(
-            {
-                "input_ids": input_ids,
-                "attention_mask": attention_mask.astype(np.int64),
-                "labels": labels,
-                "decoder_input_ids": shift_right(labels, self.decoder_start_token_id, self._pad),
-            }
+        return seq2seq_batch(
+            tokens, new_lengths, original, lengths, self._pad, self.decoder_start_token_id, self.pad_to_multiple_of
         )
 
     def _check_rows(self, tokens: np.ndarray, lengths: np.ndarray) -> None:

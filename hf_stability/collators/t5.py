@@ -25,16 +25,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from hf_stability.collators._common import (
-    IGNORE_INDEX,
     SeededRandomness,
     check_tokenizer,
     input_id_arrays,
-    padded_length,
     require_token_id,
-    shift_right,
-    to_tensors,
+    seq2seq_batch,
 )
-from hf_stability.collators._ragged import choose_distinct, exclusive_cumsum, pad_flat
+from hf_stability.collators._ragged import choose_distinct, exclusive_cumsum
 
 OBJECTIVE = "T5 span corruption"
 
@@ -149,19 +146,9 @@ class DataCollatorForT5SpanCorruption:
 
         input_lengths = lengths - noise + spans + 1
         target_lengths = noise + spans + 1
-        input_ids, attention_mask = pad_flat(
-            inputs, input_lengths, self._pad, padded_length(int(input_lengths.max()), self.pad_to_multiple_of)
-        )
-        labels, _ = pad_flat(
-            targets, target_lengths, IGNORE_INDEX, padded_length(int(target_lengths.max()), self.pad_to_multiple_of)
-        )
-        return to_tensors(
-            {
-                "input_ids": input_ids,
-                "attention_mask": attention_mask.astype(np.int64),
-                "labels": labels,
-                "decoder_input_ids": shift_right(labels, self.decoder_start_token_id, self._pad),
-            }
+        return seq2seq_batch(
+            inputs, input_lengths, targets, target_lengths, self._pad, self.decoder_start_token_id,
+            self.pad_to_multiple_of,
         )
 
     def _span_counts(self, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from trainer_check import assert_trainer_steps
+from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 
 from hf_stability.collators import DataCollatorForBartDenoising
 from hf_stability.collators.bart import _draw_span_lengths, _poisson_cdf
@@ -407,25 +408,9 @@ def test_trainer_steps_with_tiny_bart(bart_tokenizer, corpus_rows, tmp_path):
         decoder_start_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
-    model = BartForConditionalGeneration(config)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
+    assert_trainer_steps(
+        BartForConditionalGeneration(config),
+        Dataset.from_dict({"input_ids": corpus_rows[:16]}),
+        DataCollatorForBartDenoising(tok, seed=0),
+        tmp_path,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_dict({"input_ids": corpus_rows[:16]}),
-        data_collator=DataCollatorForBartDenoising(tok, seed=0),
-    )
-    result = trainer.train()
-    assert math.isfinite(result.training_loss) and result.training_loss > 0
-    changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
-    assert len(changed) > len(before) // 2
