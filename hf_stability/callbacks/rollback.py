@@ -4,7 +4,9 @@ How a step flows through the callback:
 
 1. ``on_pre_optimizer_step`` / ``on_optimizer_step``: the step's metric (the training loss from the
    model's forward output, or the global grad norm) is appended to a buffer **on device** — no host
-   sync. Steps that `SkipNonFiniteCallback` skipped are recorded as skipped and never judged.
+   sync. Steps that `SkipNonFiniteCallback` skipped are never judged: a host decision leaves the value
+   out at once; an fp16 decision still on device (`SkipRecord.skip_flag`) is buffered next to the value
+   and read with it, as are fp16 overflows seen by the grad-norm metric without the skip callback.
 2. ``on_step_end``, on *check steps* only — every `check_interval` (10) steps, every logging step (Trainer
    synchronises there anyway), every snapshot step and the last step — the buffered values are copied to
    the host at once and judged by `SpikeDetector` (mean + ``spike_sigma``·σ over the last
@@ -58,8 +60,6 @@ from hf_stability.spike import SpikeDetector
 
 logger = logging.get_logger(__name__)
 
-# Grad-norm buffer entry of a step whose fp16 overflow the grad scaler handles (a norm is never negative).
-_SCALER_OVERFLOW = -1.0
 SNAPSHOT_DIRNAME = "stability_snapshots"
 
 # Constructor argument -> `StabilityConfig` field it defaults to.
@@ -136,8 +136,10 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         self.lr_scale = 1.0
         self._detector: SpikeDetector | None = None
         self._store: SnapshotStore | None = None
-        self._pending: list[tuple[int, torch.Tensor | None]] = []
+        # (step, value or None when known skipped, device flag "leave this value out" or None)
+        self._pending: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []
         self._grad_norm: torch.Tensor | None = None
+        self._overflow: torch.Tensor | None = None
 
     # ---- configuration -------------------------------------------------------------------------
 
@@ -197,20 +199,25 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
             scaler = getattr(optimizer, "scaler", None)
             if scaler is not None and scaler.is_enabled():
                 # An fp16 overflow is the grad scaler's business (it skips the update and lowers the scale),
-                # not a spike: mark it on device, to be dropped when the buffer is read.
-                norm = torch.where(torch.isfinite(norm), norm, torch.full_like(norm, _SCALER_OVERFLOW))
+                # not a spike: flag it on device, to be dropped when the buffer is read.
+                self._overflow = ~torch.isfinite(norm)
             self._grad_norm = norm
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1
-        if SkipRecord.for_model(model).skipped(step):
+        skipped = SkipRecord.for_model(model).skip_flag(step)
+        if skipped is True:
             value = None
         elif self._settings["metric"] == "loss":
             value = TrainingLossTap.for_model(model).read()
         else:
             value = self._grad_norm
-        self._pending.append((step, value))
-        self._grad_norm = None
+        left_out = None  # device flags, read with the value at the next check
+        for flag in (skipped, self._overflow):
+            if isinstance(flag, torch.Tensor):
+                left_out = flag if left_out is None else left_out | flag.to(left_out.device)
+        self._pending.append((step, value, left_out))
+        self._grad_norm = self._overflow = None
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         step = state.global_step
@@ -244,13 +251,16 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         rank's own value spiked there, the value and threshold being this rank's.
         """
         pending, self._pending = self._pending, []
-        judged = [(step, value) for step, value in pending if value is not None]
+        judged = [(step, value, left_out) for step, value, left_out in pending if value is not None]
         values = []
         if judged:
-            stacked = torch.stack([value.detach().float().reshape(()) for _, value in judged])
-            values = stacked.cpu().tolist()  # the one host sync of this check
-        if self._settings["metric"] == "grad_norm":
-            kept = [index for index, value in enumerate(values) if value != _SCALER_OVERFLOW]
+            device_values = [value.detach().float().reshape(()) for _, value, _ in judged]
+            flags = [
+                torch.zeros_like(value) if left_out is None else left_out.float().reshape(()).to(value.device)
+                for value, (_, _, left_out) in zip(device_values, judged, strict=True)
+            ]
+            values, left_out = torch.stack([torch.stack(device_values), torch.stack(flags)]).tolist()  # one host sync
+            kept = [index for index, flag in enumerate(left_out) if not flag]
             judged, values = [judged[i] for i in kept], [values[i] for i in kept]
         local_first, verdicts = self._detector.scan(values)
         first = int(reduce_across_ranks(torch.tensor(local_first, device=device), "min").item())

@@ -100,9 +100,15 @@ class SkipRecord:
     """The skip decision of the latest optimizer step, shared per model by the stability callbacks.
 
     `SkipNonFiniteCallback` writes it in ``on_pre_optimizer_step`` (before ``optimizer.step()``);
-    any later callback of the same step reads it with ``SkipRecord.for_model(model).skipped(step)``
-    where ``step = state.global_step + 1`` in ``on_pre_optimizer_step``/``on_optimizer_step`` and
-    ``state.global_step`` from ``on_step_end`` on. A skipped step also leaves every gradient ``None``.
+    any later callback of the same step reads it with ``SkipRecord.for_model(model).skip_flag(step)``
+    or ``.skipped(step)``, where ``step = state.global_step + 1`` in ``on_pre_optimizer_step``/
+    ``on_optimizer_step`` and ``state.global_step`` from ``on_step_end`` on.
+
+    The decision is either on the host (:meth:`mark`: fp32/bf16, and fp16 flush steps; a skipped step
+    also leaves every gradient ``None``) or, on the other fp16 steps, a 0-d bool device tensor
+    (:meth:`mark_pending`): the grad scaler skips the update itself and nobody has read the flag yet.
+    :meth:`skip_flag` hands out either form without a host read, for callers that can keep it on
+    device; :meth:`skipped` always answers on the host (reading a pending flag: one device-to-host read).
     """
 
     _records: weakref.WeakKeyDictionary[torch.nn.Module, SkipRecord] = weakref.WeakKeyDictionary()
@@ -110,6 +116,7 @@ class SkipRecord:
     def __init__(self) -> None:
         self.step: int | None = None
         self.reason: str | None = None
+        self._flag: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> SkipRecord:
@@ -119,11 +126,21 @@ class SkipRecord:
         return record
 
     def mark(self, step: int, reason: str | None) -> None:
-        """Record the decision for ``step``: ``reason`` is ``None`` when the update goes ahead."""
-        self.step, self.reason = step, reason
+        """Record the host decision for ``step``: ``reason`` is ``None`` when the update goes ahead."""
+        self.step, self.reason, self._flag = step, reason, None
+
+    def mark_pending(self, step: int, flag: torch.Tensor, reason: str) -> None:
+        """Record a decision still on device: ``step`` is skipped for ``reason`` iff ``flag`` is True."""
+        self.step, self.reason, self._flag = step, reason, flag
+
+    def skip_flag(self, step: int) -> torch.Tensor | bool:
+        """Whether ``step`` is skipped: a host bool, or the pending 0-d bool device tensor (no host read)."""
+        if self.step != step:
+            return False
+        return self._flag if self._flag is not None else self.reason is not None
 
     def skipped(self, step: int) -> bool:
-        return self.step == step and self.reason is not None
+        return bool(self.skip_flag(step))
 
 
 def completing_step(state: object) -> int:

@@ -6,14 +6,21 @@ becomes NaN), so one fused norm over the gradients tells whether the step is san
 gradient to ``None``: torch optimizers then leave parameters, moments and their ``step`` count alone
 (zeroing to 0 would not — Adam still decays its moments and counts the step).
 
-Per step this costs one fused norm (none in fp16, where the grad scaler's found-inf flag is reused),
-one all-reduce of a 3-element flag vector (gradients, loss, parameters) and one device-to-host read.
+Per step this costs one fused norm, one all-reduce of a 3-element flag vector (gradients, loss,
+parameters) and, in fp32/bf16, one device-to-host read: the skip must be decided on the host before
+``optimizer.step()``. In fp16 the grad scaler's found-inf flag is the gradient check and the scaler
+skips the update itself, so no read is needed per step: the step's flags stay on device in a queue
+that is read at once (one read) on logging, save and last steps, every ``max_consecutive_skips``
+steps and at epoch/train end. Counters, events and the consecutive-skip stop of a queued step are
+therefore applied at the next flush, at most ``max_consecutive_skips - 1`` steps later; logged
+counters and checkpointed counters are always up to date.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -34,6 +41,19 @@ from hf_stability.events import StabilityEventLog
 logger = logging.getLogger(__name__)
 
 GRADIENTS, LOSS, PARAMETERS = range(3)
+# Columns of a queued step's row: local flags, reduced flags, then loss, grad norm and loss scale.
+_LOCAL, _REDUCED, _LOSS_VALUE, _GRAD_NORM, _SCALE = 0, 3, 6, 7, 8
+
+
+@dataclass
+class _QueuedStep:
+    """One step's flags and event values, on device until the next flush reads the whole queue."""
+
+    step: int
+    parameter_step: int  # the step whose post-update parameters the PARAMETERS flag checked
+    row: torch.Tensor  # 9 floats, columns above
+    has_loss: bool
+    has_scale: bool
 
 
 def active_grad_scaler(optimizer: object) -> torch.amp.GradScaler | None:
@@ -62,16 +82,25 @@ def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[to
     return list(found.values())
 
 
-def _ranks_flagged(local_flags: torch.Tensor) -> list[list[int]]:
-    """For each flag, the ranks that raised it locally (an all-gather, run only on steps that report)."""
+def _ranks_flagged(local_flags: torch.Tensor, local_table: list[list[float]]) -> list[list[list[int]]]:
+    """For each row of ``(steps, 3)`` local flags and each flag, the ranks that raised it.
+
+    ``local_table`` is this rank's rows already on the host, all a single process needs. Several ranks
+    exchange theirs with one all-gather and one read, on flushes that report something only (every rank
+    gets there alike, the reduced flags agree).
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        gathered = [local_flags.cpu()]
+        table = [local_table]
     else:
-        work = local_flags.detach().cpu() if dist.get_backend() == "gloo" else local_flags.detach()
+        work = local_flags.detach().contiguous()
+        work = work.cpu() if dist.get_backend() == "gloo" else work
         gathered = [torch.zeros_like(work) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, work)
-    table = torch.stack([g.cpu() for g in gathered])
-    return [[rank for rank in range(table.shape[0]) if table[rank, flag] > 0] for flag in range(table.shape[1])]
+        table = torch.stack(gathered).tolist()  # [rank][row][flag]
+    return [
+        [[rank for rank, rows in enumerate(table) if rows[row][flag] > 0] for flag in range(len(local_table[row]))]
+        for row in range(len(local_table))
+    ]
 
 
 class SkipNonFiniteCallback(TrainerCallback, ExportableState):
@@ -91,7 +120,12 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
     fp16: the grad scaler's found-inf flag is the gradient check; the reduced flag is written back into
     the scaler so every rank halves its scale alike. The scaler already skips the update (with the fused
     AdamW kernel the skip happens on device and ``accelerator.optimizer_step_was_skipped`` stays False);
-    the counters here see the overflow exactly once either way.
+    the counters here see the overflow exactly once either way. Because the scaler skips, the flags are
+    not read per step but queued on device and read together at the next flush (logging, save and last
+    steps, every ``max_consecutive_skips`` steps, epoch and train end): events, counters and the stop of
+    a queued overflow step come at most ``max_consecutive_skips - 1`` steps late, and its gradients are
+    left in place (the scaler ignores them). On a flush step the current step is decided on the host as
+    in fp32. `SkipRecord` then holds a device flag for the step (``SkipRecord.skip_flag``).
 
     LR scheduler: Trainer steps it on skipped steps too (it only checks accelerate's flag, which the
     fused optimizer never sets), so the schedule follows ``global_step``, not the number of updates.
@@ -125,6 +159,7 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
         self._parameter_check: torch.Tensor | None = None
         self._parameter_check_step = 0
         self._filter_warned = False
+        self._queue: list[_QueuedStep] = []
 
     def state(self) -> dict:
         return {
@@ -139,6 +174,7 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._tap = TrainingLossTap.for_model(model)
+        self._queue = []
 
     def _warn_filter_hides_loss(self, args) -> None:
         """Once per run, at the first non-finite loss, say where it went if Trainer's filter hid it."""
@@ -158,10 +194,11 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
         step = completing_step(state)
         scaler = active_grad_scaler(optimizer)
         found_inf = scaler_found_inf(scaler, optimizer) if scaler is not None else None
+        grad_norm = global_grad_norm(gradients(model.parameters()))
         if found_inf is not None:
             grads_bad = torch.stack([f.float().sum() for f in found_inf]).sum() > 0
         else:
-            grads_bad = ~torch.isfinite(global_grad_norm(gradients(model.parameters())))
+            grads_bad = ~torch.isfinite(grad_norm)
         device = grads_bad.device
         loss = self._tap.read() if self._tap is not None else None
         no_flag = torch.zeros((), dtype=torch.bool, device=device)
@@ -173,71 +210,120 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
         if found_inf is not None:
             for flag in found_inf:
                 flag.copy_(reduced[GRADIENTS])
-        flags = [value > 0 for value in reduced.tolist()]  # the step's one device-to-host read
-
-        if flags[LOSS]:
-            self._warn_filter_hides_loss(args)
-
-        if flags[PARAMETERS]:
-            self._report_parameters(args, state, local)
-        if flags[LOSS] and not flags[GRADIENTS]:
-            self._report_loss(args, state, step, local, loss)
+        nan = torch.full((), float("nan"), device=device)
+        extras = [
+            nan if loss is None else loss.float().reshape(()).to(device),
+            grad_norm.float().reshape(()).to(device),
+            nan if scaler is None else scaler._get_scale_async().float().reshape(()).to(device),
+        ]
+        self._queue.append(
+            _QueuedStep(
+                step,
+                self._parameter_check_step,
+                torch.cat([local, reduced, torch.stack(extras)]),
+                loss is not None,
+                scaler is not None,
+            )
+        )
         record = SkipRecord.for_model(model)
-        if not flags[GRADIENTS]:
-            self.consecutive_skips = 0
-            record.mark(step, None)
+        if scaler is not None and not self._flush_due(args, state, step):
+            # The scaler skips an overflowed update on its own: nothing needs the flags on the host yet.
+            record.mark_pending(step, reduced[GRADIENTS] > 0, "fp16_overflow")
             return control
-        reason = "fp16_overflow" if found_inf is not None else "nonfinite_gradients"
-        self._skip(args, state, control, model, scaler, step, reason, local, loss)
+        reason = self._flush(args, state, control, step)
+        if reason is not None:
+            model.zero_grad(set_to_none=True)
         record.mark(step, reason)
         return control
 
-    def _skip(self, args, state, control, model, scaler, step, reason, local, loss) -> None:
-        grad_norm = global_grad_norm(gradients(model.parameters()))
-        model.zero_grad(set_to_none=True)
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        grad_ranks, loss_ranks, _ = _ranks_flagged(local)
-        fields = {
-            "ranks": grad_ranks,
-            "loss_ranks": loss_ranks,
-            "loss": None if loss is None else float(loss),
-            "grad_norm": float(grad_norm),
-            "loss_scale": None if scaler is None else scaler.get_scale(),
-            "consecutive": self.consecutive_skips,
-        }
-        if state.is_world_process_zero:
-            StabilityEventLog(args.output_dir).append(step, "skip", reason, **fields)
-        logger.warning(
-            "Step %d skipped (%s on ranks %s): parameters and optimizer state unchanged.", step, reason, grad_ranks
+    def _flush_due(self, args, state, step: int) -> bool:
+        """Flush before logs and checkpoints read the counters, and often enough to stop in time."""
+        saving = getattr(args, "save_strategy", None) == "steps" and state.save_steps > 0
+        return (
+            is_logging_step(args, state, step)
+            or (saving and step % state.save_steps == 0)
+            or (state.max_steps > 0 and step >= state.max_steps)
+            or len(self._queue) >= self.max_consecutive_skips
         )
-        if self.consecutive_skips >= self.max_consecutive_skips:
-            message = (
-                f"{self.consecutive_skips} consecutive steps had non-finite gradients (max_consecutive_skips="
-                f"{self.max_consecutive_skips}); stopping at step {step} and saving a checkpoint. The last update "
-                "was healthy; check the data around these steps, lower the learning rate or resume from an earlier "
-                "checkpoint."
-            )
-            logger.error(message)
-            control.should_training_stop = True
-            control.should_save = True
+
+    def _flush(self, args, state, control, now: int) -> str | None:
+        """Read the queued steps at once, count and report them; the skip reason of the last one (or None).
+
+        ``now`` is the step training is at (a stop happens there, with its checkpoint).
+        """
+        queue, self._queue = self._queue, []
+        if not queue:
+            return None
+        rows = torch.stack([entry.row for entry in queue])
+        table = rows.tolist()  # the flush's one device-to-host read
+        reported = any(value > 0 for row in table for value in row[_REDUCED:_LOSS_VALUE])
+        if reported:
+            ranks = _ranks_flagged(rows[:, _LOCAL:_REDUCED], [row[_LOCAL:_REDUCED] for row in table])
+        else:
+            ranks = [([], [], [])] * len(queue)
+        reason = None
+        limit_reached = 0
+        for entry, row, (grad_ranks, loss_ranks, parameter_ranks) in zip(queue, table, ranks, strict=True):
+            loss = row[_LOSS_VALUE] if entry.has_loss else None
+            flags = [value > 0 for value in row[_REDUCED:_LOSS_VALUE]]
+            if flags[LOSS]:
+                self._warn_filter_hides_loss(args)
+            if flags[PARAMETERS]:
+                self._report_parameters(args, state, entry.parameter_step, parameter_ranks)
+            if flags[LOSS] and not flags[GRADIENTS]:
+                self._report_loss(args, state, entry.step, loss_ranks, loss)
+            if not flags[GRADIENTS]:
+                self.consecutive_skips = 0
+                reason = None
+                continue
+            reason = "fp16_overflow" if entry.has_scale else "nonfinite_gradients"
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.max_consecutive_skips:
+                limit_reached = max(limit_reached, self.consecutive_skips)
+            fields = {
+                "ranks": grad_ranks,
+                "loss_ranks": loss_ranks,
+                "loss": loss,
+                "grad_norm": row[_GRAD_NORM],
+                "loss_scale": row[_SCALE] if entry.has_scale else None,
+                "consecutive": self.consecutive_skips,
+            }
             if state.is_world_process_zero:
-                StabilityEventLog(args.output_dir).append(step, "stop", message, consecutive=self.consecutive_skips)
+                StabilityEventLog(args.output_dir).append(entry.step, "skip", reason, **fields)
+            logger.warning(
+                "Step %d skipped (%s on ranks %s): parameters and optimizer state unchanged.",
+                entry.step,
+                reason,
+                grad_ranks,
+            )
+        if limit_reached:
+            self._stop(args, state, control, now, limit_reached)
+        return reason
 
-    def _report_loss(self, args, state, step, local, loss) -> None:
-        self.nonfinite_loss_steps += 1
-        _, loss_ranks, _ = _ranks_flagged(local)
-        logger.warning("Step %d: non-finite training loss on ranks %s with finite gradients.", step, loss_ranks)
+    def _stop(self, args, state, control, step: int, consecutive: int) -> None:
+        message = (
+            f"{consecutive} consecutive steps had non-finite gradients (max_consecutive_skips="
+            f"{self.max_consecutive_skips}); stopping at step {step} and saving a checkpoint. The last update "
+            "was healthy; check the data around these steps, lower the learning rate or resume from an earlier "
+            "checkpoint."
+        )
+        logger.error(message)
+        control.should_training_stop = True
+        control.should_save = True
         if state.is_world_process_zero:
-            value = None if loss is None else float(loss)
+            StabilityEventLog(args.output_dir).append(step, "stop", message, consecutive=consecutive)
+
+    def _report_loss(self, args, state, step: int, ranks: list[int], loss: float | None) -> None:
+        self.nonfinite_loss_steps += 1
+        logger.warning("Step %d: non-finite training loss on ranks %s with finite gradients.", step, ranks)
+        if state.is_world_process_zero:
             StabilityEventLog(args.output_dir).append(
-                step, "nonfinite_loss", "non-finite training loss, finite gradients", ranks=loss_ranks, loss=value
+                step, "nonfinite_loss", "non-finite training loss, finite gradients", ranks=ranks, loss=loss
             )
 
-    def _report_parameters(self, args, state, local) -> None:
+    def _report_parameters(self, args, state, step: int, ranks: list[int]) -> None:
         self.nonfinite_parameter_steps += 1
-        _, _, ranks = _ranks_flagged(local)
-        step = self._parameter_check_step
         logger.error("Non-finite parameters after the update of step %d on ranks %s.", step, ranks)
         if state.is_world_process_zero:
             StabilityEventLog(args.output_dir).append(
@@ -252,11 +338,17 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
             self._parameter_check = ~torch.isfinite(global_grad_norm(weights))
             self._parameter_check_step = step
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        """Flush queued fp16 steps, so an epoch-end checkpoint exports current counters (one read per epoch)."""
+        self._flush(args, state, control, state.global_step)
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        """Report a parameter check still queued after the last step (one read, once per run)."""
+        """Flush queued fp16 steps, then report a parameter check still queued after the last step."""
+        self._flush(args, state, control, state.global_step)
         pending, self._parameter_check = self._parameter_check, None
         if pending is None:
             return
         local = torch.stack([torch.zeros(()), torch.zeros(()), pending.float().cpu()])
         if reduce_across_ranks(local, "max")[PARAMETERS].item() > 0:
-            self._report_parameters(args, state, local)
+            _, _, ranks = _ranks_flagged(local.reshape(1, 3), [local.tolist()])[0]
+            self._report_parameters(args, state, self._parameter_check_step, ranks)

@@ -20,6 +20,7 @@ from rollback_faults import ThrowWeights
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityConfig, read_events
+from hf_stability.callbacks.signals import SkipRecord
 
 HERE = Path(__file__).resolve().parent
 
@@ -185,6 +186,36 @@ def test_a_nan_step_rolls_back_alone_but_feeds_nothing_once_the_skip_callback_sk
     together = run(tmp_path / "together", [SkipNonFiniteCallback(),
                                            SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10)])
     assert [(e["event"], e["step"]) for e in together] == [("skip", 31)]
+
+
+def test_an_fp16_overflow_still_pending_on_device_feeds_nothing_to_the_loss_detector(
+    bert_tokenizer, dataset, tmp_path
+):
+    # Step 31's forward turns NaN: NaN loss and gradients, an overflow for the grad scaler. No logging or flush
+    # step comes before step 40, so the skip decision reaches the rollback callback as a device flag.
+    flags = {}
+
+    class Observer(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            flags[state.global_step + 1] = SkipRecord.for_model(model).skip_flag(state.global_step + 1)
+
+    def run(output_dir, callbacks):
+        args = make_args(output_dir, max_steps=40, logging_steps=100, fp16=True)
+        trainer = Trainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset,
+                          callbacks=[*callbacks, PoisonActivations([30]), Observer()])
+        emulate_fp16_scaler(trainer)
+        trainer.train()
+        return read_events(output_dir)
+
+    # Without the skip callback the NaN loss is a spike (the detector can fail this test).
+    alone = run(tmp_path / "alone", [SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10)])
+    assert [(e["event"], e["spike_step"]) for e in alone] == [("rollback", 31)]
+
+    rollback = SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10)
+    together = run(tmp_path / "together", [SkipNonFiniteCallback(), rollback])
+    assert isinstance(flags[31], torch.Tensor) and bool(flags[31]), "the skip should still be pending on device"
+    assert [(e["event"], e["step"], e["reason"]) for e in together] == [("skip", 31, "fp16_overflow")]
+    assert rollback.rollbacks == 0
 
 
 def test_max_rollbacks_stops_with_a_checkpoint_and_resume_keeps_the_count(bert_tokenizer, dataset, tmp_path):

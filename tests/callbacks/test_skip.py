@@ -22,7 +22,7 @@ from helpers import (
     tiny_bert,
     training_args,
 )
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from hf_stability import SkipNonFiniteCallback, StabilityTrainer, read_events
 from hf_stability.callbacks.signals import SkipRecord
@@ -92,6 +92,143 @@ def test_poisoned_step_changes_nothing_and_training_goes_on(tmp_path, bert_token
         assert watch.scales == {POISONED: [2.0**10, 2.0**9], POISONED + 1: [2.0**9, 2.0**9]}
     else:
         assert events[0]["reason"] == "nonfinite_gradients"
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
+def test_fp16_overflow_between_logging_steps_is_left_to_the_scaler_and_reported_at_the_flush(
+    tmp_path, bert_tokenizer, dataset, optim
+):
+    # Steps 3 and 4 are neither logging nor flush steps: step 3's flag stays on device until step 5 logs.
+    args = training_args(tmp_path, optim=optim, fp16=True, logging_steps=5)
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    emulate_fp16_scaler(trainer)
+    flags = {}
+
+    class Observer(StepSnapshots):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            step = state.global_step + 1
+            flags[step] = (SkipRecord.for_model(model).skip_flag(step), len(read_events(tmp_path)))
+
+    watch = ScalerWatch([POISONED, POISONED + 1], trainer.accelerator.scaler)
+    trainer.add_callback(PoisonGradient([POISONED]))
+    trainer.add_callback(watch)
+    trainer.add_callback(Observer([]))
+    trainer.train()
+
+    pending_flag, events_so_far = flags[POISONED + 1]
+    assert isinstance(pending_flag, torch.Tensor) and bool(pending_flag) and events_so_far == 0
+    assert flags[args.max_steps][0] is False  # the flush step is decided on the host
+    assert_same_state(watch.before[POISONED], watch.after[POISONED])
+    assert changed_parameters(watch.before[POISONED + 1], watch.after[POISONED + 1]), "training did not go on"
+    assert watch.scales == {POISONED: [2.0**10, 2.0**9], POISONED + 1: [2.0**9, 2.0**9]}
+    skip = find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback)
+    assert (skip.skipped_steps, skip.consecutive_skips) == (1, 0)
+    (event,) = read_events(tmp_path)
+    assert (event["step"], event["event"], event["reason"]) == (POISONED + 1, "skip", "fp16_overflow")
+    assert (event["ranks"], event["loss_scale"], event["consecutive"]) == ([0], 2.0**10, 1)
+    assert str(event["grad_norm"]) in {"inf", "nan"}  # the +inf element; clipping turns it into NaN
+    logged = {entry["step"]: entry["stability/skipped_steps"] for entry in trainer.state.log_history if "loss" in entry}
+    assert logged == {5: 1}, "the logging step flushes before its log entry is built"
+
+
+class HostReadCounter(TrainerCallback):
+    """Counts device-to-host reads made inside the hf-stability callbacks' per-step hooks, per step.
+
+    Every tensor method that copies a value to the host is wrapped while training runs (``.cpu()``
+    included, although on CPU it copies nothing: it would on an accelerator); a read counts only
+    while one of the stability callbacks' ``on_pre_optimizer_step``/``on_optimizer_step``/``on_step_end``
+    runs, attributed to the step being completed.
+    """
+
+    METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+    HOOKS = ("on_pre_optimizer_step", "on_optimizer_step", "on_step_end")
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.reads: dict[int, int] = {}
+        self._step: int | None = None
+        self._originals = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+        for callback in trainer.callback_handler.callbacks:
+            if type(callback).__module__.startswith("hf_stability."):
+                for hook in self.HOOKS:
+                    setattr(callback, hook, self._inside(getattr(callback, hook)))
+
+    def _inside(self, hook):
+        def wrapper(args, state, control, **kwargs):
+            self._step = state.global_step + (hook.__name__ != "on_step_end")
+            self.reads.setdefault(self._step, 0)
+            try:
+                return hook(args, state, control, **kwargs)
+            finally:
+                self._step = None
+
+        return wrapper
+
+    def _counted(self, name):
+        original = self._originals[name]
+
+        def wrapper(tensor, *args, **kwargs):
+            if self._step is not None:
+                self.reads[self._step] += 1
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for name in self.METHODS:
+            setattr(torch.Tensor, name, self._counted(name))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize(("regime", "expected"), [("fp16", 0), ("fp32", 1)])
+def test_host_reads_per_step_none_in_fp16_one_in_fp32(tmp_path, bert_tokenizer, dataset, regime, expected):
+    # Steps 1-5 are neither logging, save, check nor flush steps; step 6 (the last) flushes and checks.
+    args = training_args(
+        tmp_path, fp16=regime == "fp16", logging_steps=100, snapshot_interval=100, spike_check_interval=100
+    )
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    if regime == "fp16":
+        emulate_fp16_scaler(trainer)
+    counter = HostReadCounter(trainer)
+    trainer.add_callback(PoisonGradient([POISONED]))  # a skipped step must not cost a read either
+    trainer.add_callback(counter)
+    try:
+        trainer.train()
+    finally:
+        counter.on_train_end(None, None, None)
+    assert [counter.reads[step] for step in range(1, 6)] == [expected] * 5
+    assert counter.reads[6] >= 1, "the flush/check step reads; the counter must see it"
+    assert find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback).skipped_steps == 1
+
+
+def test_fp16_consecutive_overflows_stop_within_the_documented_bound(tmp_path, bert_tokenizer, dataset):
+    limit = 3
+    args = training_args(
+        tmp_path,
+        fp16=True,
+        max_steps=20,
+        logging_steps=100,
+        max_consecutive_skips=limit,
+        save_strategy="steps",
+        save_steps=100,
+    )
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    emulate_fp16_scaler(trainer)
+    trainer.add_callback(PoisonGradient(range(1, 20)))  # every step from step 2 overflows
+    trainer.train()
+    events = read_events(tmp_path)
+    skips = [e for e in events if e["event"] == "skip"]
+    (stop,) = [e for e in events if e["event"] == "stop"]
+    reached = next(e["step"] for e in skips if e["consecutive"] == limit)
+    assert reached == 1 + limit
+    # Flushes come every `limit` queued steps, so the stop lands at most limit - 1 steps after the limit.
+    assert reached <= stop["step"] <= reached + limit - 1
+    assert trainer.state.global_step == stop["step"] < args.max_steps
+    assert [e["step"] for e in skips] == list(range(2, stop["step"] + 1))
+    assert (tmp_path / f"checkpoint-{stop['step']}" / "trainer_state.json").is_file()
+    assert f"max_consecutive_skips={limit}" in stop["reason"]
 
 
 def test_skip_record_and_gradients_tell_later_callbacks(tmp_path, bert_tokenizer, dataset):
