@@ -12,8 +12,9 @@ parameters) and, in fp32/bf16, one device-to-host read: the skip must be decided
 skips the update itself, so no read is needed per step: the step's flags stay on device in a queue
 that is read at once (one read) on logging, save and last steps, every ``max_consecutive_skips``
 steps and at epoch/train end. Counters, events and the consecutive-skip stop of a queued step are
-therefore applied at the next flush, at most ``max_consecutive_skips - 1`` steps later; logged
-counters and checkpointed counters are always up to date.
+therefore applied at the next flush, at most ``max_consecutive_skips - 1`` steps later; the counters
+in log entries and in step- or epoch-strategy checkpoints are up to date (a checkpoint saved at another
+moment, e.g. by a user callback, may miss the steps still queued).
 """
 
 from __future__ import annotations
