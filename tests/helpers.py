@@ -8,7 +8,11 @@ into a real batch (labels that leave no token to predict, so the mean loss is 0/
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -221,3 +225,19 @@ def emulate_fp16_scaler(trainer, init_scale: float = 2.0**10) -> None:
     """Give a CPU ``fp16=True`` trainer a real GradScaler (accelerate creates none on CPU)."""
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     trainer.accelerator.native_amp = True
+
+
+def offline_wandb_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The history rows of an offline W&B run directory, read back with ``wandb leet inspect --json``.
+
+    The CLI is the one installed beside the running interpreter, so this works in a venv that is not
+    activated (``make test`` runs ``.venv/bin/python``).
+    """
+    command = Path(sys.executable).parent / "wandb"
+    assert command.exists(), f"the wandb command line is not installed beside {sys.executable}"
+    output = subprocess.run(
+        [str(command), "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, check=True,
+        timeout=120,
+    ).stdout
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    return [record["history"]["item"] for record in records if record.get("type") == "history"]

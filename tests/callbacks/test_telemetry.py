@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import wandb
-from helpers import NoLabelBatches, PoisonGradient, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
+from helpers import (
+    NoLabelBatches,
+    PoisonGradient,
+    emulate_fp16_scaler,
+    mlm_dataset,
+    offline_wandb_history,
+    tiny_bert,
+    training_args,
+)
 from transformers import Trainer, TrainerCallback
 
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
@@ -31,13 +36,7 @@ def wandb_history(wandb_dir: Path) -> list[dict]:
     wandb.teardown()  # the next run in this process reads WANDB_DIR afresh
     runs = sorted(wandb_dir.glob("wandb/offline-run-*"))
     assert len(runs) == 1, runs
-    command = shutil.which("wandb")
-    assert command is not None, "the wandb command line is not installed"
-    output = subprocess.run(
-        [command, "leet", "inspect", "--json", str(runs[0])], capture_output=True, text=True, check=True, timeout=120
-    ).stdout
-    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    return [record["history"]["item"] for record in records if record.get("type") == "history"]
+    return offline_wandb_history(runs[0])
 
 
 def assert_wandb_matches_log_history(history: list[dict], log_history: list[dict]) -> None:

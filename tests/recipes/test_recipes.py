@@ -14,6 +14,7 @@ import sys
 import pytest
 import yaml
 from conftest import BIN, REPO, TINY_RUN, logged_losses, results, run_recipe
+from helpers import offline_wandb_history
 
 PYTHON = [sys.executable]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -70,10 +71,7 @@ def test_bert_recipe_from_yaml_config_logs_stability_metrics_to_wandb_offline(tm
     assert "eval_nsp_accuracy" in results(output_dir, "eval") and "| eval_nsp_accuracy |" in card
     # Read the offline run back from disk, as `wandb sync` would upload it.
     (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*")
-    records = subprocess.run(
-        [str(BIN / "wandb"), "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, check=True
-    ).stdout
-    history = [json.loads(line)["history"]["item"] for line in records.splitlines() if '"type":"history"' in line]
+    history = offline_wandb_history(run_dir)
     train_rows = [row for row in history if "train/loss" in row]
     assert len(train_rows) == 3
     assert all(
