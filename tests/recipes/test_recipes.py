@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -91,33 +90,32 @@ def test_t5_recipe_trains_on_a_local_jsonl_file(tmp_path, corpus):
     assert "Training text: my_corpus.jsonl" in card
 
 
-def check_two_process_run(output_dir, completed: subprocess.CompletedProcess) -> None:
-    assert_run_artifacts(output_dir, "BART denoising", world_size=2)
+# Recipe -> (card title, whether its eval loss includes NSP).
+CARDS = {
+    "bart": ("BART denoising", False),
+    "bert": ("next-sentence prediction", True),
+    "t5": ("T5 span corruption", False),
+}
+TWO_PROCESS_LAUNCHERS = {
+    "torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "2"],
+    "accelerate": [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"),
+    ],
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", sorted(TWO_PROCESS_LAUNCHERS))
+@pytest.mark.parametrize("recipe", sorted(CARDS))
+def test_recipe_runs_on_two_processes(tmp_path, recipe, launcher):
+    output_dir = tmp_path / f"{recipe}_{launcher}"
+    completed = run_recipe(TWO_PROCESS_LAUNCHERS[launcher], recipe, output_dir, *TINY_RUN, "--max_steps", "3")
+    title, eval_loss_has_nsp = CARDS[recipe]
+    assert_run_artifacts(output_dir, title, world_size=2, eval_loss_has_nsp=eval_loss_has_nsp)
     assert "world size 2" in completed.stdout
     # Trainer would multiply an already averaged loss by the world size; a fresh model sits near
-    # ln(vocab) = 6.7 nats, so a doubled loss (~13) cannot pass this bound.
+    # ln(vocab) = 6.7 nats (+ ln 2 for BERT's NSP head), so a doubled loss (~13) cannot pass this bound.
     assert logged_losses(output_dir)[0] < 1.5 * math.log(800)
-
-
-@pytest.mark.distributed
-def test_bart_recipe_under_torchrun_with_two_processes(tmp_path):
-    output_dir = tmp_path / "bart_torchrun"
-    completed = run_recipe(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2"], "bart", output_dir, *TINY_RUN, "--max_steps", "3"
-    )
-    check_two_process_run(output_dir, completed)
-
-
-@pytest.mark.distributed
-def test_bart_recipe_under_accelerate_launch_with_two_cpu_processes(tmp_path):
-    output_dir = tmp_path / "bart_accelerate"
-    config = REPO / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
-    completed = run_recipe(
-        [str(BIN / "accelerate"), "launch", "--config_file", str(config)],
-        "bart",
-        output_dir,
-        *TINY_RUN,
-        "--max_steps",
-        "3",
-    )
-    check_two_process_run(output_dir, completed)
