@@ -48,6 +48,8 @@ from transformers.utils import logging
 from hf_stability.callbacks.signals import (
     SkipRecord,
     TrainingLossTap,
+    active_grad_scaler,
+    completing_step,
     global_grad_norm,
     gradients,
     is_logging_step,
@@ -196,15 +198,14 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self._settings["metric"] == "grad_norm":
             norm = global_grad_norm(gradients(model.parameters()))
-            scaler = getattr(optimizer, "scaler", None)
-            if scaler is not None and scaler.is_enabled():
+            if active_grad_scaler(optimizer) is not None:
                 # An fp16 overflow is the grad scaler's business (it skips the update and lowers the scale),
                 # not a spike: flag it on device, to be dropped when the buffer is read.
                 self._overflow = ~torch.isfinite(norm)
             self._grad_norm = norm
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        step = state.global_step + 1
+        step = completing_step(state)
         skipped = SkipRecord.for_model(model).skip_flag(step)
         if skipped is True:
             value = None

@@ -143,6 +143,12 @@ class SkipRecord:
         return bool(self.skip_flag(step))
 
 
+def active_grad_scaler(optimizer: object) -> torch.amp.GradScaler | None:
+    """The enabled grad scaler of an accelerate-wrapped optimizer (fp16), else ``None``."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
 def completing_step(state: object) -> int:
     """Number the step being computed will have once done (``global_step`` is incremented after the update)."""
     return state.global_step + 1

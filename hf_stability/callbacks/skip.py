@@ -31,6 +31,7 @@ from transformers.trainer_callback import ExportableState
 from hf_stability.callbacks.signals import (
     SkipRecord,
     TrainingLossTap,
+    active_grad_scaler,
     completing_step,
     global_grad_norm,
     gradients,
@@ -55,12 +56,6 @@ class _QueuedStep:
     row: torch.Tensor  # 9 floats, columns above
     has_loss: bool
     has_scale: bool
-
-
-def active_grad_scaler(optimizer: object) -> torch.amp.GradScaler | None:
-    """The enabled grad scaler of an accelerate-wrapped optimizer (fp16), else ``None``."""
-    scaler = getattr(optimizer, "scaler", None)
-    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def _innermost(optimizer: object) -> torch.optim.Optimizer:

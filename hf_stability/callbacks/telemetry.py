@@ -14,8 +14,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
-from hf_stability.callbacks.signals import completing_step, is_logging_step
-from hf_stability.callbacks.skip import SkipNonFiniteCallback, active_grad_scaler
+from hf_stability.callbacks.signals import active_grad_scaler, completing_step, is_logging_step
+from hf_stability.callbacks.skip import SkipNonFiniteCallback
 
 logger = logging.getLogger(__name__)
 
