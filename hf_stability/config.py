@@ -62,9 +62,9 @@ class StabilityConfig(TrainingArguments):
     spike_check_interval: int = field(
         default=10,
         metadata={
-            "help": "Judge the buffered loss/grad-norm values at least every this many steps (and on logging and "
-            "snapshot steps): one small device-to-host copy per check, none on the steps in between. A snapshot "
-            "becomes a rollback target once a check has found this many healthy steps after it."
+            "help": "Judge the buffered loss/grad-norm values at least every this many steps (and on logging, "
+            "snapshot and checkpoint steps): one small device-to-host copy per check, none on the steps in "
+            "between. A snapshot becomes a rollback target once a check has found this many healthy steps after it."
         },
     )
     snapshot_interval: int = field(

@@ -55,6 +55,11 @@ class SpikeDetector:
     def __len__(self) -> int:
         return len(self._values)
 
+    @property
+    def values(self) -> list[float]:
+        """The healthy values in the window, oldest first (what a checkpoint saves)."""
+        return list(self._values)
+
     def threshold(self) -> float | None:
         """The current spike threshold, or ``None`` before ``warmup`` healthy values were seen."""
         count = len(self._values)

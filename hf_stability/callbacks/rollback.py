@@ -99,8 +99,10 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         check_interval: judge the buffered values at least every this many steps (one device-to-host copy
             and one all-reduce of a single int per check) [``spike_check_interval``].
 
-    ``rollbacks`` (the cumulative count, read by `LossScaleTelemetryCallback`) and ``lr_scale`` survive
-    ``resume_from_checkpoint`` through `ExportableState`.
+    ``rollbacks`` (the cumulative count, read by `LossScaleTelemetryCallback`), ``lr_scale`` and the
+    detector's window of healthy values (``detector_window``) survive ``resume_from_checkpoint`` through
+    `ExportableState`, so a resumed run is guarded from its first step. Trainer saves the state of the main
+    process only: after a resume every rank judges its own values against rank 0's window.
 
     Example:
         ```python
@@ -137,6 +139,8 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         self.rollbacks = 0
         self.lr_scale = 1.0
         self._detector: SpikeDetector | None = None
+        # Healthy values restored from a checkpoint, handed to the detector at the start of training.
+        self.detector_window: list[float] = []
         self._store: SnapshotStore | None = None
         # (step, value or None when known skipped, device flag "leave this value out" or None)
         self._pending: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []
@@ -168,7 +172,11 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         return {
             "args": dict(self._given),
-            "attributes": {"rollbacks": self.rollbacks, "lr_scale": self.lr_scale},
+            "attributes": {
+                "rollbacks": self.rollbacks,
+                "lr_scale": self.lr_scale,
+                "detector_window": self.detector_window if self._detector is None else self._detector.values,
+            },
         }
 
     # ---- trainer events ------------------------------------------------------------------------
@@ -177,6 +185,8 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
                        lr_scheduler=None, **kwargs):
         self._settings = s = self._resolve(args)
         self._detector = SpikeDetector(s["window"], s["warmup"], s["sigma"])
+        self._detector.accept(self.detector_window[-s["window"] :])
+        self.detector_window = []
         rank_dir = None
         if s["snapshot_storage"] == "disk":
             rank_dir = f"{args.output_dir}/{SNAPSHOT_DIRNAME}/rank-{args.process_index}"
@@ -227,6 +237,7 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         check_due = (
             snapshot_due
             or last_step
+            or control.should_save  # judge before a checkpoint is written, and export a current window
             or step % self._settings["check_interval"] == 0
             or is_logging_step(args, state, step)
         )

@@ -8,6 +8,7 @@ order of magnitude, far above mean + 6σ of the healthy window.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 from helpers import PoisonActivations, emulate_fp16_scaler, mlm_dataset, tiny_bert
 from rollback_faults import ThrowWeights
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import BertForMaskedLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityConfig, read_events
 from hf_stability.callbacks.signals import SkipRecord
@@ -240,6 +241,38 @@ def test_max_rollbacks_stops_with_a_checkpoint_and_resume_keeps_the_count(bert_t
     restored = rollback_callback(resumed)
     assert restored.rollbacks == 1 and restored.lr_scale == 0.5
     assert len(read_events(tmp_path)) == 2
+
+
+def test_resume_restores_the_detector_window_so_a_spike_right_after_it_rolls_back(
+    bert_tokenizer, dataset, tmp_path
+):
+    config = dict(save_strategy="steps", save_steps=1000, snapshot_interval=10, spike_window=32, spike_warmup=16)
+    first = Trainer(tiny_bert(bert_tokenizer), make_args(tmp_path, StabilityConfig, max_steps=40, **config),
+                    train_dataset=dataset, callbacks=[SpikeRollbackCallback()])
+    first.train()
+    window = rollback_callback(first).state()["attributes"]["detector_window"]
+    assert len(window) == 32 and all(0 < value < 10 for value in window)
+    saved = json.loads((tmp_path / "checkpoint-40" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["SpikeRollbackCallback"]["attributes"]["detector_window"] == window
+
+    # Thrown at step 45, five steps after the resume: a fresh detector would still be warming up (16 values).
+    resumed = Trainer(tiny_bert(bert_tokenizer, seed=1), make_args(tmp_path, StabilityConfig, max_steps=60, **config),
+                      train_dataset=dataset, callbacks=[SpikeRollbackCallback(), ThrowWeights([45])])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-40"))
+    assert [(e["event"], e["spike_step"], e["restored_step"]) for e in read_events(tmp_path)] == [("rollback", 46, 40)]
+
+
+def test_a_spike_between_checks_is_judged_before_the_checkpoint_is_written(bert_tokenizer, dataset, tmp_path):
+    # Checks every 10 steps, a save at step 35: the thrown update of step 33 must not reach checkpoint-35.
+    args = make_args(tmp_path, max_steps=40, save_strategy="steps", save_steps=35)
+    trainer = Trainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset,
+                      callbacks=[SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10), ThrowWeights([33])])
+    trainer.train()
+    # Step 30's snapshot is not trusted yet (10 healthy steps must follow it): step 20's is restored.
+    assert [(e["event"], e["step"], e["restored_step"]) for e in read_events(tmp_path)] == [("rollback", 35, 20)]
+    saved = BertForMaskedLM.from_pretrained(tmp_path / "checkpoint-35")
+    loss = Trainer(saved, args).evaluate(mlm_dataset(bert_tokenizer, rows=32))["eval_loss"]
+    assert loss < 10, f"checkpoint-35 holds the thrown weights (eval loss {loss:.1f})"
 
 
 def test_bad_arguments_name_the_argument():
