@@ -12,9 +12,10 @@ parameters) and, in fp32/bf16, one device-to-host read: the skip must be decided
 skips the update itself, so no read is needed per step: the step's flags stay on device in a queue
 that is read at once (one read) on logging, save and last steps, every ``max_consecutive_skips``
 steps and at epoch/train end. Counters, events and the consecutive-skip stop of a queued step are
-therefore applied at the next flush, at most ``max_consecutive_skips - 1`` steps later; the counters
-in log entries and in step- or epoch-strategy checkpoints are up to date (a checkpoint saved at another
-moment, e.g. by a user callback, may miss the steps still queued).
+therefore applied at the next flush, at most ``max_consecutive_skips - 1`` steps later. Log entries and
+checkpoints see current counters (a flush also runs after every evaluation, where
+``save_strategy="best"`` decides to save); only a checkpoint requested by a user callback can export
+counters that miss the steps still queued.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
     the scaler so every rank halves its scale alike. The scaler already skips the update (with the fused
     AdamW kernel the skip happens on device and ``accelerator.optimizer_step_was_skipped`` stays False);
     the counters here see the overflow exactly once either way. Because the scaler skips, the flags are
-    not read per step but queued on device and read together at the next flush (logging, save and last
-    steps, every ``max_consecutive_skips`` steps, epoch and train end): events, counters and the stop of
+    not read per step but queued on device and read together at the next flush (logging, save, evaluation
+    and last steps, every ``max_consecutive_skips`` steps, epoch and train end): events, counters and the stop of
     a queued overflow step come at most ``max_consecutive_skips - 1`` steps late, and its gradients are
     left in place (the scaler ignores them). On a flush step the current step is decided on the host as
     in fp32. `SkipRecord` then holds a device flag for the step (``SkipRecord.skip_flag``).
@@ -333,6 +334,10 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
             weights = [p.detach() for p in model.parameters()]
             self._parameter_check = ~torch.isfinite(global_grad_norm(weights))
             self._parameter_check_step = step
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        """Flush queued fp16 steps: ``save_strategy="best"`` may save right after an evaluation."""
+        self._flush(args, state, control, state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         """Flush queued fp16 steps, so an epoch-end checkpoint exports current counters (one read per epoch)."""

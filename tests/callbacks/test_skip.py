@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -129,6 +130,18 @@ def test_fp16_overflow_between_logging_steps_is_left_to_the_scaler_and_reported_
     assert str(event["grad_norm"]) in {"inf", "nan"}  # the +inf element; clipping turns it into NaN
     logged = {entry["step"]: entry["stability/skipped_steps"] for entry in trainer.state.log_history if "loss" in entry}
     assert logged == {5: 1}, "the logging step flushes before its log entry is built"
+
+
+def test_fp16_overflow_queued_before_a_best_model_checkpoint_is_in_its_counters(tmp_path, bert_tokenizer, dataset):
+    # save_strategy="best" saves right after the step-5 evaluation; steps 3-5 are no logging or save steps.
+    args = training_args(tmp_path, fp16=True, logging_steps=100, eval_strategy="steps", eval_steps=5,
+                         save_strategy="best", metric_for_best_model="loss")
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset, eval_dataset=dataset)
+    emulate_fp16_scaler(trainer)
+    trainer.add_callback(PoisonGradient([POISONED]))
+    trainer.train()
+    saved = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["SkipNonFiniteCallback"]["attributes"]["skipped_steps"] == 1
 
 
 class HostReadCounter(TrainerCallback):
