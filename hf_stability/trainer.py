@@ -10,6 +10,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
+from hf_stability.callbacks.signals import PreClipGradNorm, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback, find_callback
 from hf_stability.config import StabilityConfig
@@ -88,6 +89,17 @@ class StabilityTrainer(Trainer):
             if telemetry is not None:
                 logs.update(telemetry.collect(self.callback_handler.callbacks))
         super().log(logs, start_time)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Trainer's gradient norm (before clipping), also shared with the callbacks through `PreClipGradNorm`.
+
+        Callbacks run after clipping and could only measure the clipped norm, blind to spikes above the clip.
+        The record is keyed by the model the callbacks receive (the callback handler's).
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None:
+            PreClipGradNorm.for_model(self.callback_handler.model).record(completing_step(self.state), grad_norm)
+        return grad_norm
 
     def _load_callback_state(self) -> None:
         order = {}

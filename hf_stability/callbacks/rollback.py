@@ -46,6 +46,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from hf_stability.callbacks.signals import (
+    PreClipGradNorm,
     SkipRecord,
     TrainingLossTap,
     active_grad_scaler,
@@ -87,10 +88,10 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
     read from the `StabilityConfig` field named in brackets when ``args`` is one, else that field's default.
 
     Args:
-        metric: ``"loss"`` or ``"grad_norm"`` [``spike_metric``]. ``grad_norm`` is the norm of the gradients
-            the optimizer applies, i.e. after clipping when ``max_grad_norm > 0`` (a callback cannot see the
-            pre-clip norm), so with clipping on prefer ``loss``. fp16 overflow steps, which the grad scaler
-            skips itself, are not judged.
+        metric: ``"loss"`` or ``"grad_norm"`` [``spike_metric``]. Under `StabilityTrainer`, ``grad_norm`` is
+            the pre-clip norm Trainer logs; under a plain `Trainer` a callback only sees the gradients after
+            clipping, so with ``max_grad_norm > 0`` prefer ``loss`` there (a warning says so). fp16 overflow
+            steps, which the grad scaler skips itself, are not judged.
         window, warmup, sigma: detector window, warm-up and threshold [``spike_window``, ``spike_warmup``,
             ``spike_sigma``].
         snapshot_interval, snapshot_keep, snapshot_storage: [same names].
@@ -145,6 +146,7 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         # (step, value or None when known skipped, device flag "leave this value out" or None)
         self._pending: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []
         self._grad_norm: torch.Tensor | None = None
+        self._clipped_norm_warned = False
         self._overflow: torch.Tensor | None = None
 
     # ---- configuration -------------------------------------------------------------------------
@@ -196,23 +198,30 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         self._pending = []
         if s["metric"] == "loss":
             TrainingLossTap.for_model(model)
-        elif getattr(args, "max_grad_norm", 0) > 0:
-            logger.warning(
-                "SpikeRollbackCallback watches grad_norm with clipping on (max_grad_norm="
-                f"{args.max_grad_norm}): it sees the clipped norm, which hides spikes above the clip; "
-                "spike_metric='loss' does not have this blind spot."
-            )
         # The starting state cannot hold a bad update made in this run, so it is a rollback target at once.
         self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self._settings["metric"] == "grad_norm":
-            norm = global_grad_norm(gradients(model.parameters()))
+            norm = PreClipGradNorm.for_model(model).read(completing_step(state))
+            if norm is None:
+                norm = global_grad_norm(gradients(model.parameters()))
+                self._warn_clipped_norm(args)
             if active_grad_scaler(optimizer) is not None:
                 # An fp16 overflow is the grad scaler's business (it skips the update and lowers the scale),
                 # not a spike: flag it on device, to be dropped when the buffer is read.
                 self._overflow = ~torch.isfinite(norm)
             self._grad_norm = norm
+
+    def _warn_clipped_norm(self, args) -> None:
+        if self._clipped_norm_warned or not getattr(args, "max_grad_norm", 0) > 0:
+            return
+        self._clipped_norm_warned = True
+        logger.warning(
+            f"SpikeRollbackCallback watches grad_norm with clipping on (max_grad_norm={args.max_grad_norm}) under a "
+            "trainer that does not share the pre-clip norm: it sees the clipped norm, which hides spikes above the "
+            "clip. Use StabilityTrainer, or spike_metric='loss'."
+        )
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = completing_step(state)

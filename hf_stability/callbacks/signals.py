@@ -143,6 +143,35 @@ class SkipRecord:
         return bool(self.skip_flag(step))
 
 
+class PreClipGradNorm:
+    """The gradient norm of the latest step before clipping, as Trainer logs it, if the trainer shares it.
+
+    Callbacks run after clipping, so with ``max_grad_norm > 0`` a norm they compute themselves is capped
+    at the clip. `StabilityTrainer` records Trainer's own (pre-clip) norm here, keyed by step; a plain
+    `Trainer` does not, and :meth:`read` then returns ``None``.
+    """
+
+    _records: weakref.WeakKeyDictionary[torch.nn.Module, PreClipGradNorm] = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.value: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> PreClipGradNorm:
+        record = cls._records.get(model)
+        if record is None:
+            record = cls._records[model] = cls()
+        return record
+
+    def record(self, step: int, value: torch.Tensor | float) -> None:
+        self.step, self.value = step, torch.as_tensor(value)
+
+    def read(self, step: int) -> torch.Tensor | None:
+        """The pre-clip norm of ``step`` (a 0-d tensor), or ``None`` when nobody recorded it."""
+        return self.value if self.step == step else None
+
+
 def active_grad_scaler(optimizer: object) -> torch.amp.GradScaler | None:
     """The enabled grad scaler of an accelerate-wrapped optimizer (fp16), else ``None``."""
     scaler = getattr(optimizer, "scaler", None)

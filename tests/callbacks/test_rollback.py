@@ -20,7 +20,13 @@ from helpers import PoisonActivations, emulate_fp16_scaler, mlm_dataset, tiny_be
 from rollback_faults import ThrowWeights
 from transformers import BertForMaskedLM, Trainer, TrainerCallback, TrainingArguments
 
-from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityConfig, read_events
+from hf_stability import (
+    SkipNonFiniteCallback,
+    SpikeRollbackCallback,
+    StabilityConfig,
+    StabilityTrainer,
+    read_events,
+)
 from hf_stability.callbacks.signals import SkipRecord
 
 HERE = Path(__file__).resolve().parent
@@ -156,6 +162,26 @@ def test_grad_norm_metric_catches_the_thrown_update(bert_tokenizer, dataset, tmp
     trainer.train()
     (event,) = read_events(tmp_path)
     assert event["metric"] == "grad_norm" and event["spike_step"] == 41 and event["restored_step"] == 30
+
+
+def test_grad_norm_metric_sees_the_pre_clip_norm_under_stability_trainer(bert_tokenizer, dataset, tmp_path, caplog):
+    # Healthy norms here are ~1.5-3, so with max_grad_norm=1 the clipped norm is always 1: flat, spike or not.
+    config = dict(max_steps=50, max_grad_norm=1.0, logging_steps=1, spike_metric="grad_norm", spike_window=32,
+                  spike_warmup=16, snapshot_interval=10, skip_nonfinite=False)
+    args = make_args(tmp_path, StabilityConfig, **config)
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset, callbacks=[ThrowWeights([40])])
+    trainer.train()
+    (event,) = read_events(tmp_path)
+    assert event["metric"] == "grad_norm" and event["spike_step"] == 41 and event["restored_step"] == 30
+    logged = {entry["step"]: entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry}
+    assert event["value"] == pytest.approx(logged[41], rel=1e-6) and event["value"] > 10 * args.max_grad_norm
+    assert "clipped norm" not in caplog.text
+
+    # A plain Trainer gives callbacks no pre-clip norm: the callback falls back to the clipped one, and says so.
+    plain = Trainer(tiny_bert(bert_tokenizer), make_args(tmp_path / "plain", max_steps=3, max_grad_norm=1.0),
+                    train_dataset=dataset, callbacks=[SpikeRollbackCallback(metric="grad_norm")])
+    plain.train()
+    assert caplog.text.count("it sees the clipped norm") == 1
 
 
 def test_grad_norm_metric_leaves_fp16_overflows_to_the_grad_scaler(bert_tokenizer, dataset, tmp_path):
