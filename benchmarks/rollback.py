@@ -1,7 +1,7 @@
 """Cost of spike rollback on a small BERT: snapshot bytes, capture/restore time, and training overhead.
 
 Run: ``python benchmarks/rollback.py [--steps 200] [--repeats 2]``. One process, CPU. The model is
-`BertForMaskedLM` (hidden 256, 4 layers, vocab 8k, sequences of 128) trained with AdamW by the real
+`BertForMaskedLM` (hidden 384, 4 layers, vocab 8k: ~10M parameters, sequences of 64) trained with AdamW by the real
 `Trainer`; overhead compares steps/s with `SpikeRollbackCallback` (snapshots every 100 steps, checks every
 10) against a plain `Trainer`, alternating the two in the same run and keeping each one's best repeat.
 Because wall-clock steps/s is noisy on a shared machine, the time spent inside the callback's own hooks is
@@ -26,13 +26,13 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from hf_stability import SpikeRollbackCallback  # noqa: E402
 from hf_stability.snapshots import SnapshotStore, restore_training_state  # noqa: E402
 
-VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 8000, 256, 4, 64, 8
+VOCAB, HIDDEN, LAYERS, HEADS, SEQ, BATCH = 8000, 384, 4, 6, 64, 8
 REFERENCE_PARAMETERS = 125e6
 
 
 def build_model() -> BertForMaskedLM:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+    config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                         intermediate_size=4 * HIDDEN, max_position_embeddings=SEQ)
     return BertForMaskedLM(config)
 
