@@ -259,6 +259,14 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
             self._store.capture(step, model, optimizer, lr_scheduler, self.lr_scale, trusted=False)
         return control
 
+    def on_epoch_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        """Judge what is still buffered before an epoch-strategy checkpoint is written."""
+        if control.should_save and self._pending and self._detector is not None:
+            spike = self._check(args.device)
+            if spike is not None:
+                self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
+        return control
+
     def on_train_end(self, args, state, control, **kwargs):
         if self._store is not None:
             self._store.clear()

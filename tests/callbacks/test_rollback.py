@@ -315,17 +315,30 @@ def test_resume_restores_the_detector_window_so_a_spike_right_after_it_rolls_bac
     assert [(e["event"], e["spike_step"], e["restored_step"]) for e in read_events(tmp_path)] == [("rollback", 46, 40)]
 
 
-def test_a_spike_between_checks_is_judged_before_the_checkpoint_is_written(bert_tokenizer, dataset, tmp_path):
-    # Checks every 10 steps, a save at step 35: the thrown update of step 33 must not reach checkpoint-35.
-    args = make_args(tmp_path, max_steps=40, save_strategy="steps", save_steps=35)
+@pytest.mark.parametrize(
+    ("save", "thrown", "saved_at"),
+    [
+        # Checks every 10 steps; the step-35 save comes between the checks of steps 30 and 40.
+        ({"save_strategy": "steps", "save_steps": 35}, 33, 35),
+        # 256 rows / batch 8: the epoch, and its checkpoint, end at step 32.
+        ({"save_strategy": "epoch"}, 31, 32),
+    ],
+    ids=["steps", "epoch"],
+)
+def test_a_spike_between_checks_is_judged_before_the_checkpoint_is_written(
+    bert_tokenizer, dataset, tmp_path, save, thrown, saved_at
+):
+    args = make_args(tmp_path, max_steps=40, **save)
     trainer = Trainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset,
-                      callbacks=[SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10), ThrowWeights([33])])
+                      callbacks=[SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10),
+                                 ThrowWeights([thrown])])
     trainer.train()
     # Step 30's snapshot is not trusted yet (10 healthy steps must follow it): step 20's is restored.
-    assert [(e["event"], e["step"], e["restored_step"]) for e in read_events(tmp_path)] == [("rollback", 35, 20)]
-    saved = BertForMaskedLM.from_pretrained(tmp_path / "checkpoint-35")
+    events = [(e["event"], e["step"], e["restored_step"]) for e in read_events(tmp_path)]
+    assert events == [("rollback", saved_at, 20)]
+    saved = BertForMaskedLM.from_pretrained(tmp_path / f"checkpoint-{saved_at}")
     loss = Trainer(saved, args).evaluate(mlm_dataset(bert_tokenizer, rows=32))["eval_loss"]
-    assert loss < 10, f"checkpoint-35 holds the thrown weights (eval loss {loss:.1f})"
+    assert loss < 10, f"checkpoint-{saved_at} holds the thrown weights (eval loss {loss:.1f})"
 
 
 def test_bad_arguments_name_the_argument():
