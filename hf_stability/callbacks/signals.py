@@ -10,12 +10,37 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
 
+_Shared = TypeVar("_Shared", bound="_OnePerModel")
 
-class TrainingLossTap:
+
+class _OnePerModel:
+    """Base of the per-model objects the callbacks share: created on first use, dropped with the model."""
+
+    _instances: ClassVar[weakref.WeakKeyDictionary]
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._instances = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def for_model(cls: type[_Shared], model: torch.nn.Module) -> _Shared:
+        """The instance for ``model``, so that every callback reads and writes the same one."""
+        instance = cls._instances.get(model)
+        if instance is None:
+            instance = cls._instances[model] = cls._create(model)
+        return instance
+
+    @classmethod
+    def _create(cls: type[_Shared], model: torch.nn.Module) -> _Shared:
+        return cls()
+
+
+class TrainingLossTap(_OnePerModel):
     """Collects the training loss of the current optimizer step from the model's forward output.
 
     A forward hook adds ``output.loss`` (detached, on device) for every training-mode forward; the
@@ -26,8 +51,6 @@ class TrainingLossTap:
     Use :meth:`for_model` so that every callback shares one tap (and one hook) per model.
     """
 
-    _taps: weakref.WeakKeyDictionary[torch.nn.Module, TrainingLossTap] = weakref.WeakKeyDictionary()
-
     def __init__(self, model: torch.nn.Module) -> None:
         self._sum: torch.Tensor | None = None
         self._count = 0
@@ -36,11 +59,8 @@ class TrainingLossTap:
         self._handle = model.register_forward_hook(self._hook)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> TrainingLossTap:
-        tap = cls._taps.get(model)
-        if tap is None:
-            tap = cls._taps[model] = cls(model)
-        return tap
+    def _create(cls, model: torch.nn.Module) -> TrainingLossTap:
+        return cls(model)
 
     def _hook(self, module: torch.nn.Module, args: object, output: object) -> None:
         if not module.training:
@@ -63,7 +83,7 @@ class TrainingLossTap:
 
     def remove(self) -> None:
         self._handle.remove()
-        type(self)._taps = weakref.WeakKeyDictionary({m: t for m, t in self._taps.items() if t is not self})
+        type(self)._instances = weakref.WeakKeyDictionary({m: t for m, t in self._instances.items() if t is not self})
 
 
 def gradients(parameters: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -96,7 +116,7 @@ def reduce_across_ranks(value: torch.Tensor, op: str = "max") -> torch.Tensor:
     return work.to(device)
 
 
-class SkipRecord:
+class SkipRecord(_OnePerModel):
     """The skip decision of the latest optimizer step, shared per model by the stability callbacks.
 
     `SkipNonFiniteCallback` writes it in ``on_pre_optimizer_step`` (before ``optimizer.step()``);
@@ -111,19 +131,10 @@ class SkipRecord:
     device; :meth:`skipped` always answers on the host (reading a pending flag: one device-to-host read).
     """
 
-    _records: weakref.WeakKeyDictionary[torch.nn.Module, SkipRecord] = weakref.WeakKeyDictionary()
-
     def __init__(self) -> None:
         self.step: int | None = None
         self.reason: str | None = None
         self._flag: torch.Tensor | None = None
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module) -> SkipRecord:
-        record = cls._records.get(model)
-        if record is None:
-            record = cls._records[model] = cls()
-        return record
 
     def mark(self, step: int, reason: str | None) -> None:
         """Record the host decision for ``step``: ``reason`` is ``None`` when the update goes ahead."""
@@ -143,7 +154,7 @@ class SkipRecord:
         return bool(self.skip_flag(step))
 
 
-class PreClipGradNorm:
+class PreClipGradNorm(_OnePerModel):
     """The gradient norm of the latest step before clipping, as Trainer logs it, if the trainer shares it.
 
     Callbacks run after clipping, so with ``max_grad_norm > 0`` a norm they compute themselves is capped
@@ -151,18 +162,9 @@ class PreClipGradNorm:
     `Trainer` does not, and :meth:`read` then returns ``None``.
     """
 
-    _records: weakref.WeakKeyDictionary[torch.nn.Module, PreClipGradNorm] = weakref.WeakKeyDictionary()
-
     def __init__(self) -> None:
         self.step: int | None = None
         self.value: torch.Tensor | None = None
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module) -> PreClipGradNorm:
-        record = cls._records.get(model)
-        if record is None:
-            record = cls._records[model] = cls()
-        return record
 
     def record(self, step: int, value: torch.Tensor | float) -> None:
         self.step, self.value = step, torch.as_tensor(value)
