@@ -20,6 +20,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from timing import Stopwatch  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -44,25 +45,6 @@ def build_dataset(rows: int) -> Dataset:
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
 
 
-class HookTimer:
-    """Wraps every event method of a callback instance to sum the seconds spent inside it."""
-
-    def __init__(self, callback: SpikeRollbackCallback) -> None:
-        self.seconds = 0.0
-        for event in ("on_train_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end"):
-            setattr(callback, event, self._timed(getattr(callback, event)))
-
-    def _timed(self, method):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        return timed
-
-
 def train_seconds(
     steps: int, with_rollback: bool, dataset: Dataset, output_dir: str
 ) -> tuple[float, float, Trainer]:
@@ -71,11 +53,13 @@ def train_seconds(
                              logging_steps=50, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
                              train_sampling_strategy="sequential", seed=0, log_level="error")
     callbacks = [SpikeRollbackCallback(snapshot_interval=100)] if with_rollback else []
-    timer = HookTimer(callbacks[0]) if callbacks else None
+    timer = Stopwatch()
+    for callback in callbacks:
+        timer.time_events(callback)
     trainer = Trainer(build_model(), args, train_dataset=dataset, callbacks=callbacks)
     start = time.perf_counter()
     trainer.train()
-    return time.perf_counter() - start, 0.0 if timer is None else timer.seconds, trainer
+    return time.perf_counter() - start, timer.seconds, trainer
 
 
 def median_seconds(action, repeats: int) -> float:

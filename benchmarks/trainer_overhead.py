@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from helpers import bert_tokenizer, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args  # noqa: E402
+from timing import Stopwatch  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_stability import LossScaleTelemetryCallback, StabilityTrainer  # noqa: E402
@@ -89,21 +90,8 @@ CONFIGS = (
 )
 
 
-class StabilityClock:
+class StabilityClock(Stopwatch):
     """Accumulates the wall time spent inside hf-stability's callbacks, loss tap and log merge."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def timed(self, function):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        return wrapper
 
     @contextlib.contextmanager
     def watching(self, trainer: Trainer) -> Iterator[StabilityClock]:
@@ -113,9 +101,7 @@ class StabilityClock:
             setattr(owner, name, self.timed(getattr(owner, name)))
         for callback in trainer.callback_handler.callbacks:
             if type(callback).__module__.startswith("hf_stability."):
-                for event in dir(TrainerCallback):
-                    if event.startswith("on_"):
-                        setattr(callback, event, self.timed(getattr(callback, event)))
+                self.time_events(callback)
         try:
             yield self
         finally:
