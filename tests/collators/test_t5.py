@@ -156,38 +156,31 @@ def test_noise_span_lengths_are_uniform_compositions(ascending_tokenizer):
         assert np.all(np.abs(frequency - exact) < 4.5 * np.sqrt(exact * (1 - exact) / len(observed)) + 1e-9)
 
 
-def t5_random_spans_helper(inputs_length: int, density: float, mean: float) -> tuple[int, int]:
-    """T5's random_spans_helper restated (search from inputs_length - 1, density-0.5 adjustment)."""
+def searched_lengths(inputs_length: int, density: float, mean: float, start: int) -> tuple[int, int]:
+    """The longest raw length from ``start`` on whose inputs fit, with the density-0.5 adjustment."""
 
     def lengths(tokens: int) -> tuple[int, int]:
         noise = int(round(tokens * density))
         spans = int(round(noise / mean))
         return tokens - noise + spans + 1, noise + spans + 1
 
-    tokens = inputs_length - 1
+    tokens = start
     while lengths(tokens + 1)[0] <= inputs_length:
         tokens += 1
     inputs, targets = lengths(tokens)
     if density == 0.5 and targets > inputs:
         tokens, targets = tokens - 1, targets - 1
     return tokens, targets
+
+
+def t5_random_spans_helper(inputs_length: int, density: float, mean: float) -> tuple[int, int]:
+    """T5's random_spans_helper restated: the search starts from inputs_length - 1."""
+    return searched_lengths(inputs_length, density, mean, start=inputs_length - 1)
 
 
 def flax_example_helper(inputs_length: int, density: float, mean: float) -> tuple[int, int]:
     """transformers' compute_input_and_target_lengths: the same search started at inputs_length."""
-
-    def lengths(tokens: int) -> tuple[int, int]:
-        noise = int(round(tokens * density))
-        spans = int(round(noise / mean))
-        return tokens - noise + spans + 1, noise + spans + 1
-
-    tokens = inputs_length
-    while lengths(tokens + 1)[0] <= inputs_length:
-        tokens += 1
-    inputs, targets = lengths(tokens)
-    if density == 0.5 and targets > inputs:
-        tokens, targets = tokens - 1, targets - 1
-    return tokens, targets
+    return searched_lengths(inputs_length, density, mean, start=inputs_length)
 
 
 def test_length_helper_matches_t5_and_differs_from_flax_example():
