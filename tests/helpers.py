@@ -201,8 +201,11 @@ class PoisonActivations(TrainerCallback):
             self._handle = None
 
 
-def training_args(output_dir, **overrides: Any):
-    """`StabilityConfig` for a short deterministic CPU run; ``overrides`` replace any field."""
+def training_args(output_dir, args_class: type | None = None, **overrides: Any):
+    """Arguments (`StabilityConfig` unless ``args_class``) for a short deterministic CPU run.
+
+    ``overrides`` replace any field.
+    """
     from hf_stability import StabilityConfig
 
     defaults = dict(
@@ -218,7 +221,7 @@ def training_args(output_dir, **overrides: Any):
         seed=0,
     )
     defaults.update(overrides)
-    return StabilityConfig(str(output_dir), **defaults)
+    return (args_class or StabilityConfig)(str(output_dir), **defaults)
 
 
 def emulate_fp16_scaler(trainer, init_scale: float = 2.0**10) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from helpers import PoisonActivations, emulate_fp16_scaler, mlm_dataset, tiny_bert
+from helpers import PoisonActivations, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
 from rollback_faults import ThrowWeights
 from transformers import (
     BertForMaskedLM,
@@ -74,21 +74,12 @@ class Recorder(TrainerCallback):
 
 
 def make_args(output_dir, args_class=TrainingArguments, **overrides) -> TrainingArguments:
-    settings = dict(
-        max_steps=300,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        logging_steps=25,
-        save_strategy="no",
-        report_to=[],
-        train_sampling_strategy="sequential",
-        max_grad_norm=0.0,  # clipping would soften the thrown update; the fault must be unmistakable
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    settings.update(overrides)
-    return args_class(str(output_dir), **settings)
+    """`training_args` for 300 steps, logging every 25, without clipping by default.
+
+    Clipping would soften the thrown update; the fault must be unmistakable.
+    """
+    settings = {"max_steps": 300, "logging_steps": 25, "max_grad_norm": 0.0, **overrides}
+    return training_args(output_dir, args_class=args_class, **settings)
 
 
 def rollback_callback(trainer: Trainer) -> SpikeRollbackCallback:

@@ -17,7 +17,7 @@ import sys
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from helpers import bert_tokenizer, mlm_dataset, tiny_bert  # noqa: E402
+from helpers import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 from rollback_faults import ThrowWeights  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
@@ -26,20 +26,14 @@ from hf_stability import SpikeRollbackCallback  # noqa: E402
 
 def main(output_dir: str) -> None:
     tokenizer = bert_tokenizer()
-    args = TrainingArguments(
+    args = training_args(
         output_dir,
+        args_class=TrainingArguments,
         max_steps=50,
         per_device_train_batch_size=4,
-        learning_rate=1e-3,
         logging_steps=25,
-        save_strategy="no",
-        report_to=[],
-        train_sampling_strategy="sequential",
         max_grad_norm=0.0,
-        use_cpu=True,
         ddp_backend="gloo",
-        disable_tqdm=True,
-        seed=0,
     )
     callback = SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10)
     trainer = Trainer(
