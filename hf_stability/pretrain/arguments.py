@@ -20,7 +20,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_stability.config import StabilityConfig
-from hf_stability.pretrain.errors import InputError
+from hf_stability.pretrain.errors import InputError, input_errors
 
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 
@@ -163,13 +163,9 @@ def parse_args(
         if unknown:
             raise InputError(f"Unknown argument(s) in {source}: {', '.join(unknown)}.")
         parser.set_defaults(**values)
-    try:
+    with input_errors():  # a dataclass's own validation (`__post_init__`)
         # With ``--config`` declared outside the dataclasses, the parser also returns a Namespace holding it.
         *instances, leftover = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    except InputError:
-        raise
-    except (ValueError, TypeError) as error:  # a dataclass's own validation (`__post_init__`)
-        raise InputError(str(error)) from error
     if leftover:
         raise InputError(f"Unknown command-line argument(s): {' '.join(leftover)}.")
     instances = [instance for instance in instances if not isinstance(instance, argparse.Namespace)]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 Function = TypeVar("Function", bound=Callable[..., Any])
@@ -16,6 +17,18 @@ class InputError(ValueError):
     A ``ValueError``, so library callers catch it as the SPEC says; the recipes print its message as one
     line (``<recipe>: error: …``) and exit 2, as `argparse` does, because a traceback only hides the cause.
     """
+
+
+@contextlib.contextmanager
+def input_errors() -> Iterator[None]:
+    """Turn the ``ValueError``/``TypeError`` a validating constructor raises (a config dataclass, a collator
+    checking the objective's flags) into an `InputError`; an `InputError` passes through unchanged."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise InputError(str(error)) from error
 
 
 def exit_on_input_error(function: Function) -> Function:

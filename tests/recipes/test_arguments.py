@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import yaml
-from conftest import RECIPES, load_recipe
+from conftest import RECIPES, TINY_RUN, load_recipe
 
-from hf_stability.pretrain import InputError, parse_recipe_args
+from hf_stability.pretrain import InputError, main, parse_recipe_args
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,14 @@ def test_recipe_prints_one_line_and_exits_2_on_bad_arguments(tmp_path):
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert lines[0].startswith("bart_pretrain.py: error: `max_steps` must be > 0")
     assert not (tmp_path / "out").exists()
+
+
+def test_objective_flag_the_collator_rejects_is_one_line_before_training(bart, tmp_path, capsys):
+    """`--poisson_lambda 100` passes the parser; the collator's check ends the run before any step, in one line."""
+    with pytest.raises(SystemExit) as stopped:
+        main(bart, ["--output_dir", str(tmp_path), *TINY_RUN, "--poisson_lambda", "100"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err  # also holds `datasets` progress bars
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("could never be filled.")
+    assert "error: `poisson_lambda` must be in" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "trainer_state.json").exists()
