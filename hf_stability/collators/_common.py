@@ -6,6 +6,8 @@ going through ``tokenizer.pad``, which is where ``transformers``' collators spen
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,10 +19,25 @@ from transformers import PreTrainedTokenizerBase
 IGNORE_INDEX = -100
 
 
-def check_probability(name: str, value: float) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``0 <= value <= 1``."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be a probability in [0, 1], got {value!r}.")
+def as_number(name: str, value: Any, requirement: str) -> float:
+    """``value`` as a Python float, or a ``ValueError`` naming ``name`` and ``requirement``.
+
+    Python and numpy numbers are accepted (settings often come out of numpy or a float32 config). A numpy
+    float reads as the decimal it prints as, so ``np.float32(0.15)`` is 0.15 and not 0.15000000596, which
+    would change counts that round at .5 (BERT's ``round(30 * 0.15)``). Bools, strings and NaN are refused.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ValueError(f"`{name}` must be {requirement}, got {value!r}.")
+    return float(str(value)) if isinstance(value, np.floating) else float(value)
+
+
+def check_probability(name: str, value: Any) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a number in ``[0, 1]``."""
+    requirement = "a probability in [0, 1]"
+    number = as_number(name, value, requirement)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"`{name}` must be {requirement}, got {value!r}.")
+    return number
 
 
 def check_tokenizer(tokenizer: Any) -> None:
@@ -70,7 +87,39 @@ def input_id_arrays(features: Sequence[Mapping[str, Any]], key: str = "input_ids
         if row.ndim != 1 or not (row.dtype.kind in "iu" or row.size == 0):
             raise ValueError(f"`features[{index}]['{key}']` must be a 1-D sequence of token ids.")
         rows.append(row.astype(np.int64, copy=False))
+    if all(len(row) == 0 for row in rows):
+        raise ValueError(
+            f"Every row of `features` has an empty `{key}` ({len(rows)} rows): nothing to train on; was the text "
+            "empty, or cut to length 0?"
+        )
     return rows
+
+
+def flat_input_ids(features: Sequence[Mapping[str, Any]], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``input_ids`` of all rows as one flat array plus the row lengths; ids must be in ``[0, size)``."""
+    rows = input_id_arrays(features)
+    lengths = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+    tokens = np.concatenate(rows)
+    check_token_ids(tokens, lengths, size)
+    return tokens, lengths
+
+
+def check_token_ids(tokens: np.ndarray, lengths: np.ndarray, size: int, key: str = "input_ids") -> None:
+    """Raise a ``ValueError`` naming the first row whose ids fall outside ``[0, size)``.
+
+    ``tokens`` are the rows concatenated (row ``r`` has ``lengths[r]`` ids). A -100 here is a label padding
+    value fed as an input, and an id >= ``size`` comes from another tokenizer; both would otherwise index
+    past the embeddings, or, as a label, silently drop a position from the loss.
+    """
+    bad = (tokens < 0) | (tokens >= size)
+    if not bad.any():
+        return
+    position = int(np.argmax(bad))
+    row = int(np.searchsorted(np.cumsum(lengths), position, side="right"))
+    raise ValueError(
+        f"`features[{row}]['{key}']` holds the id {tokens[position]}, outside the tokenizer's vocabulary [0, {size}): "
+        "was the data tokenized with another tokenizer, or padded with -100?"
+    )
 
 
 def padded_length(longest: int, pad_to_multiple_of: int | None) -> int:
@@ -93,14 +142,6 @@ def pad_flat(
     out = np.full((len(lengths), width), pad_value, dtype=np.int64)
     out[mask] = flat
     return out, mask
-
-
-def pad_rows(
-    rows: Sequence[np.ndarray], pad_value: int, pad_to_multiple_of: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad ``rows`` into one ``[batch, length]`` array; also return the boolean "real token" mask."""
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    return pad_flat(np.concatenate(rows), lengths, pad_value, pad_to_multiple_of)
 
 
 def seq2seq_batch(

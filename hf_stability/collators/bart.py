@@ -13,6 +13,11 @@ Order per row ``bos … eos`` (bos and eos never move and are never masked):
 3. insertion: ``ceil(length * insert_ratio)`` extra tokens (``<mask>``, ``random_ratio`` of them random);
 4. rotation: with probability ``rotate_ratio`` the row (between bos and eos) starts at a random token.
 
+Word starts and sentence ends follow fairseq's GPT-2 setup: a word starts at a token its vocabulary marks as
+a word start (``Ġ…``), so a row's first token, which has no marker when the text did not begin with a space,
+is never masked and does not count towards the budget (``first_token_starts_word=True`` counts it); only the
+token that reads exactly ``"."`` ends a sentence, not ``"Ġ."`` (``full_stop_token_ids`` chooses others).
+
 The BART paper's ablations are one switch each: token masking = ``mask_length="subword"``, token deletion =
 ``mask_length="subword", replace_length=0``, text infilling = the defaults, sentence permutation =
 ``permute_sentence_ratio``, document rotation = ``rotate_ratio``; set the others to 0.
@@ -31,9 +36,10 @@ from transformers import PreTrainedTokenizerBase
 
 from hf_stability.collators._common import (
     SeededRandomness,
+    as_number,
     check_probability,
     check_tokenizer,
-    input_id_arrays,
+    flat_input_ids,
     require_token_id,
     seq2seq_batch,
 )
@@ -43,6 +49,10 @@ OBJECTIVE = "BART denoising"
 MASK_LENGTHS = ("span-poisson", "word", "subword")
 # Word-start markers of the common subword schemes: byte-level BPE (GPT-2/BART/RoBERTa) and SentencePiece.
 _WORD_START_MARKERS = ("\u0120", "\u2581")
+# fairseq's span-length table stops after the first Poisson term below this probability.
+NEGLIGIBLE = 1e-7
+# The Poisson rates whose table gives span lengths above 0 at least that probability (see `check_poisson_lambda`).
+POISSON_LAMBDA_RANGE = (NEGLIGIBLE / (1 - NEGLIGIBLE), math.log(1 / NEGLIGIBLE))
 
 
 @dataclass
@@ -53,7 +63,9 @@ class DataCollatorForBartDenoising:
         tokenizer: needs ``bos``, ``eos``, ``pad`` and (when masking or inserting) ``mask`` tokens.
         mask_ratio: share of words to mask (fairseq ``--mask``); 0 switches masking off.
         random_ratio: share of masks that become random non-special tokens (``--mask-random``).
-        poisson_lambda: mean span length in words for ``mask_length="span-poisson"``; must be > 0.
+        poisson_lambda: mean span length in words for ``mask_length="span-poisson"``; in about
+            [1e-7, 16.12] (see `check_poisson_lambda`). Small rates make most spans empty, and each empty span
+            inserts a ``<mask>``: about ``exp(-λ) / (1 - exp(-λ))`` of them per span (2.9 at 0.3).
         permute_sentence_ratio: share of each row's sentences that swap places (``--permute-sentences``).
         rotate_ratio: probability that a row is rotated (``--rotate``).
         insert_ratio: extra ``<mask>``/random tokens to insert, as a share of the row length (``--insert``).
@@ -62,8 +74,12 @@ class DataCollatorForBartDenoising:
         pad_to_multiple_of: round the padded widths up to a multiple of this.
         seed: fixes the noise (see ``SeededRandomness``); ``None`` follows torch's global seed.
         mask_length: ``"span-poisson"`` (text infilling), ``"word"`` (whole words) or ``"subword"`` (tokens).
-        full_stop_token_ids: ids that end a sentence; by default every token that reads ``"."`` (with or
-            without a word-start marker such as ``"Ġ."``).
+        full_stop_token_ids: ids that end a sentence; by default the token that reads exactly ``"."``, as
+            fairseq's GPT-2 setup (``vocab.index('13')``); ``"Ġ."`` (a stop after a space) does not end one.
+            Pass both ids to end sentences at either.
+        first_token_starts_word: count a token right after ``<s>`` (or another special token) as a word
+            start even without a word-start marker. fairseq does not (False): its first word is then never
+            masked and the budget counts one word fewer.
 
     Returns a dict of tensors: ``input_ids`` (noised, padded per batch — insertions make rows longer),
     ``attention_mask``, ``labels`` (the original rows, -100 on padding) and ``decoder_input_ids``.
@@ -82,20 +98,23 @@ class DataCollatorForBartDenoising:
     seed: int | None = None
     mask_length: Literal["span-poisson", "word", "subword"] = "span-poisson"
     full_stop_token_ids: Sequence[int] | None = None
+    first_token_starts_word: bool = False
     _randomness: SeededRandomness = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_tokenizer(self.tokenizer)
         for name in ("mask_ratio", "random_ratio", "permute_sentence_ratio", "rotate_ratio", "insert_ratio"):
-            check_probability(name, getattr(self, name))
+            setattr(self, name, check_probability(name, getattr(self, name)))
         if self.replace_length not in (-1, 0, 1) or isinstance(self.replace_length, bool):
             raise ValueError(f"`replace_length` must be -1, 0 or 1, got {self.replace_length!r}.")
         if self.mask_length not in MASK_LENGTHS:
             raise ValueError(f"`mask_length` must be one of {MASK_LENGTHS}, got {self.mask_length!r}.")
         if self.mask_length == "subword" and self.replace_length == -1:
             raise ValueError("`replace_length=-1` needs whole words: use `mask_length='word'` or 'span-poisson'.")
-        if not isinstance(self.poisson_lambda, (int, float)) or not self.poisson_lambda > 0:
-            raise ValueError(f"`poisson_lambda` must be > 0, got {self.poisson_lambda!r}.")
+        self.poisson_lambda = check_poisson_lambda(self.poisson_lambda)
+        if not isinstance(self.first_token_starts_word, bool):
+            kind = type(self.first_token_starts_word).__name__
+            raise TypeError(f"`first_token_starts_word` must be a bool, got {kind}.")
 
         self._bos = require_token_id(self.tokenizer, "bos_token_id", OBJECTIVE)
         self._eos = require_token_id(self.tokenizer, "eos_token_id", OBJECTIVE)
@@ -126,18 +145,16 @@ class DataCollatorForBartDenoising:
                 raise ValueError(f"`full_stop_token_ids` must be non-empty ids in [0, {len(tokens)}), got {ids}.")
             table[ids] = True
             return table
-        table[[i for i, t in enumerate(tokens) if t.lstrip("".join(_WORD_START_MARKERS)) == "."]] = True
+        table[[i for i, t in enumerate(tokens) if t == "."]] = True
         if self.permute_sentence_ratio > 0 and not table.any():
             raise ValueError(
-                "Sentence permutation needs a full-stop token and none of the tokenizer's tokens reads '.': "
+                "Sentence permutation needs a full-stop token and no token of the tokenizer reads '.': "
                 "pass `full_stop_token_ids` or set `permute_sentence_ratio=0`."
             )
         return table
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = input_id_arrays(features)
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-        original = np.concatenate(rows)
+        original, lengths = flat_input_ids(features, len(self._barrier))
         self._check_rows(original, lengths)
         rng = self._randomness.generator()
 
@@ -167,8 +184,6 @@ class DataCollatorForBartDenoising:
         short = np.flatnonzero(lengths < 2)
         if len(short):
             raise ValueError(f"`features[{short[0]}]['input_ids']` must hold at least bos and eos.")
-        if tokens.min() < 0 or tokens.max() >= len(self._barrier):
-            raise ValueError(f"`input_ids` hold ids outside the tokenizer's vocabulary [0, {len(self._barrier)}).")
         starts = exclusive_cumsum(lengths)
         bad = np.flatnonzero((tokens[starts] != self._bos) | (tokens[starts + lengths - 1] != self._eos))
         if len(bad):
@@ -222,7 +237,8 @@ class DataCollatorForBartDenoising:
             word_start = ~barrier
         else:
             word_start = self._word_start[tokens]
-            word_start[1:] |= barrier[:-1] & ~barrier[1:]  # the first token after bos (or any special) starts a word
+            if self.first_token_starts_word:
+                word_start[1:] |= barrier[:-1] & ~barrier[1:]
         words = np.bincount(row_of[word_start], minlength=batch)
         # fairseq: ceil(float32 word count * mask ratio).
         budget = np.ceil(words.astype(np.float32) * np.float32(self.mask_ratio)).astype(np.int64)
@@ -326,42 +342,61 @@ def _word_start_table(tokens: list[str], special: np.ndarray, unk_token_id: int 
 
 
 def _poisson_cdf(rate: float) -> np.ndarray:
-    """CDF of fairseq's span-length distribution: Poisson(rate) cut after the first probability below 1e-7."""
+    """CDF of fairseq's span-length distribution: Poisson(rate) cut after the first probability below ``NEGLIGIBLE``."""
     probabilities = []
     for k in range(128):
-        probabilities.append(math.exp(-rate + k * math.log(rate) - math.lgamma(k + 1)))
-        if probabilities[-1] < 1e-7:
+        log_probability = -rate + k * math.log(rate) - math.lgamma(k + 1)
+        probabilities.append(math.exp(log_probability))
+        if log_probability < math.log(NEGLIGIBLE):  # in logs, so the cut-off sits exactly at the range's ends
             break
     cdf = np.cumsum(probabilities) / np.sum(probabilities)
     cdf[-1] = 1.0
     return cdf
 
 
+def check_poisson_lambda(rate: object) -> float:
+    """``rate`` as a float if fairseq's span-length table for it gives lengths above 0 a chance, else ``ValueError``.
+
+    fairseq tabulates Poisson(λ) from k = 0 and stops after the first term below ``NEGLIGIBLE`` (1e-7); span
+    lengths are drawn until they add up to the masking budget, so if no length above 0 can come out, that
+    loop never ends. The chance of a length above 0 must itself not be negligible:
+
+    * large λ: the table stops at k = 0 when ``exp(-λ) < 1e-7``, leaving only length 0; so λ <= ln(1e7) ≈ 16.118;
+    * small λ: the table is {0, 1} once ``λ exp(-λ) < 1e-7``, and P(length > 0) = λ / (1 + λ); that is at least
+      1e-7 for λ >= 1e-7 / (1 - 1e-7) ≈ 1.0000001e-7.
+    """
+    low, high = POISSON_LAMBDA_RANGE
+    number = as_number("poisson_lambda", rate, f"a number in [{low:.8g}, {high:.6g}]")
+    if not low <= number <= high:
+        raise ValueError(
+            f"`poisson_lambda` must be in [{low:.8g}, {high:.6g}], got {rate!r}: outside it fairseq's span-length "
+            "table (Poisson terms down to 1e-7) gives lengths above 0 no real chance, so the masking budget "
+            "could never be filled."
+        )
+    return number
+
+
 def _draw_span_lengths(
     rng: np.random.Generator, budget: np.ndarray, cdf: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Poisson span lengths per row until they reach the row's word budget, the last one cut to fit.
+    """fairseq's span lengths: table draws until they reach the row's word budget, the last one cut to fit.
 
     Returns the non-zero lengths (flat, grouped by row), their count per row, and the number of zero-length
-    draws per row (fairseq turns those into inserted masks).
+    draws among them per row (fairseq turns those into inserted masks). Drawn without a loop: the non-zero
+    draws come from the table conditioned on > 0 (each at least 1, so ``budget`` of them always suffice),
+    and the zeros that precede them, per row, from a negative binomial. That is the same joint distribution
+    as drawing one by one, and it cannot spin however rarely a length above 0 comes out.
     """
     batch = len(budget)
+    nonzero = 1.0 - cdf[0]
+    conditional = (cdf[1:] - cdf[0]) / nonzero
+    conditional[-1] = 1.0
     width = max(int(budget.max()), 1)
-    draws = np.searchsorted(cdf, rng.random((batch, width)), side="right")
+    draws = np.searchsorted(conditional, rng.random((batch, width)), side="right") + 1
     cumulative = np.cumsum(draws, axis=1)
-    while np.any(cumulative[:, -1] < budget):
-        more = np.searchsorted(cdf, rng.random((batch, width)), side="right")
-        draws = np.concatenate([draws, more], axis=1)
-        cumulative = np.cumsum(draws, axis=1)
     last = np.argmax(cumulative >= budget[:, None], axis=1)
     rows = np.arange(batch)
     draws[rows, last] = budget - (cumulative[rows, last] - draws[rows, last])
-    used = np.arange(draws.shape[1]) < np.where(budget > 0, last + 1, 0)[:, None]
-    lengths = draws[used]
-    row = np.repeat(rows, used.sum(axis=1))
-    nonzero = lengths > 0
-    return (
-        lengths[nonzero],
-        np.bincount(row[nonzero], minlength=batch),
-        np.bincount(row[~nonzero], minlength=batch),
-    )
+    spans = np.where(budget > 0, last + 1, 0)
+    inserts = np.where(spans > 0, rng.negative_binomial(np.maximum(spans, 1), nonzero), 0)
+    return draws[np.arange(width) < spans[:, None]], spans, inserts

@@ -21,8 +21,9 @@ from hf_stability.collators._common import (
     SeededRandomness,
     check_probability,
     check_tokenizer,
+    flat_input_ids,
     input_id_arrays,
-    pad_rows,
+    pad_flat,
     padded_length,
     require_token_id,
     special_token_ids,
@@ -98,9 +99,9 @@ class DataCollatorForBertPretraining:
         self._pad_id = require_token_id(self.tokenizer, "pad_token_id", objective)
         require_token_id(self.tokenizer, "cls_token_id", objective)
         require_token_id(self.tokenizer, "sep_token_id", objective)
-        check_probability("mlm_probability", self.mlm_probability)
-        check_probability("mask_replace_prob", self.mask_replace_prob)
-        check_probability("random_replace_prob", self.random_replace_prob)
+        self.mlm_probability = check_probability("mlm_probability", self.mlm_probability)
+        self.mask_replace_prob = check_probability("mask_replace_prob", self.mask_replace_prob)
+        self.random_replace_prob = check_probability("random_replace_prob", self.random_replace_prob)
         if self.mask_replace_prob + self.random_replace_prob > 1 + 1e-12:
             raise ValueError(
                 "`mask_replace_prob` + `random_replace_prob` must not exceed 1 (the rest stays unchanged), got "
@@ -127,13 +128,8 @@ class DataCollatorForBertPretraining:
             raise ValueError("`random_replace_prob` > 0 but the tokenizer has no non-special token to sample.")
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = input_id_arrays(features, "input_ids")
-        ids, real = pad_rows(rows, self._pad_id, self.pad_to_multiple_of)
-        if ids.size and (ids.min() < 0 or ids.max() >= self._is_special.size):
-            raise ValueError(
-                f"`input_ids` contain ids outside the tokenizer's vocabulary [0, {self._is_special.size}); "
-                "was the data tokenized with another tokenizer?"
-            )
+        flat, lengths = flat_input_ids(features, self._is_special.size)
+        ids, real = pad_flat(flat, lengths, self._pad_id, self.pad_to_multiple_of)
         rng = self._randomness.generator()
         candidate = real & ~self._is_special[ids]
         attended = real & (ids != self._pad_id)  # pads already inside the features count as padding
@@ -151,7 +147,7 @@ class DataCollatorForBertPretraining:
         labels = np.full_like(ids, IGNORE_INDEX)
         labels[chosen] = ids[chosen]
         batch["labels"] = labels
-        batch.update(_pass_through(features, rows, real))
+        batch.update(_pass_through(features, lengths, real))
         return to_tensors(batch)
 
     def _budget(self, lengths: np.ndarray) -> np.ndarray | None:
@@ -294,7 +290,7 @@ def _word_id_array(features: Sequence[Mapping[str, Any]], shape: tuple[int, int]
 
 
 def _pass_through(
-    features: Sequence[Mapping[str, Any]], rows: list[np.ndarray], real: np.ndarray
+    features: Sequence[Mapping[str, Any]], lengths: np.ndarray, real: np.ndarray
 ) -> dict[str, np.ndarray]:
     """``token_type_ids`` (padded with 0) and ``next_sentence_label`` when every feature carries them."""
     out: dict[str, np.ndarray] = {}
@@ -304,8 +300,8 @@ def _pass_through(
             raise ValueError(f"`{key}` must be given for every feature or for none.")
     if "token_type_ids" in features[0]:
         types = input_id_arrays(features, "token_type_ids")
-        for index, (row, row_types) in enumerate(zip(rows, types, strict=True)):
-            if len(row) != len(row_types):
+        for index, (length, row_types) in enumerate(zip(lengths, types, strict=True)):
+            if length != len(row_types):
                 raise ValueError(f"`features[{index}]['token_type_ids']` must have one entry per input id.")
         out["token_type_ids"] = np.zeros(real.shape, dtype=np.int64)
         out["token_type_ids"][real] = np.concatenate(types)

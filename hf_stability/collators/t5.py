@@ -8,6 +8,9 @@ becomes one sentinel in the inputs; the targets list each sentinel followed by t
     inputs  = nn0 <extra_id_0> nn1 <extra_id_1> … nn_k <extra_id_k> EOS
     targets = <extra_id_0> n0 <extra_id_1> n1 … <extra_id_k> n_k EOS
 
+Like T5, a 1-token row is corrupted as if it had 2 tokens and the noise mask cut back to the row: it keeps
+its token, so inputs are ``tok EOS`` and targets ``<extra_id_0> EOS``.
+
 The counts are computed in float32 and rounded half to even, like the TensorFlow original. T5's length
 helper works in float64, so for a few (length, density) pairs the two disagree by a token, in T5 as here:
 95 raw tokens at density 0.3 give 29 noise tokens (float32: 28.500001) where the helper assumes 28. The
@@ -26,8 +29,9 @@ from transformers import PreTrainedTokenizerBase
 
 from hf_stability.collators._common import (
     SeededRandomness,
+    as_number,
     check_tokenizer,
-    input_id_arrays,
+    flat_input_ids,
     require_token_id,
     seq2seq_batch,
 )
@@ -48,7 +52,7 @@ def t5_span_corruption_lengths(
     Returns:
         ``(raw_length, targets_length)``, e.g. ``(568, 114)`` for ``(512, 0.15, 3.0)``.
     """
-    _check_noise(noise_density, mean_noise_span_length)
+    noise_density, mean_noise_span_length = _check_noise(noise_density, mean_noise_span_length)
     if not isinstance(inputs_length, int) or isinstance(inputs_length, bool) or inputs_length < 2:
         raise ValueError(f"`inputs_length` must be an int >= 2, got {inputs_length!r}.")
 
@@ -67,15 +71,15 @@ def t5_span_corruption_lengths(
     return raw_length, targets
 
 
-def _check_noise(noise_density: float, mean_noise_span_length: float) -> None:
-    if not isinstance(noise_density, (int, float)) or isinstance(noise_density, bool) or not 0 < noise_density < 1:
+def _check_noise(noise_density: float, mean_noise_span_length: float) -> tuple[float, float]:
+    """Both settings as floats (numpy numbers accepted), or a ``ValueError`` naming the bad one."""
+    density = as_number("noise_density", noise_density, "in the open interval (0, 1)")
+    if not 0 < density < 1:
         raise ValueError(f"`noise_density` must be in the open interval (0, 1), got {noise_density!r}.")
-    if (
-        not isinstance(mean_noise_span_length, (int, float))
-        or isinstance(mean_noise_span_length, bool)
-        or not mean_noise_span_length >= 1
-    ):
-        raise ValueError(f"`mean_noise_span_length` must be >= 1, got {mean_noise_span_length!r}.")
+    mean = as_number("mean_noise_span_length", mean_noise_span_length, "a number >= 1")
+    if not 1 <= mean < float("inf"):
+        raise ValueError(f"`mean_noise_span_length` must be a number >= 1, got {mean_noise_span_length!r}.")
+    return density, mean
 
 
 def sentinel_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
@@ -103,6 +107,13 @@ class DataCollatorForT5SpanCorruption:
     Returns a dict of tensors: ``input_ids`` and ``labels`` (each EOS-terminated; ``labels`` padded with
     -100), ``attention_mask``, ``decoder_input_ids`` (labels shifted right from the decoder start token).
 
+    Rows are raw ids without EOS. A row that ends in EOS anyway (``tokenizer(text)`` adds one by default) has
+    that EOS dropped before corruption, so inputs and targets end in exactly one EOS, as in T5. Dropping it
+    rather than refusing the batch: a row cut from an EOS-separated token stream can end on a separator, and
+    an error there would stop a run at a random step; the text itself is unchanged either way. Ids outside
+    the vocabulary (a -100 from label padding, another tokenizer's ids) and empty rows are errors naming
+    the row.
+
     Example:
         >>> collator = DataCollatorForT5SpanCorruption(tokenizer, seed=0)  # doctest: +SKIP
         >>> raw_length, _ = t5_span_corruption_lengths(512)  # rows of 568 tokens -> 512 inputs, 114 labels
@@ -118,7 +129,7 @@ class DataCollatorForT5SpanCorruption:
 
     def __post_init__(self) -> None:
         check_tokenizer(self.tokenizer)
-        _check_noise(self.noise_density, self.mean_noise_span_length)
+        self.noise_density, self.mean_noise_span_length = _check_noise(self.noise_density, self.mean_noise_span_length)
         self._eos = require_token_id(self.tokenizer, "eos_token_id", OBJECTIVE)
         self._pad = require_token_id(self.tokenizer, "pad_token_id", OBJECTIVE)
         self._sentinels = sentinel_token_ids(self.tokenizer)
@@ -132,24 +143,42 @@ class DataCollatorForT5SpanCorruption:
         self._randomness = SeededRandomness(self.seed)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = input_id_arrays(features)
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-        if lengths.min() < 2:
-            index = int(np.argmin(lengths))
-            raise ValueError(
-                f"`features[{index}]['input_ids']` has {lengths[index]} tokens; span corruption needs at least 2."
-            )
-        tokens = np.concatenate(rows)
+        tokens, lengths = flat_input_ids(features, len(self.tokenizer))
+        tokens, lengths = self._drop_final_eos(tokens, lengths)
+        # T5 corrupts max(length, 2) tokens and cuts the mask back: give 1-token rows a placeholder second token.
+        single = lengths == 1
+        tokens = np.insert(tokens, (exclusive_cumsum(lengths) + 1)[single], self._pad)
+        lengths = np.maximum(lengths, 2)
+
         noise, spans = self._span_counts(lengths)
         noise_lengths, nonnoise_lengths = self._span_lengths(lengths, noise, spans)
         inputs, targets = self._corrupt(tokens, lengths, noise, spans, noise_lengths, nonnoise_lengths)
-
         input_lengths = lengths - noise + spans + 1
         target_lengths = noise + spans + 1
+        if single.any():
+            # Such a row came out as `tok <X0> EOS` / `<X0> placeholder EOS`: T5's cut mask keeps no noise there.
+            inputs = np.delete(inputs, (exclusive_cumsum(input_lengths) + 1)[single])
+            targets = np.delete(targets, (exclusive_cumsum(target_lengths) + 1)[single])
+            input_lengths, target_lengths = input_lengths - single, target_lengths - single
         return seq2seq_batch(
             inputs, input_lengths, targets, target_lengths, self._pad, self.decoder_start_token_id,
             self.pad_to_multiple_of,
         )
+
+    def _drop_final_eos(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Drop a trailing EOS from each row that has one (the collator appends its own); refuse empty rows."""
+        ends = exclusive_cumsum(lengths) + lengths - 1
+        has_eos = (lengths > 0) & (tokens[np.maximum(ends, 0)] == self._eos)
+        if has_eos.any():
+            keep = np.ones(len(tokens), dtype=bool)
+            keep[ends[has_eos]] = False
+            tokens, lengths = tokens[keep], lengths - has_eos
+        empty = np.flatnonzero(lengths == 0)
+        if len(empty):
+            row = int(empty[0])
+            what = "only an EOS" if has_eos[row] else "no token"
+            raise ValueError(f"`features[{row}]['input_ids']` holds {what}: span corruption needs at least one token.")
+        return tokens, lengths
 
     def _span_counts(self, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Noise tokens and noise spans per row, in float32 with round-half-to-even like ``tf.round``."""

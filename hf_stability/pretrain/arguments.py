@@ -1,7 +1,9 @@
 """Recipe arguments: data, model and tokenizer dataclasses, and a parser where YAML sets defaults.
 
 Precedence, lowest first: dataclass defaults < the recipe's own defaults < ``--config x.yaml`` <
-command-line flags. A YAML key that no dataclass knows is an error, so a typo cannot be silently ignored.
+command-line flags. A YAML key that no dataclass knows is an error, so a typo cannot be silently ignored; for
+the same reason flags are never abbreviated (``--max_step`` is not ``--max_steps``, on the command line as in
+YAML). Every problem is an `InputError` with a one-line message, which the recipes print without a traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from hf_stability.config import StabilityConfig
+from hf_stability.pretrain.errors import InputError, input_errors
 
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 
@@ -119,13 +123,23 @@ class ModelArguments:
             raise ValueError(f"`tokenizer_vocab_size` must be >= 300, got {self.tokenizer_vocab_size}.")
 
 
+class RecipeArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose errors are `InputError` (one line) instead of argparse's usage dump and exit.
+
+    With `TrainingArguments` the usage text runs to hundreds of lines and buries the one that matters.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(message)
+
+
 def make_parser(objective_arguments: type | None = None) -> HfArgumentParser:
     """`HfArgumentParser` over data, model, (objective) and `StabilityConfig` arguments, plus ``--config``."""
     classes: list[type] = [DataArguments, ModelArguments]
     if objective_arguments is not None:
         classes.append(objective_arguments)
     classes.append(StabilityConfig)
-    parser = HfArgumentParser(classes)
+    parser = RecipeArgumentParser(classes, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="A YAML file of argument defaults; command-line flags win.")
     return parser
 
@@ -137,21 +151,38 @@ def parse_args(
 ) -> tuple[Any, ...]:
     """Parse ``argv`` into the parser's dataclasses, applying recipe defaults and ``--config`` first.
 
-    Returns one instance per dataclass, in the parser's order. Raises ``ValueError`` naming any key of
-    the YAML file (or of ``recipe_defaults``) that is not an argument.
+    Returns one instance per dataclass, in the parser's order. Raises `InputError` (a ``ValueError``) for a
+    key of the YAML file (or of ``recipe_defaults``) that is not an argument, an unreadable YAML file, a flag
+    argparse rejects, a value a dataclass rejects, and a ``max_steps`` that cannot train (see
+    `check_max_steps`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     known = {action.dest for action in parser._actions} - {"help", "config"}
     for source, values in (("recipe defaults", recipe_defaults or {}), *_config_file(parser, argv)):
-        unknown = sorted(set(values) - known)
+        unknown = sorted(str(key) for key in set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown argument(s) in {source}: {', '.join(unknown)}.")
+            raise InputError(f"Unknown argument(s) in {source}: {', '.join(unknown)}.")
         parser.set_defaults(**values)
-    # With ``--config`` declared outside the dataclasses, the parser also returns a Namespace holding it.
-    *instances, leftover = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    with input_errors():  # a dataclass's own validation (`__post_init__`)
+        # With ``--config`` declared outside the dataclasses, the parser also returns a Namespace holding it.
+        *instances, leftover = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if leftover:
-        raise ValueError(f"Unknown command-line argument(s): {' '.join(leftover)}.")
-    return tuple(instance for instance in instances if not isinstance(instance, argparse.Namespace))
+        raise InputError(f"Unknown command-line argument(s): {' '.join(leftover)}.")
+    instances = [instance for instance in instances if not isinstance(instance, argparse.Namespace)]
+    for instance in instances:
+        if isinstance(instance, TrainingArguments):
+            check_max_steps(instance.max_steps)
+    return tuple(instances)
+
+
+def check_max_steps(max_steps: int) -> None:
+    """Accept ``max_steps`` > 0, or -1 (`TrainingArguments`' default: train for ``num_train_epochs``).
+
+    `Trainer` turns 0 into a silent one-step run and treats any negative value as "use epochs"; an explicit
+    0 or a value below -1 is almost certainly a typo, so it is an error rather than a run that trains nothing.
+    """
+    if max_steps == 0 or max_steps < -1:
+        raise InputError(f"`max_steps` must be > 0, or -1 to train for `num_train_epochs` instead, got {max_steps}.")
 
 
 def _config_file(parser: HfArgumentParser, argv: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -159,10 +190,27 @@ def _config_file(parser: HfArgumentParser, argv: list[str]) -> list[tuple[str, d
     path = parser.parse_known_args(argv)[0].config
     if path is None:
         return []
+    if os.path.isdir(path):
+        raise InputError(f"`--config` {path} is a directory, not a YAML file.")
     if not os.path.isfile(path):
-        raise ValueError(f"`--config` file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle) or {}
+        raise InputError(f"`--config` file not found: {path}")
+    raw = Path(path).read_bytes()
+    try:
+        values = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise InputError(
+            f"`--config` {path} is not UTF-8 text: byte {raw[error.start]:#04x} on line {line}."
+        ) from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" on line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        cause = getattr(error, "problem", None) or str(error)
+        raise InputError(f"`--config` {path} is not valid YAML{where}: {cause}.") from error
+    if values is None:  # an empty file (or only comments) sets nothing
+        return []
     if not isinstance(values, dict):
-        raise ValueError(f"`--config` {path} must hold a mapping of argument names to values.")
+        raise InputError(
+            f"`--config` {path} must hold a mapping of argument names to values, got a {type(values).__name__}."
+        )
     return [(path, values)]

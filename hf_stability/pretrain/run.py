@@ -37,6 +37,7 @@ from hf_stability.metrics import metric_path
 from hf_stability.model_card import write_model_card
 from hf_stability.pretrain.arguments import DataArguments, ModelArguments, make_parser, parse_args
 from hf_stability.pretrain.data import AnyDataset, describe_source, load_documents, map_documents, take
+from hf_stability.pretrain.errors import exit_on_input_error, input_errors
 from hf_stability.report import load_run, plot_training_curves
 
 logger = logging.getLogger("hf_stability.pretrain")
@@ -111,8 +112,12 @@ class Objective:
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
+@exit_on_input_error
 def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run one pre-training recipe end to end; returns the final train and eval metrics."""
+    """Run one pre-training recipe end to end; returns the final train and eval metrics.
+
+    Bad arguments, config or data files (`InputError`) end it before training with one line and exit status 2.
+    """
     data_args, model_args, objective_args, training_args = parse_recipe_args(objective, argv)
     _setup_logging(training_args)
     _check_world_size(training_args)
@@ -124,6 +129,8 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
     with training_args.main_process_first(local=False, desc="loading documents"):
         train_documents, eval_documents = load_documents(data_args)
     tokenizer, tokenizer_note = _tokenizer(objective, model_args, data_args, training_args, train_documents)
+    with input_errors():  # the collator checks the objective's flags (e.g. `poisson_lambda`)
+        collator = objective.make_collator(tokenizer, objective_args, seed)
     model = _model(objective, model_args, data_args, tokenizer)
     make_rows = objective.make_rows(tokenizer, data_args, objective_args, seed)
     with training_args.main_process_first(local=False, desc="packing rows"):
@@ -155,7 +162,7 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
         args=training_args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
-        data_collator=objective.make_collator(tokenizer, objective_args, seed),
+        data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=_metrics_function(metric),
         preprocess_logits_for_metrics=_predictions_and_token_losses,

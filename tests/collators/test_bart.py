@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from tokenizers import Tokenizer, models
 from trainer_check import assert_trainer_steps
 from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 
 from hf_stability.collators import DataCollatorForBartDenoising
-from hf_stability.collators.bart import _draw_span_lengths, _poisson_cdf
+from hf_stability.collators.bart import POISSON_LAMBDA_RANGE, _draw_span_lengths, _poisson_cdf
 
 OFF = dict(mask_ratio=0.0, permute_sentence_ratio=0.0, rotate_ratio=0.0, insert_ratio=0.0)
 
@@ -42,6 +43,21 @@ def corpus_rows(bart_tokenizer, corpus) -> list[list[int]]:
                 start += 1
             rows.append([tok.bos_token_id, *ids[start : start + 120], tok.eos_token_id])
     return rows
+
+
+@pytest.fixture(scope="module")
+def stop_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level byte-BPE-style vocabulary with both a "." and a "Ġ." token, as GPT-2's has ('13' and ' .')."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    vocab = specials + [f"Ġw{i}" for i in range(300)] + [".", "Ġ."]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>")),
+        bos_token="<s>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
 
 
 def word_rows(tokenizer, words: list[int], lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -134,6 +150,40 @@ def test_partial_permutation_moves_at_most_ceil_ratio_sentences(bart_tokenizer, 
     assert moved_rows > 50
 
 
+def test_only_the_plain_full_stop_ends_a_sentence_as_in_fairseq(stop_tokenizer):
+    """fairseq's GPT-2 setup ends sentences at '.' (dictionary '13') only; 'Ġ.' is a token inside a sentence.
+    Passing both ids to `full_stop_token_ids` ends sentences at either."""
+    tok = stop_tokenizer
+    period, spaced = tok.convert_tokens_to_ids(["."]) + tok.convert_tokens_to_ids(["Ġ."])
+    words = [i for t, i in tok.get_vocab().items() if t.startswith("Ġw")]
+    rng = np.random.default_rng(3)
+    rows = []
+    for _ in range(150):
+        pool, body = iter(rng.choice(words, 120, replace=False).tolist()), []
+        for _ in range(int(rng.integers(3, 8))):
+            body += [next(pool) for _ in range(int(rng.integers(1, 5)))]
+            body.append(period if rng.random() < 0.5 else spaced)
+        rows.append([tok.bos_token_id, *body, tok.eos_token_id])
+
+    def orders(full_stops: list[int], **options) -> list[list[int]]:
+        batch = collate(tok, rows, **{**OFF, "permute_sentence_ratio": 1.0, **options})
+        result = []
+        for index, row in enumerate(rows):
+            sentences, current = [], []
+            for token in row[1:-1]:
+                current.append(token)
+                if token in full_stops:
+                    sentences, current = [*sentences, current], []
+            sentences += [current] if current else []
+            result.append(sentence_order(real(batch, "input_ids", index), sentences))
+        return result
+
+    moved = orders([period])  # fails inside sentence_order if a 'Ġ.' split a sentence
+    assert sum(order != sorted(order) for order in moved) > 50
+    finer = orders([period, spaced], full_stop_token_ids=[period, spaced])
+    assert sum(len(order) for order in finer) > sum(len(order) for order in moved)
+
+
 def removed_words(starts: set[int], row: list[int], out: list[int]) -> tuple[int, int]:
     """(words in the row, words missing from the output), counting word-start tokens (Ġ…)."""
     before = sum(t in starts for t in row)
@@ -165,8 +215,10 @@ def test_infilling_alone_matches_fairseq(bart_tokenizer, corpus_rows):
     """Text infilling on real text: in-order survivors, one <mask> per span, and the share of words removed
     equals that of a literal re-statement of fairseq's loop (spans overlap, so it is a little under 30%)."""
     tok = bart_tokenizer
-    rows = corpus_rows[:150] * 2
+    # Half the rows start mid-word: fairseq never masks such a first token and does not count it as a word.
+    rows = corpus_rows[:150] + [[row[0], *row[2:]] for row in corpus_rows[:150]]
     batch = collate(tok, rows, **{**OFF, "mask_ratio": 0.3, "random_ratio": 0.0})
+    first_tokens_without_marker = 0
     ours, reference = [], []
     rng = np.random.default_rng(1)
     starts = {i for t, i in tok.get_vocab().items() if t.startswith("Ġ")}
@@ -179,12 +231,16 @@ def test_infilling_alone_matches_fairseq(bart_tokenizer, corpus_rows):
         ours.append(removed / total)
         word_start = np.array([t.startswith("Ġ") for t in tok.convert_ids_to_tokens(row)])
         reference.append(fairseq_reference(rng, word_start, 0.3, 3.5) / total)
+        if not word_start[1]:
+            first_tokens_without_marker += 1
+            assert out[1] == row[1]
     ours, reference = np.array(ours), np.array(reference)
     # Difference of two means of 300 per-row shares; 4.5 standard errors leaves no room for a wrong rule
     # (e.g. no overlap -> 0.30, one word per span -> 0.26 with different spread) yet never flakes.
     tolerance = 4.5 * math.sqrt(ours.var() / len(ours) + reference.var() / len(reference))
     assert abs(ours.mean() - reference.mean()) < tolerance
     assert 0.2 < ours.mean() < 0.3
+    assert first_tokens_without_marker > 50
 
 
 def test_span_lengths_follow_poisson():
@@ -202,6 +258,35 @@ def test_span_lengths_follow_poisson():
     chi_square = ((observed - expected) ** 2 / expected).sum()
     assert chi_square < 40  # 12 degrees of freedom: P(chi2 > 40) ~ 7e-5 (two cut draws barely register)
     assert abs(lengths[: spans[0] + spans[1]].sum() / draws - 3.5) < 0.05
+
+
+def test_poisson_lambda_range_is_where_fairseqs_table_gives_lengths_above_zero(bart_tokenizer, corpus_rows):
+    """Just outside the range the table has no (or a negligible, < 1e-7) chance of a length above 0; inside it
+    the chance is at least 1e-7, and the sampler fills any budget without a loop, however small that chance."""
+    low, high = POISSON_LAMBDA_RANGE
+    assert _poisson_cdf(high * 1.0001).tolist() == [1.0]  # exp(-λ) < 1e-7: the table stops at length 0
+    assert 1 - _poisson_cdf(high)[0] > 0.999
+    assert 1 - _poisson_cdf(low)[0] == pytest.approx(1e-7)
+    rng = np.random.default_rng(0)
+    budget = np.array([30, 0, 5])
+    lengths, spans, inserts = _draw_span_lengths(rng, budget, _poisson_cdf(1e-3))
+    assert [int(part.sum()) for part in np.split(lengths, np.cumsum(spans)[:-1])] == budget.tolist()
+    assert (lengths == 1).all() and spans.tolist() == [30, 0, 5]
+    # ~1000 zero-length draws per span (P(length > 0) = 1e-3 / (1 + 1e-3)); negative binomial sd ~ sqrt(n)*1000.
+    assert abs(inserts[0] / 30 - 1000) < 4.5 * 1000 / math.sqrt(30) and inserts[1] == 0
+    DataCollatorForBartDenoising(bart_tokenizer, poisson_lambda=low)  # the bounds themselves are valid
+    for rate in (0.3, 16.0, high):  # a large rate draws long spans, no longer all of length 0
+        batch = collate(bart_tokenizer, corpus_rows[:4], **{**OFF, "mask_ratio": 0.3, "poisson_lambda": rate})
+        assert batch["input_ids"].shape[0] == 4
+
+
+def test_numpy_scalar_settings_act_as_the_numbers_they_print_as(bart_tokenizer, corpus_rows):
+    features = [{"input_ids": r} for r in corpus_rows[:8]]
+    plain = DataCollatorForBartDenoising(bart_tokenizer, seed=0, mask_ratio=0.3, poisson_lambda=3.5)(features)
+    numpy = DataCollatorForBartDenoising(
+        bart_tokenizer, seed=0, mask_ratio=np.float32(0.3), poisson_lambda=np.float64(3.5)
+    )(features)
+    assert all(torch.equal(plain[key], numpy[key]) for key in plain)
 
 
 def test_zero_length_spans_become_insertions(bart_tokenizer, words):
@@ -242,20 +327,22 @@ def test_token_deletion_alone(bart_tokenizer, corpus_rows):
         assert out[0] == row[0] and out[-1] == row[-1]
 
 
-def test_whole_word_masking_every_token(bart_tokenizer, corpus_rows):
-    """mask_length='word', replace_length=-1: whole words become masks token by token; mask_ratio 1 masks
-    every word, including the first one, which has no Ġ but follows bos."""
+@pytest.mark.parametrize("first_token_starts_word", [False, True])
+def test_whole_word_masking_every_token(bart_tokenizer, corpus_rows, first_token_starts_word):
+    """mask_length='word', replace_length=-1: whole words become masks token by token. The row's first token
+    ("Hello", no Ġ) is a word start only with first_token_starts_word; by default, as in fairseq, it is never
+    masked and not counted, so even mask_ratio 1 leaves it."""
     tok = bart_tokenizer
-    rows = [[tok.bos_token_id, *tok("Hello world.", add_special_tokens=False).input_ids, tok.eos_token_id]]
+    rows = [[tok.bos_token_id, *tok("Hello world, again.", add_special_tokens=False).input_ids, tok.eos_token_id]]
     rows += corpus_rows[:50]
-    batch = collate(
-        tok, rows, **{**OFF, "mask_ratio": 0.25, "mask_length": "word", "replace_length": -1, "random_ratio": 0}
-    )
+    options = {**OFF, "mask_length": "word", "replace_length": -1, "random_ratio": 0}
+    options["first_token_starts_word"] = first_token_starts_word
+    batch = collate(tok, rows, **{**options, "mask_ratio": 0.25})
     for index, row in enumerate(rows):
         out = real(batch, "input_ids", index)
         assert len(out) == len(row)
         tokens = tok.convert_ids_to_tokens(row)
-        word_start = [i == 1 or t.startswith("Ġ") for i, t in enumerate(tokens)]
+        word_start = [(i == 1 and first_token_starts_word) or t.startswith("Ġ") for i, t in enumerate(tokens)]
         word_start[0] = word_start[-1] = False
         masked_words = 0
         for i in range(1, len(row) - 1):
@@ -264,10 +351,11 @@ def test_whole_word_masking_every_token(bart_tokenizer, corpus_rows):
             if i > 1 and not word_start[i]:  # a continuation shares its word's fate
                 assert (out[i] == tok.mask_token_id) == (out[i - 1] == tok.mask_token_id)
         assert masked_words == math.ceil(np.float32(sum(word_start)) * np.float32(0.25))
-    everything = collate(
-        tok, rows[:1], **{**OFF, "mask_ratio": 1.0, "mask_length": "word", "replace_length": -1, "random_ratio": 0}
-    )
-    assert real(everything, "input_ids", 0) == [rows[0][0]] + [tok.mask_token_id] * (len(rows[0]) - 2) + [rows[0][-1]]
+    everything = real(collate(tok, rows[:1], **{**options, "mask_ratio": 1.0}), "input_ids", 0)
+    first_word = next(i for i, t in enumerate(tok.convert_ids_to_tokens(rows[0])) if t.startswith("Ġ"))
+    assert first_word > 2  # "Hello" is several tokens, none with Ġ
+    kept = rows[0][:1] if first_token_starts_word else rows[0][:first_word]
+    assert everything == kept + [tok.mask_token_id] * (len(rows[0]) - 1 - len(kept)) + rows[0][-1:]
 
 
 def test_rotation_alone(bart_tokenizer, words):
@@ -356,8 +444,9 @@ def test_errors_name_the_argument(bart_tokenizer, corpus_rows):
     for name in ("mask_ratio", "random_ratio", "permute_sentence_ratio", "rotate_ratio", "insert_ratio"):
         with pytest.raises(ValueError, match=name):
             DataCollatorForBartDenoising(tok, **{name: 1.5})
-    with pytest.raises(ValueError, match="poisson_lambda"):
-        DataCollatorForBartDenoising(tok, poisson_lambda=0)
+    for rate in (0, -1.0, 1e-9, 16.2, 100.0, float("inf"), float("nan"), "3.5", True):
+        with pytest.raises(ValueError, match="poisson_lambda"):
+            DataCollatorForBartDenoising(tok, poisson_lambda=rate)
     with pytest.raises(ValueError, match="replace_length"):
         DataCollatorForBartDenoising(tok, replace_length=2)
     with pytest.raises(ValueError, match="mask_length"):
@@ -386,8 +475,12 @@ def test_errors_name_the_argument(bart_tokenizer, corpus_rows):
         collator([{"input_ids": corpus_rows[0]}, {"input_ids": corpus_rows[0][1:]}])
     with pytest.raises(ValueError, match=r"features\[0\]"):
         collator([{"input_ids": [tok.bos_token_id]}])
-    with pytest.raises(ValueError, match="vocabulary"):
-        collator([{"input_ids": [tok.bos_token_id, 10**6, tok.eos_token_id]}])
+    with pytest.raises(ValueError, match=r"features\[1\].*10000000.*vocabulary"):
+        collator([{"input_ids": corpus_rows[0]}, {"input_ids": [tok.bos_token_id, 10**7, tok.eos_token_id]}])
+    with pytest.raises(ValueError, match=r"features\[0\].*-100"):
+        collator([{"input_ids": [tok.bos_token_id, -100, tok.eos_token_id]}])
+    with pytest.raises(ValueError, match="Every row .* empty"):
+        collator([{"input_ids": []}, {"input_ids": []}])
 
 
 def test_trainer_steps_with_tiny_bart(bart_tokenizer, corpus_rows, tmp_path):

@@ -276,14 +276,29 @@ def test_not_a_tokenizer():
         ({"input_ids": [2, 7, 3]}, "features"),
         ([{"text": "hello"}], "input_ids"),
         ([{"input_ids": [2, 99999, 3]}], "input_ids"),
+        ([{"input_ids": [2, 7, 3]}, {"input_ids": [2, -100, 3]}], r"features\[1\]\['input_ids'\]` holds the id -100"),
+        ([{"input_ids": []}, {"input_ids": []}], "Every row of `features` has an empty `input_ids`"),
         ([{"input_ids": [2, 7, 3], "token_type_ids": [0, 0]}], "token_type_ids"),
         ([{"input_ids": [2, 7, 3], "next_sentence_label": 0}, {"input_ids": [2, 8, 3]}], "next_sentence_label"),
         ([{"input_ids": [2, 7, 3], "next_sentence_label": "yes"}], "next_sentence_label"),
     ],
 )
 def test_bad_features_name_the_key(bert_tokenizer, features, name):
-    with pytest.raises((ValueError, TypeError), match=f"`{name}`|'{name}'"):
+    with pytest.raises((ValueError, TypeError), match=f"`{name}`|'{name}'|{name}"):
         DataCollatorForBertPretraining(bert_tokenizer)(features)
+
+
+def test_numpy_scalar_probabilities_act_as_the_numbers_they_print_as(bert_tokenizer, stream):
+    """np.float32(0.15) is 0.15000000596 in binary; read as 0.15, so round(30 * p) is still 4 (Google's count)."""
+    features = [{"input_ids": row} for row in make_rows(bert_tokenizer, stream, [30, 50, 64])]
+    plain = DataCollatorForBertPretraining(bert_tokenizer, seed=0)(features)
+    for probability in (np.float32(0.15), np.float64(0.15)):
+        collator = DataCollatorForBertPretraining(
+            bert_tokenizer, mlm_probability=probability, mask_replace_prob=np.float32(0.8), seed=0
+        )
+        batch = collator(features)
+        assert all(torch.equal(plain[key], batch[key]) for key in plain)
+    assert (plain["labels"][0] != -100).sum() == 4
 
 
 @pytest.mark.parametrize(

@@ -247,8 +247,12 @@ def test_errors_name_the_argument(t5_tokenizer, bart_tokenizer, ascending_tokeni
     with pytest.raises(ValueError, match="sentinel"):
         DataCollatorForT5SpanCorruption(bart_tokenizer)  # has eos and pad, no <extra_id_*>
     collator = DataCollatorForT5SpanCorruption(t5_tokenizer)
-    with pytest.raises(ValueError, match=r"features\[1\]"):
-        collator([{"input_ids": stream[:10]}, {"input_ids": stream[:1]}])
+    with pytest.raises(ValueError, match=r"features\[1\].*no token"):
+        collator([{"input_ids": stream[:10]}, {"input_ids": []}])
+    with pytest.raises(ValueError, match=r"features\[0\].*only an EOS"):
+        collator([{"input_ids": [t5_tokenizer.eos_token_id]}, {"input_ids": stream[:10]}])
+    with pytest.raises(ValueError, match="Every row .* empty"):
+        collator([{"input_ids": []}, {"input_ids": []}])
     with pytest.raises(ValueError, match="empty"):
         collator([])
     with pytest.raises(ValueError, match="input_ids"):
@@ -261,6 +265,63 @@ def test_errors_name_the_argument(t5_tokenizer, bart_tokenizer, ascending_tokeni
         DataCollatorForT5SpanCorruption(t5_tokenizer, noise_density=0.9, mean_noise_span_length=1.0)(
             [{"input_ids": stream[:10]}]
         )
+
+
+def t5_noise_mask(length: int, density: float, mean: float) -> list[bool]:
+    """random_spans_noise_mask for rows too short to split at random: T5 pads the length to 2 and cuts back."""
+    work = max(length, 2)
+    noise, spans = t5_counts(work, density, mean)
+    assert spans == 1  # one noise span: the segmentation is fixed, non-noise first
+    return ([False] * (work - noise) + [True] * noise)[:length]
+
+
+def test_one_token_row_is_an_example_as_in_t5(t5_tokenizer, stream):
+    """T5 turns a 1-token row into inputs `tok EOS` and targets `<extra_id_0> EOS` (its noise mask, computed for
+    2 tokens and cut to 1, has no noise); the other rows of the batch are corrupted as usual."""
+    tok = t5_tokenizer
+    assert t5_noise_mask(1, 0.15, 3.0) == [False]
+    eos, first_sentinel = tok.eos_token_id, sentinel_ids(tok)[0]
+    rows = [stream[:1], stream[5:25], stream[40:41], stream[50:52]]
+    batch = DataCollatorForT5SpanCorruption(tok, seed=0)([{"input_ids": row} for row in rows])
+    sentinels = {token: index for index, token in enumerate(sentinel_ids(tok))}
+    for index, row in enumerate(rows):
+        inputs = unpadded(batch["input_ids"][index], tok.pad_token_id)
+        targets = unpadded(batch["labels"][index], -100)
+        if len(row) == 1:
+            assert inputs == [row[0], eos] and targets == [first_sentinel, eos]
+        else:
+            assert reconstruct(inputs, targets, sentinels) == row
+    assert batch["attention_mask"][0].tolist()[:3] == [1, 1, 0]
+
+
+def test_a_final_eos_is_not_doubled(t5_tokenizer, stream):
+    """A row tokenized with its EOS (`tokenizer(text)`) gives the same example as the raw row: one EOS each."""
+    eos = t5_tokenizer.eos_token_id
+    rows = [stream[:30], stream[100:157], stream[200:201]]
+    raw = DataCollatorForT5SpanCorruption(t5_tokenizer, seed=4)([{"input_ids": row} for row in rows])
+    ended = DataCollatorForT5SpanCorruption(t5_tokenizer, seed=4)([{"input_ids": [*row, eos]} for row in rows])
+    assert all(torch.equal(raw[key], ended[key]) for key in raw)
+    for index in range(len(rows)):
+        assert unpadded(ended["input_ids"][index], t5_tokenizer.pad_token_id).count(eos) == 1
+
+
+def test_ids_outside_the_vocabulary_are_errors_naming_the_row(t5_tokenizer, stream):
+    """Like the BERT and BART collators: a -100 (label padding fed as input) used to become an ignored label."""
+    collator = DataCollatorForT5SpanCorruption(t5_tokenizer)
+    for bad in (-100, -1, len(t5_tokenizer)):
+        with pytest.raises(ValueError, match=rf"features\[1\].*{bad}.*vocabulary"):
+            collator([{"input_ids": stream[:20]}, {"input_ids": [*stream[:10], bad, *stream[10:20]]}])
+
+
+def test_numpy_scalar_settings_act_as_the_numbers_they_print_as(t5_tokenizer, stream):
+    features = [{"input_ids": row} for row in rows_of(stream, [95, 120, 568])]
+    plain = DataCollatorForT5SpanCorruption(t5_tokenizer, noise_density=0.3, mean_noise_span_length=3.0, seed=1)
+    numpy = DataCollatorForT5SpanCorruption(
+        t5_tokenizer, noise_density=np.float32(0.3), mean_noise_span_length=np.int64(3), seed=1
+    )
+    expected, got = plain(features), numpy(features)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    assert t5_span_corruption_lengths(512, np.float64(0.15), np.float32(3.0)) == (568, 114)
 
 
 def test_tokenizer_without_eos_or_pad(t5_tokenizer):

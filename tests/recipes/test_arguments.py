@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
-from conftest import load_recipe
+from conftest import RECIPES, TINY_RUN, load_recipe
 
-from hf_stability.pretrain import parse_recipe_args
+from hf_stability.pretrain import InputError, main, parse_recipe_args
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +101,72 @@ def test_data_and_model_arguments_reject_contradictions(bart):
         parse_recipe_args(bart, ["--model_name_or_path", "a", "--model_config_name", "b"])
     with pytest.raises(ValueError, match="validation_split_percentage"):
         parse_recipe_args(bart, ["--validation_split_percentage", "100"])
+
+
+def test_flags_are_never_abbreviated(bart):
+    # argparse's default would take --max_step as --max_steps, although the same key in YAML is an error.
+    with pytest.raises(InputError, match="--max_step"):
+        parse_recipe_args(bart, ["--max_step", "5"])
+
+
+def test_argparse_errors_are_one_line_input_errors(bart):
+    with pytest.raises(InputError, match="max_steps.*invalid int value"):
+        parse_recipe_args(bart, ["--max_steps", "many"])
+
+
+@pytest.mark.parametrize("max_steps", ["0", "-2"])
+def test_max_steps_that_cannot_train_are_errors(bart, tmp_path, max_steps):
+    with pytest.raises(InputError, match="max_steps"):
+        parse_recipe_args(bart, ["--max_steps", max_steps])
+    with pytest.raises(InputError, match="max_steps"):
+        parse_recipe_args(bart, ["--config", write_yaml(tmp_path, {"max_steps": int(max_steps)})])
+
+
+def test_max_steps_minus_one_still_means_train_for_num_train_epochs(bart):
+    *_, training = parse_recipe_args(bart, ["--max_steps", "-1", "--num_train_epochs", "2"])
+    assert training.max_steps == -1 and training.num_train_epochs == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "cause"),
+    [
+        (b"learning_rate: 1e-4\nrun_name: caf\xe9\n", r"not UTF-8 text: byte 0xe9 on line 2"),
+        (b"learning_rate: 1e-4\nmax_steps: [1, 2\n", r"not valid YAML on line \d+"),
+        (b"learning_rate: 1e-4\n  bad indent: 1\n", r"not valid YAML on line 2"),
+        (b"just a string\n", r"must hold a mapping .* got a str"),
+    ],
+    ids=["non-utf8", "unclosed-list", "bad-indent", "scalar"],
+)
+def test_unreadable_yaml_is_one_error_naming_the_file_and_the_cause(bart, tmp_path, content, cause):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=rf"--config.*run\.yaml.*{cause}") as caught:
+        parse_recipe_args(bart, ["--config", str(path)])
+    assert "\n" not in str(caught.value)
+
+
+def test_config_that_is_a_directory_is_named_as_such(bart, tmp_path):
+    with pytest.raises(InputError, match="is a directory"):
+        parse_recipe_args(bart, ["--config", str(tmp_path)])
+
+
+def test_recipe_prints_one_line_and_exits_2_on_bad_arguments(tmp_path):
+    """As a user runs it: no traceback, one line on stderr naming the problem, before any training."""
+    command = [sys.executable, str(RECIPES / "bart_pretrain.py"), "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run([*command, "--max_steps", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith("bart_pretrain.py: error: `max_steps` must be > 0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_objective_flag_the_collator_rejects_is_one_line_before_training(bart, tmp_path, capsys):
+    """`--poisson_lambda 100` passes the parser; the collator's check ends the run before any step, in one line."""
+    with pytest.raises(SystemExit) as stopped:
+        main(bart, ["--output_dir", str(tmp_path), *TINY_RUN, "--poisson_lambda", "100"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err  # also holds `datasets` progress bars
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("could never be filled.")
+    assert "error: `poisson_lambda` must be in" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "trainer_state.json").exists()
