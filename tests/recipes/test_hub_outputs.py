@@ -16,7 +16,7 @@ from conftest import TINY_RUN, results, run_recipe
 from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
-from hf_stability.report import draw_training_curves, format_summary, load_run
+from hf_stability import report
 
 PYTHON = [sys.executable]
 # Every objective flag away from its default; the card must state these values.
@@ -158,9 +158,9 @@ def test_saved_model_runs_the_cards_own_snippet(runs, name):
 
 @pytest.mark.slow
 def test_report_counts_logged_entries_and_gives_each_panel_its_legend(runs):
-    run = load_run(runs["bart"][0])
-    assert "last step: 4 (2 training loss entries logged)" in format_summary(run)
-    figure = draw_training_curves(run)
+    run = report.load_run(runs["bart"][0])
+    assert "last step: 4 (2 training loss entries logged)" in report.format_summary(run)
+    figure = report.draw_training_curves(run)
     figure.canvas.draw()  # tick labels are only known once drawn
     loss_axis, grad_axis = figure.axes[:2]
     legend_texts = [[text.get_text() for text in axis.get_legend().get_texts()] for axis in (loss_axis, grad_axis)]
