@@ -148,6 +148,7 @@ def plot_training_curves(run: RunRecord, path: str | os.PathLike | None = None) 
 def draw_training_curves(run: RunRecord) -> Any:
     """The figure `plot_training_curves` saves: one panel per scale, each with its own legend."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     losses, eval_losses = run.series("loss"), run.series("eval_loss")
     grad_norms, scales = run.series("grad_norm"), run.series("stability/loss_scale")
@@ -176,6 +177,7 @@ def draw_training_curves(run: RunRecord) -> Any:
         lower.set_xlabel("step")
     else:
         loss_axis.set_xlabel("step")
+    loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers (axes share x)
     for row in axes:
         _panel_legend(figure, row[0])
     figure.tight_layout()
@@ -197,15 +199,20 @@ def _panel_legend(figure: Any, axis: Any) -> None:
 
 
 def _readable_log_ticks(axis: Any, values: list[float]) -> None:
-    """Plain-number ticks on a log axis: 1-2-5 steps, or every integer multiple when the data spans < 1 decade.
+    """Plain-number ticks on a log axis: 1-2-5 steps over decades, finer steps when the data spans less.
 
     Matplotlib's default labels only powers of ten, so a norm between 0.3 and 0.9 gets no label at all.
     """
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     positive = [value for value in values if value > 0]
-    narrow = bool(positive) and max(positive) / min(positive) < 10
-    subs = tuple(range(1, 10)) if narrow else (1.0, 2.0, 5.0)
+    spread = max(positive) / min(positive) if positive else 10.0
+    if spread < 2:
+        subs = tuple(step / 2 for step in range(2, 20))  # 1, 1.5, 2, …, 9.5
+    elif spread < 10:
+        subs = tuple(float(step) for step in range(1, 10))
+    else:
+        subs = (1.0, 2.0, 5.0)
     axis.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=15))
     axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.yaxis.set_minor_formatter(NullFormatter())
