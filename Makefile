@@ -4,6 +4,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# One process (GPU if any, else CPU), named so that accelerate does not guess and warn on every run.
+ACCELERATE_CONFIG ?= recipes/accelerate_configs/default.yaml
 
 .PHONY: install train test benchmark
 
@@ -17,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: install
-	$(BIN)/accelerate launch recipes/bart_pretrain.py $(ARGS)
+	$(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) recipes/bart_pretrain.py $(ARGS)
 
 # pytest exits 5 when it collects no test; report that instead of failing on it.
 test: install

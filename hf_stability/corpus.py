@@ -53,6 +53,7 @@ def train_tokenizer(
     kind: TokenizerKind,
     vocab_size: int = 2000,
     num_sentinels: int = 100,
+    model_max_length: int | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a small tokenizer of the family a pre-training objective expects.
 
@@ -64,6 +65,8 @@ def train_tokenizer(
             sentinels numbered from the end of the vocabulary, as in T5).
         vocab_size: target vocabulary size, special tokens included.
         num_sentinels: number of T5 sentinel tokens (``kind="t5"`` only).
+        model_max_length: the model's input length, so that ``truncation=True`` stops there; without it the
+            tokenizer knows no limit (``transformers``' 1e30) and truncation needs an explicit ``max_length``.
 
     Returns:
         A ``PreTrainedTokenizerFast`` with its special tokens set, ready for ``save_pretrained``.
@@ -71,13 +74,19 @@ def train_tokenizer(
     texts = list(texts)
     if not texts:
         raise ValueError("`texts` is empty: a tokenizer needs some training text.")
+    if model_max_length is not None and model_max_length < 1:
+        raise ValueError(f"`model_max_length` must be >= 1, got {model_max_length}.")
     if kind == "bert":
-        return _train_bert(texts, vocab_size)
-    if kind == "bart":
-        return _train_bart(texts, vocab_size)
-    if kind == "t5":
-        return _train_t5(texts, vocab_size, num_sentinels)
-    raise ValueError(f"`kind` must be 'bert', 'bart' or 't5', got {kind!r}.")
+        tokenizer = _train_bert(texts, vocab_size)
+    elif kind == "bart":
+        tokenizer = _train_bart(texts, vocab_size)
+    elif kind == "t5":
+        tokenizer = _train_t5(texts, vocab_size, num_sentinels)
+    else:
+        raise ValueError(f"`kind` must be 'bert', 'bart' or 't5', got {kind!r}.")
+    if model_max_length is not None:
+        tokenizer.model_max_length = model_max_length
+    return tokenizer
 
 
 def _train_bert(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

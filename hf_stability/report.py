@@ -107,7 +107,8 @@ def format_summary(run: RunRecord) -> str:
     """A short human-readable report of the run's loss and stability events."""
     figures = run.summary()
     lines = [f"Run: {run.output_dir}", f"  trainer state: {run.state_path or 'none found'}"]
-    lines.append(f"  steps logged: {figures['steps']}")
+    logged = len(run.series("loss"))
+    lines.append(f"  last step: {figures['steps']} ({logged} training loss entr{'y' if logged == 1 else 'ies'} logged)")
     if figures["first_loss"] is not None:
         lines.append(
             f"  loss: first {figures['first_loss']:.4f}, last {figures['last_loss']:.4f}, min {figures['min_loss']:.4f}"
@@ -137,6 +138,18 @@ def plot_training_curves(run: RunRecord, path: str | os.PathLike | None = None) 
     import matplotlib.pyplot as plt
 
     path = Path(path) if path is not None else run.output_dir / PLOT_FILENAME
+    figure = draw_training_curves(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def draw_training_curves(run: RunRecord) -> Any:
+    """The figure `plot_training_curves` saves: one panel per scale, each with its own legend."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     losses, eval_losses = run.series("loss"), run.series("eval_loss")
     grad_norms, scales = run.series("grad_norm"), run.series("stability/loss_scale")
     panels = 2 if grad_norms or scales else 1
@@ -153,27 +166,56 @@ def plot_training_curves(run: RunRecord, path: str | os.PathLike | None = None) 
     if panels == 2:
         lower = axes[1][0]
         if grad_norms:
-            lower.semilogy(*_xy(grad_norms), color="tab:purple", label="grad norm")
+            lower.semilogy(*_xy(grad_norms), color="tab:purple", label="grad norm (before clipping)")
             lower.set_ylabel("grad norm")
+            _readable_log_ticks(lower, [value for _, value in grad_norms])
         if scales:
             scale_axis = lower.twinx() if grad_norms else lower
             scale_axis.semilogy(*_xy(scales), color="tab:orange", drawstyle="steps-post", label="loss scale")
             scale_axis.set_ylabel("loss scale")
+            _readable_log_ticks(scale_axis, [value for _, value in scales])
         lower.set_xlabel("step")
     else:
         loss_axis.set_xlabel("step")
+    loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers (axes share x)
+    for row in axes:
+        _panel_legend(figure, row[0])
+    figure.tight_layout()
+    return figure
+
+
+def _panel_legend(figure: Any, axis: Any) -> None:
+    """One legend per panel, gathering the panel's twin axis (same position) and skipping repeated labels."""
     handles, labels = [], []
-    for axis in figure.axes:
-        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+    for other in figure.axes:
+        if other.get_position().bounds != axis.get_position().bounds:
+            continue
+        for handle, label in zip(*other.get_legend_handles_labels(), strict=True):
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)
-    loss_axis.legend(handles, labels, loc="upper right", fontsize="small")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    if handles:
+        axis.legend(handles, labels, loc="upper right", fontsize="small", framealpha=0.9)
+
+
+def _readable_log_ticks(axis: Any, values: list[float]) -> None:
+    """Plain-number ticks on a log axis: 1-2-5 steps over decades, finer steps when the data spans less.
+
+    Matplotlib's default labels only powers of ten, so a norm between 0.3 and 0.9 gets no label at all.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    positive = [value for value in values if value > 0]
+    spread = max(positive) / min(positive) if positive else 10.0
+    if spread < 2:
+        subs = tuple(step / 2 for step in range(2, 20))  # 1, 1.5, 2, …, 9.5
+    elif spread < 10:
+        subs = tuple(float(step) for step in range(1, 10))
+    else:
+        subs = (1.0, 2.0, 5.0)
+    axis.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=15))
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _xy(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:

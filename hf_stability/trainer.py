@@ -90,6 +90,47 @@ class StabilityTrainer(Trainer):
                 logs.update(telemetry.collect(self.callback_handler.callbacks))
         super().log(logs, start_time)
 
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        **details: Any,
+    ) -> None:
+        """Write ``<output_dir>/README.md``: `Trainer`'s hook (``push_to_hub`` calls it), with the stability section.
+
+        `Trainer`'s arguments map to the Hub front matter (``finetuned_from`` → ``base_model``, ``dataset`` and
+        ``dataset_tags`` → ``datasets``, the first of ``tasks`` → ``pipeline_tag``, instead of the objective's);
+        ``details`` are `hf_stability.model_card.build_model_card` keywords (``objective``,
+        ``objective_args``, ``data``, ``command``, …), which ``push_to_hub(**details)`` passes through.
+        """
+        if not self.is_world_process_zero():
+            return
+        from hf_stability.model_card import write_model_card
+
+        def as_list(value: str | list[str] | None) -> list[str]:
+            return [value] if isinstance(value, str) else list(value or [])
+
+        dataset_config, task = as_list(dataset_args), as_list(tasks)
+        write_model_card(
+            self,
+            model_name=model_name,
+            language=language,
+            license=license,
+            tags=as_list(tags),
+            base_model=finetuned_from,
+            datasets=list(dict.fromkeys(as_list(dataset) + as_list(dataset_tags))),
+            dataset_config=dataset_config[0] if dataset_config else None,
+            pipeline_tag=task[0] if task else None,
+            **details,
+        )
+
     def _get_grad_norm(self, model, grad_norm=None):
         """Trainer's gradient norm (before clipping), also shared with the callbacks through `PreClipGradNorm`.
 

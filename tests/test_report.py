@@ -31,7 +31,7 @@ def test_plain_trainer_run_is_read_from_its_last_checkpoint(plain_run):
 
 def test_summary_text_lists_the_events(plain_run):
     text = format_summary(load_run(plain_run))
-    assert f"steps logged: {STEPS}" in text
+    assert f"last step: {STEPS} ({STEPS} training loss entries logged)" in text
     assert "skipped steps: 1" in text
     assert f"step {POISONED_STEP + 1}: skip" in text
 

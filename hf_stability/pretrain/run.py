@@ -34,11 +34,11 @@ from transformers import (
 from hf_stability.config import StabilityConfig
 from hf_stability.corpus import TokenizerKind, train_tokenizer
 from hf_stability.metrics import metric_path
-from hf_stability.model_card import write_model_card
+from hf_stability.model_card import training_precision
 from hf_stability.pretrain.arguments import DataArguments, ModelArguments, make_parser, parse_args
 from hf_stability.pretrain.data import AnyDataset, describe_source, load_documents, map_documents, take
 from hf_stability.pretrain.errors import exit_on_input_error, input_errors
-from hf_stability.report import load_run, plot_training_curves
+from hf_stability.report import PLOT_FILENAME
 
 logger = logging.getLogger("hf_stability.pretrain")
 
@@ -64,24 +64,9 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "seed": 42,
 }
-# Model-config entries shown in the model card (whichever the model family has).
-CARD_CONFIG_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "d_model",
-    "num_hidden_layers",
-    "encoder_layers",
-    "decoder_layers",
-    "num_layers",
-    "num_decoder_layers",
-    "num_attention_heads",
-    "encoder_attention_heads",
-    "num_heads",
-    "intermediate_size",
-    "encoder_ffn_dim",
-    "d_ff",
-    "max_position_embeddings",
-)
+# The license written into the model card's front matter: the project's own. Edit the card's YAML before
+# sharing a model whose training data carries another license.
+CARD_LICENSE = "apache-2.0"
 # Texts a tokenizer trained on the fly sees when the training set is streamed.
 STREAMED_TOKENIZER_DOCUMENTS = 10_000
 
@@ -132,6 +117,8 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
     with input_errors():  # the collator checks the objective's flags (e.g. `poisson_lambda`)
         collator = objective.make_collator(tokenizer, objective_args, seed)
     model = _model(objective, model_args, data_args, tokenizer)
+    # A trained-on-the-fly tokenizer knows no length limit (1e30): `truncation=True` must stop at the model's.
+    tokenizer.model_max_length = getattr(model.config, "max_position_embeddings", None) or data_args.max_seq_length
     make_rows = objective.make_rows(tokenizer, data_args, objective_args, seed)
     with training_args.main_process_first(local=False, desc="packing rows"):
         train_rows = take(
@@ -170,6 +157,9 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
     # BERT, BART and T5 average their own loss and ignore `num_items_in_batch`; left True, Trainer would
     # multiply their (already averaged) train and eval losses by the number of processes.
     trainer.model_accepts_loss_kwargs = False
+    precision, ignored = training_precision(trainer)
+    if ignored:
+        logger.warning("PRECISION: %s. The model card records what ran.", precision)
     logger.info("Training on %d process(es), world size %d", training_args.world_size, training_args.world_size)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
@@ -182,8 +172,13 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()
+    card = _card_details(objective, objective_args, data_args, model_args, tokenizer_note)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)  # writes the same card (StabilityTrainer.create_model_card), then uploads
+    else:
+        trainer.create_model_card(**card)
     if trainer.is_world_process_zero():
-        _write_run_report(objective, trainer, data_args, tokenizer_note, metrics)
+        logger.info("Wrote the model card and %s to %s", PLOT_FILENAME, training_args.output_dir)
     return metrics
 
 
@@ -311,31 +306,28 @@ def _metrics_function(metric: evaluate.EvaluationModule) -> Callable[[EvalPredic
     return compute_metrics
 
 
-def _write_run_report(
+def _card_details(
     objective: Objective,
-    trainer: Any,
+    objective_args: Any,
     data_args: DataArguments,
+    model_args: ModelArguments,
     tokenizer_note: str,
-    metrics: Mapping[str, Any],
-) -> None:
-    args = trainer.args
-    run = load_run(args.output_dir)
-    plot_training_curves(run)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    config = model.config.to_dict()
-    card_metrics = {key: value for key, value in metrics.items() if not key.endswith(("_per_second", "_flos"))}
-    card_metrics["max_seq_length"] = data_args.max_seq_length
-    path = write_model_card(
-        args.output_dir,
-        objective.name,
-        args=args,
-        run=run,
-        model_class=type(model).__name__,
-        num_parameters=model.num_parameters(),
-        model_config={key: config[key] for key in CARD_CONFIG_KEYS if key in config},
-        dataset=describe_source(data_args),
-        tokenizer=tokenizer_note,
-        metrics=card_metrics,
-        command=shlex.join(sys.argv),
-    )
-    logger.info("Wrote %s and %s", path, run.output_dir / "training_curves.png")
+) -> dict[str, Any]:
+    """`StabilityTrainer.create_model_card` keywords describing this recipe run."""
+    start = model_args.model_name_or_path
+    on_hub = start is not None and not os.path.isdir(start)
+    dataset = data_args.dataset_name
+    return {
+        "language": "en",
+        "license": CARD_LICENSE,
+        "finetuned_from": start if on_hub else None,
+        "dataset": dataset if dataset is not None and not os.path.isdir(dataset) else None,
+        "dataset_args": data_args.dataset_config_name,
+        "objective": objective.name,
+        "objective_args": objective_args,
+        "data": describe_source(data_args),
+        "tokenizer": tokenizer_note,
+        "max_seq_length": data_args.max_seq_length,
+        "initialised_from": start,
+        "command": shlex.join(sys.argv),
+    }

@@ -1,0 +1,88 @@
+"""The README's code runs as written: every Python block on a CPU, and the W&B read-back command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# Runs the blocks in order in one namespace, as a reader following the README does (later blocks reuse the
+# Quickstart's names), and names the block that failed.
+RUNNER = """
+import json, sys, traceback
+blocks = json.load(open(sys.argv[1]))
+namespace = {"__name__": "__main__"}
+for index, block in enumerate(blocks):
+    try:
+        exec(compile(block, f"README python block {index + 1}", "exec"), namespace)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(f"README python block {index + 1} failed:\\n{block}")
+print(f"ran {len(blocks)} blocks")
+"""
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+def offline_environment() -> dict[str, str]:
+    return {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+@pytest.mark.slow
+def test_every_python_block_runs_on_cpu(tmp_path):
+    python_blocks = blocks("python")
+    assert len(python_blocks) >= 8
+    (tmp_path / "blocks.json").write_text(json.dumps(python_blocks))
+    (tmp_path / "runner.py").write_text(RUNNER)
+    completed = subprocess.run(
+        [sys.executable, "runner.py", "blocks.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=offline_environment(),
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+    assert f"ran {len(python_blocks)} blocks" in completed.stdout
+    # The Quickstart trained and wrote its card with the stability section.
+    assert "## Stability" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+
+
+def test_wandb_read_back_command_works_with_two_offline_runs(tmp_path):
+    (command,) = [
+        line.split("  #")[0].strip()
+        for block in blocks("bash")
+        for line in block.splitlines()
+        if line.startswith("wandb leet inspect")
+    ]
+    make_runs = (
+        "import wandb\n"
+        "for name in ('first', 'second'):\n"
+        "    run = wandb.init(project='readme', name=name)\n"
+        "    run.log({'train/loss': 1.0})\n"
+        "    run.finish()\n"
+    )
+    environment = {**offline_environment(), "WANDB_SILENT": "true"}
+    subprocess.run([sys.executable, "-c", make_runs], cwd=tmp_path, env=environment, check=True, timeout=300)
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+    completed = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads(completed.stdout)
+    assert summary["name"] == "second" and summary["summary"]["train/loss"] == 1.0
