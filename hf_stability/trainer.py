@@ -75,6 +75,8 @@ class StabilityTrainer(Trainer):
             if find_callback(callbacks, type(callback)) is None:
                 callbacks.insert(position, callback)
                 position += 1
+                # Trainer's on_init_end has run already; it records the settings a resume must keep.
+                callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
         telemetry.bind(self.callback_handler)
         if not isinstance(self.args, StabilityConfig) and not self.args.restore_callback_states_from_checkpoint:
