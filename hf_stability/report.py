@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_stability.events import EVENTS_FILENAME, read_events
+from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX, read_events
 
 STATE_FILENAME = "trainer_state.json"
 # Event kind -> (callback, attribute) whose checkpointed value counts it.
@@ -42,6 +42,8 @@ class RunRecord:
     state_path: Path | None
     trainer_state: dict[str, Any] = field(default_factory=dict)
     has_events_file: bool = False
+    # Events moved aside (an earlier run in this directory, or steps replayed after a resume), oldest first.
+    superseded: list[Path] = field(default_factory=list)
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` of every finite logged value of ``key``."""
@@ -95,6 +97,7 @@ class RunRecord:
             "loss_scale_min": min(scales, default=None),
             "loss_scale_max": max(scales, default=None),
             "events": self.events,
+            "superseded": [path.name for path in self.superseded],
         }
 
 
@@ -125,6 +128,7 @@ def load_run(output_dir: str | os.PathLike) -> RunRecord:
         state_path=state_path,
         trainer_state=trainer_state,
         has_events_file=(output_dir / EVENTS_FILENAME).is_file(),
+        superseded=sorted(output_dir.glob(f"{SUPERSEDED_PREFIX}*.jsonl")),
     )
 
 
@@ -163,6 +167,8 @@ def format_summary(run: RunRecord) -> str:
         lines.append(f"    step {event['step']}: {event['event']} ({event['reason']}){detail}")
     if not run.events:
         lines.append("    none")
+    if run.superseded:
+        lines.append(f"  earlier events moved aside (not counted here): {', '.join(p.name for p in run.superseded)}")
     return "\n".join(lines)
 
 
