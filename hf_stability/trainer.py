@@ -85,6 +85,16 @@ class StabilityTrainer(Trainer):
                 "rollback counters restart from 0 after resume_from_checkpoint. Use StabilityConfig or set it True."
             )
 
+    def train(self, *args: Any, **kwargs: Any):
+        """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            rollback = find_callback(self.callback_handler.callbacks, SpikeRollbackCallback)
+            if rollback is not None:
+                rollback.on_train_end(self.args, self.state, self.control)  # clears its snapshot store
+            raise
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step entry (evaluation and the final summary have other keys)
             telemetry = find_callback(self.callback_handler.callbacks, LossScaleTelemetryCallback)
