@@ -24,10 +24,10 @@ from kill_target import POISONED_STEPS
 from hf_stability import read_events
 
 SCRIPT = Path(__file__).parent / "kill_target.py"
-MAX_STEPS = 40
+MAX_STEPS = 32
 FLAGS = [*TINY_RUN, "--max_steps", str(MAX_STEPS), "--save_steps", "4", "--save_total_limit", "2",
          "--disable_tqdm", "true", "--max_eval_samples", "16"]
-KILLS = 4
+KILLS = 3
 
 
 def launch(output_dir: Path, resume: bool) -> subprocess.Popen:
