@@ -109,8 +109,7 @@ class StabilityEventLog:
             else f"training resumes from step {step}; they came after it (or were torn or corrupt)"
         )
         warnings.warn(
-            f"{self.path}: moved {len(moved)} earlier line(s) to {aside.name}, as {why}; "
-            f"{len(kept)} event(s) kept.",
+            f"{self.path}: moved {len(moved)} earlier line(s) to {aside.name}, as {why}; {len(kept)} event(s) kept.",
             UserWarning,
             stacklevel=2,
         )

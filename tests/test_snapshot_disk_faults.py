@@ -16,7 +16,10 @@ SCRIPT = Path(__file__).parent / "snapshot_disk_run.py"
 def run(tmp_path: Path, limit: int, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path / "out"), str(limit), *extra],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
 
 

@@ -25,8 +25,19 @@ from hf_stability import read_events
 
 SCRIPT = Path(__file__).parent / "kill_target.py"
 MAX_STEPS = 32
-FLAGS = [*TINY_RUN, "--max_steps", str(MAX_STEPS), "--save_steps", "4", "--save_total_limit", "2",
-         "--disable_tqdm", "true", "--max_eval_samples", "16"]
+FLAGS = [
+    *TINY_RUN,
+    "--max_steps",
+    str(MAX_STEPS),
+    "--save_steps",
+    "4",
+    "--save_total_limit",
+    "2",
+    "--disable_tqdm",
+    "true",
+    "--max_eval_samples",
+    "16",
+]
 KILLS = 3
 
 
@@ -34,10 +45,17 @@ def launch(output_dir: Path, resume: bool) -> subprocess.Popen:
     command = [sys.executable, str(SCRIPT), "--output_dir", str(output_dir), *FLAGS]
     if resume:
         command += ["--resume_from_checkpoint", "latest"]
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-                   "TOKENIZERS_PARALLELISM": "false", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
-                            cwd=output_dir.parent)
+    environment = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, cwd=output_dir.parent
+    )
 
 
 def kill_after(process: subprocess.Popen, logged_steps: int, delay: float) -> str:

@@ -39,8 +39,17 @@ def test_latest_skips_an_incomplete_checkpoint_and_resumes_offline(finished_run,
     assert resolve_checkpoint("latest", str(output_dir)) == str(output_dir / "checkpoint-2")
     assert resolve_checkpoint("True", str(output_dir)) == str(output_dir / "checkpoint-2")
     assert resolve_checkpoint("false", str(output_dir)) is None
-    result = run_recipe([sys.executable], "bert", output_dir, *TINY_RUN, *SAVING, "--max_steps", "6",
-                        "--resume_from_checkpoint", "latest")
+    result = run_recipe(
+        [sys.executable],
+        "bert",
+        output_dir,
+        *TINY_RUN,
+        *SAVING,
+        "--max_steps",
+        "6",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     assert "Passing over incomplete checkpoint" in result.stdout + result.stderr
     final = json.loads((output_dir / "trainer_state.json").read_text())
     assert final["global_step"] == 6
