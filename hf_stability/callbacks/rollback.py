@@ -103,8 +103,8 @@ class SpikeRollbackCallback(ResumableCallback):
     ``rollbacks`` (the cumulative count, read by `LossScaleTelemetryCallback`), ``lr_scale`` and the
     detector's window of healthy values (``detector_window``) survive ``resume_from_checkpoint`` through
     `ExportableState`, so a resumed run is guarded from its first step; the settings given for the resumed run
-    win over the stored ones. Trainer saves the state of the main
-    process only: after a resume every rank judges its own values against rank 0's window.
+    win over the stored ones. Trainer saves the state of the main process only: after a resume every rank
+    judges its own values against rank 0's window.
 
     Example:
         ```python
