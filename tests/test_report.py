@@ -90,3 +90,14 @@ def test_without_an_events_file_counts_come_from_the_stored_callback_counters(tm
     (tmp_path / "trainer_state.json").write_text(json.dumps(state))
     figures = load_run(tmp_path).summary()
     assert (figures["steps"], figures["skipped_steps"], figures["rollbacks"]) == (9, 4, 2)
+
+
+def test_summary_names_the_events_moved_aside(tmp_path):
+    log = StabilityEventLog(tmp_path)
+    log.append(7, "skip", "nonfinite_gradients")
+    with pytest.warns(UserWarning, match="a new run starts"):
+        aside = log.start_run(0)
+    log.append(2, "skip", "nonfinite_gradients")
+    run = load_run(tmp_path)
+    assert run.summary()["skipped_steps"] == 1 and run.summary()["superseded"] == [aside.name]
+    assert f"earlier events moved aside (not counted here): {aside.name}" in format_summary(run)

@@ -30,6 +30,7 @@ def bert_main(output_dir, *args: str):
     return main(load_recipe("bert").BERT, ["--output_dir", str(output_dir), *TINY_RUN, *SAVING, *args])
 
 
+@pytest.mark.slow
 def test_latest_skips_an_incomplete_checkpoint_and_resumes_offline(finished_run, tmp_path):
     output_dir = tmp_path / "run"
     shutil.copytree(finished_run, output_dir)
