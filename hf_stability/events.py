@@ -1,7 +1,16 @@
-"""`stability_events.jsonl`: one JSON object per skip or rollback, appended as it happens.
+"""`stability_events.jsonl`: one JSON object per skip, rollback or stop, appended as it happens.
 
-The file is append-only and flushed per event, so a crash loses at most the line being written;
-:func:`read_events` accepts such a torn last line with a warning.
+Guarantees:
+
+- Append-only and flushed per event, so a crash loses at most the line being written. :func:`read_events`
+  accepts such a torn last line, and a corrupt line anywhere, with a warning naming the line: neither
+  aborts training nor a report.
+- One file, one run: when training begins (`StabilityEventLog.start_run`, called by the callbacks on the
+  main process) the file is brought in line with the state the run starts from. Events after a resumed
+  checkpoint's step (written by the run that went on past it) are superseded, a fresh run (step 0)
+  supersedes every earlier event, and a torn or corrupt line is removed before anything is appended.
+  Nothing is deleted: removed lines are moved, verbatim, to a sibling file
+  ``stability_events.superseded-<UTC time>.jsonl``, and a warning names it.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 EVENTS_FILENAME = "stability_events.jsonl"
+SUPERSEDED_PREFIX = "stability_events.superseded-"
 REQUIRED_KEYS = ("step", "event", "reason")
 
 
@@ -28,6 +38,23 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """The event on ``line``, or ``None`` when it is not one (bad JSON, not an object, a key missing)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or any(key not in record for key in REQUIRED_KEYS):
+        return None
+    return record
+
+
+def _lines(text: str) -> list[tuple[int, str, bool]]:
+    """``(number, line, complete)`` of each non-blank line: a last line without its newline was cut off."""
+    lines = text.split("\n")
+    return [(number, line, number < len(lines)) for number, line in enumerate(lines, start=1) if line.strip()]
 
 
 class StabilityEventLog:
@@ -48,34 +75,65 @@ class StabilityEventLog:
             handle.flush()
         return record
 
+    def start_run(self, step: int) -> Path | None:
+        """Keep only the events of steps up to ``step``, the step training starts from; move the rest aside.
+
+        ``step`` is 0 for a fresh run (every earlier event belonged to another run) and the checkpoint's
+        step on resume. Torn and corrupt lines are moved aside too. Returns the file the removed lines went
+        to, or ``None`` when the file already agreed (it is then left untouched).
+        """
+        if not self.path.is_file():
+            return None
+        kept: list[str] = []
+        moved: list[str] = []
+        # surrogateescape: undecodable bytes go aside exactly as they were
+        for _, line, complete in _lines(self.path.read_text(encoding="utf-8", errors="surrogateescape")):
+            record = _parse(line) if complete else None
+            keep = record is not None and isinstance(record["step"], int) and record["step"] <= step
+            (kept if keep else moved).append(line)
+        if not moved:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{SUPERSEDED_PREFIX}{stamp}.jsonl")
+        number = 1
+        while aside.exists():
+            number += 1
+            aside = self.path.with_name(f"{SUPERSEDED_PREFIX}{stamp}-{number}.jsonl")
+        aside.write_text("".join(line + "\n" for line in moved), encoding="utf-8", errors="surrogateescape")
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8", errors="surrogateescape")
+        os.replace(partial, self.path)
+        why = (
+            "a new run starts in this output directory"
+            if step == 0
+            else f"training resumes from step {step}; they came after it (or were torn or corrupt)"
+        )
+        warnings.warn(
+            f"{self.path}: moved {len(moved)} earlier line(s) to {aside.name}, as {why}; {len(kept)} event(s) kept.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return aside
+
 
 def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a ``stability_events.jsonl`` file, or the one inside a run's output directory.
 
-    A missing file means no events. A torn last line (a crash mid-write) is dropped with a
-    warning; a corrupt line anywhere else raises ``ValueError`` naming the line.
+    A missing file means no events. A torn last line (a crash mid-write) or a corrupt line anywhere
+    is skipped with a warning naming the line: a damaged file never aborts training or a report.
     """
     path = Path(path)
     if path.is_dir():
         path = path / EVENTS_FILENAME
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    # Every complete event ends with a newline; a last line without one was cut off mid-write.
-    torn_tail = bool(text) and not text.endswith("\n")
     events = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    text = path.read_text(encoding="utf-8", errors="replace")  # a binary line is one corrupt line, not an abort
+    for number, line, complete in _lines(text):
+        record = _parse(line)
+        if record is None:
+            kind = "corrupt line" if complete else "torn last line (a crash while writing?)"
+            warnings.warn(f"{path}: skipping {kind} {number}: {line[:80]!r}", UserWarning, stacklevel=2)
             continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or any(key not in record for key in REQUIRED_KEYS):
-                raise ValueError(f"expected an object with keys {REQUIRED_KEYS}")
-        except ValueError as error:
-            if number == len(lines) and torn_tail:
-                warnings.warn(f"{path}: ignoring a torn last line {number} (a crash while writing?)", stacklevel=2)
-                break
-            raise ValueError(f"{path}: line {number} is not a valid stability event: {error}") from error
         events.append(record)
     return events

@@ -335,6 +335,10 @@ def _stability_section(run: RunRecord, trainer: Trainer) -> str:
             )
     else:
         lines += ["", "No skip or rollback happened in this run."]
+    if figures["superseded"]:
+        names = ", ".join(f"`{name}`" for name in figures["superseded"])
+        lines += ["", f"Events of an earlier run in this directory, or of steps replayed after a resume, were moved "
+                      f"aside and are not counted here: {names}."]
     return "\n".join(lines)
 
 

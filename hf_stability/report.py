@@ -3,6 +3,11 @@
 Works for any run that used the stability callbacks — `StabilityTrainer`, a recipe, or a plain
 `Trainer` with callbacks: the logged history comes from ``trainer_state.json`` (in the output directory,
 else in its newest ``checkpoint-*``) and the events from ``stability_events.jsonl``.
+
+Counts describe the run's final state, not its last logging step: a run can stop (or be killed) between
+logging steps. They come from the events file, which holds every skip and rollback as it happened and is
+aligned with the state a resumed run starts from; without one, from the callbacks' counters stored with
+the trainer state; only then from the last logged value.
 """
 
 from __future__ import annotations
@@ -11,13 +16,18 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_stability.events import EVENTS_FILENAME, read_events
+from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX, read_events
 
 STATE_FILENAME = "trainer_state.json"
+# Event kind -> (callback, attribute) whose checkpointed value counts it.
+_STORED_COUNTERS = {
+    "skip": ("SkipNonFiniteCallback", "skipped_steps"),
+    "rollback": ("SpikeRollbackCallback", "rollbacks"),
+}
 PLOT_FILENAME = "training_curves.png"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -30,6 +40,10 @@ class RunRecord:
     log_history: list[dict[str, Any]]
     events: list[dict[str, Any]]
     state_path: Path | None
+    trainer_state: dict[str, Any] = field(default_factory=dict)
+    has_events_file: bool = False
+    # Events moved aside (an earlier run in this directory, or steps replayed after a resume), oldest first.
+    superseded: list[Path] = field(default_factory=list)
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` of every finite logged value of ``key``."""
@@ -44,9 +58,24 @@ class RunRecord:
         return [event for event in self.events if event.get("event") == kind]
 
     def counter(self, key: str, kind: str) -> int:
-        """Final value of a cumulative ``stability/...`` counter; the event count when it was never logged."""
+        """Final count of ``kind`` events: the events file, else the stored callback counter, else the last log."""
+        if self.has_events_file:
+            return len(self.events_of(kind))
+        stored = _STORED_COUNTERS.get(kind)
+        callbacks = self.trainer_state.get("stateful_callbacks") or {}
+        if stored is not None and isinstance(callbacks.get(stored[0]), dict):
+            value = callbacks[stored[0]].get("attributes", {}).get(stored[1])
+            if isinstance(value, int):
+                return value
         logged = self.series(key)
-        return int(logged[-1][1]) if logged else len(self.events_of(kind))
+        return int(logged[-1][1]) if logged else 0
+
+    @property
+    def global_step(self) -> int:
+        """The step the run ended at (the trainer state's), else the last logged step."""
+        step = self.trainer_state.get("global_step")
+        logged = max((int(entry.get("step", 0)) for entry in self.log_history), default=0)
+        return step if isinstance(step, int) else logged
 
     def summary(self) -> dict[str, Any]:
         """The run's figures as plain values (used by the model card and the ``report`` command)."""
@@ -54,9 +83,10 @@ class RunRecord:
         scales = [value for _, value in self.series("stability/loss_scale")]
         grad_norms = [value for _, value in self.series("grad_norm")]
         eval_losses = self.series("eval_loss")
-        last_step = max((int(entry.get("step", 0)) for entry in self.log_history), default=0)
+        stops = self.events_of("stop")
         return {
-            "steps": last_step,
+            "steps": self.global_step,
+            "stopped": stops[-1]["reason"] if stops else None,
             "first_loss": losses[0][1] if losses else None,
             "last_loss": losses[-1][1] if losses else None,
             "min_loss": min((value for _, value in losses), default=None),
@@ -67,6 +97,7 @@ class RunRecord:
             "loss_scale_min": min(scales, default=None),
             "loss_scale_max": max(scales, default=None),
             "events": self.events,
+            "superseded": [path.name for path in self.superseded],
         }
 
 
@@ -82,13 +113,23 @@ def load_run(output_dir: str | os.PathLike) -> RunRecord:
             f"`output_dir` {str(output_dir)!r} holds no {STATE_FILENAME} (nor a checkpoint with one) and no "
             f"{EVENTS_FILENAME}: is it a training output directory?"
         )
-    log_history: list[dict[str, Any]] = []
+    trainer_state: dict[str, Any] = {}
     if state_path is not None:
         try:
-            log_history = json.loads(state_path.read_text(encoding="utf-8")).get("log_history", [])
-        except (json.JSONDecodeError, AttributeError) as error:
+            trainer_state = json.loads(state_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{state_path} is not a valid trainer state: {error}") from error
-    return RunRecord(output_dir=output_dir, log_history=log_history, events=events, state_path=state_path)
+        if not isinstance(trainer_state, dict):
+            raise ValueError(f"{state_path} is not a valid trainer state: not a JSON object")
+    return RunRecord(
+        output_dir=output_dir,
+        log_history=trainer_state.get("log_history", []),
+        events=events,
+        state_path=state_path,
+        trainer_state=trainer_state,
+        has_events_file=(output_dir / EVENTS_FILENAME).is_file(),
+        superseded=sorted(output_dir.glob(f"{SUPERSEDED_PREFIX}*.jsonl")),
+    )
 
 
 def _find_state(output_dir: Path) -> Path | None:
@@ -127,6 +168,8 @@ def format_summary(run: RunRecord) -> str:
         lines.append(f"    step {event['step']}: {event['event']} ({event['reason']}){detail}")
     if not run.events:
         lines.append("    none")
+    if run.superseded:
+        lines.append(f"  earlier events moved aside (not counted here): {', '.join(p.name for p in run.superseded)}")
     return "\n".join(lines)
 
 

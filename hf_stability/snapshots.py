@@ -12,22 +12,36 @@ so later kernels cannot overwrite the source before it is read, and a restore is
 ``disk`` storage writes tensors as safetensors and the remaining small, non-tensor state (scheduler,
 scaler, python/numpy RNG, the optimizer's structure) with `torch.save`, because safetensors holds only
 tensors.
+
+A snapshot is protection, not a result: on ``disk``, a write that fails (full disk, quota, file-size limit)
+never aborts training. The partial snapshot is removed with a warning, the older snapshots stay valid, and
+training goes on. Free space is checked against the snapshot size at the first write (a warning when fewer
+than ``keep + 1`` snapshots fit). :meth:`SnapshotStore.clear` removes the snapshots it wrote and then its
+directory and that directory's parent (``stability_snapshots/``) when they are left empty; the same happens
+when the store is garbage-collected or the interpreter exits, so a run that raises leaves none behind.
+Nothing the store did not write is ever removed.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import shutil
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+logger = logging.getLogger(__name__)
+
 STORAGES = ("cpu", "disk")
+_SNAPSHOT_FILES = {"tensors.safetensors", "structure.pt"}
 
 
 @dataclass(frozen=True)
@@ -214,11 +228,17 @@ class SnapshotStore:
         self.directory = None if directory is None else Path(directory)
         self.snapshots: list[Snapshot] = []
         self._spare: dict[str, torch.Tensor] | None = None
+        # Snapshot directories this store wrote and not yet removed, shared with its finalizer.
+        self._written: set[Path] = set()
+        self._finalizer: weakref.finalize | None = None
 
     def capture(
         self, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any, lr_scale: float, trusted: bool
-    ) -> Snapshot:
-        """Snapshot the live state at the end of ``step`` (replacing an older snapshot of the same step)."""
+    ) -> Snapshot | None:
+        """Snapshot the live state at the end of ``step`` (replacing an older snapshot of the same step).
+
+        Returns ``None`` when a ``disk`` snapshot could not be written (warned; the other snapshots stay).
+        """
         for stale in [s for s in self.snapshots if s.step == step]:
             self._drop(stale)
         live, structure = _capture(model, optimizer, scheduler)
@@ -227,19 +247,61 @@ class SnapshotStore:
         if self.storage == "cpu":
             snapshot.tensors, self._spare = _host_copy(live, self._spare), None
             snapshot.structure = structure
-        else:
-            snapshot.path = self.directory / f"step-{step}"
-            snapshot.path.mkdir(parents=True, exist_ok=True)
+        elif not self._write(snapshot, live, structure):
+            return None
+        self.snapshots.append(snapshot)
+        if trusted:
+            self._evict()
+        return snapshot
+
+    def _write(self, snapshot: Snapshot, live: dict[str, torch.Tensor], structure: dict[str, Any]) -> bool:
+        """Write a ``disk`` snapshot; on failure remove what was written, warn, and return False."""
+        if self._finalizer is None:
+            self._remove_stale()
+            self._check_free_space(snapshot.nbytes)
+            self._finalizer = weakref.finalize(self, _remove_written, self._written, self.directory)
+        snapshot.path = self.directory / f"step-{snapshot.step}"
+        try:
+            snapshot.path.mkdir(parents=True)
+            self._written.add(snapshot.path)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             # safetensors refuses views into shared or non-contiguous storage, so hand it compact copies.
             save_file({k: t.detach().to("cpu").contiguous().clone() for k, t in live.items()},
                       str(snapshot.path / "tensors.safetensors"))
             torch.save(structure, snapshot.path / "structure.pt")
-        self.snapshots.append(snapshot)
-        if trusted:
-            self._evict()
-        return snapshot
+        except (OSError, SafetensorError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+            if snapshot.path in self._written:
+                self._written.discard(snapshot.path)
+                shutil.rmtree(snapshot.path, ignore_errors=True)
+            logger.warning(
+                "Could not write the rollback snapshot of step %d to %s (%s): removed it and training goes on; "
+                "snapshots kept: steps %s. Free disk space, or use snapshot_storage='cpu'.",
+                snapshot.step, snapshot.path, " ".join(str(error).split()), [s.step for s in self.snapshots],
+            )
+            return False
+        return True
+
+    def _remove_stale(self) -> None:
+        """Remove snapshots a killed process left in this directory: they cannot be resumed from, only fill the disk."""
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.glob("step-*"):
+            if path.is_dir() and {p.name for p in path.iterdir()} <= _SNAPSHOT_FILES:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _check_free_space(self, nbytes: int) -> None:
+        """Warn when the disk cannot hold the snapshots this store keeps at once (``keep`` + one unconfirmed)."""
+        probe = self.directory
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < (self.keep + 1) * nbytes:
+            logger.warning(
+                "%s has %.1f MB free but %d rollback snapshots of %.1f MB each may be kept there: snapshot writes "
+                "may fail (training goes on without them). Free space or use snapshot_storage='cpu'.",
+                self.directory, free / 2**20, self.keep + 1, nbytes / 2**20,
+            )
 
     def trust_through(self, step: int) -> None:
         """Mark snapshots taken before ``step`` trusted (the caller vouches for the steps that followed them)."""
@@ -260,9 +322,12 @@ class SnapshotStore:
             self._drop(snapshot)
 
     def clear(self) -> None:
+        """Drop every snapshot; on ``disk``, remove what the store wrote and its emptied directories."""
         for snapshot in list(self.snapshots):
             self._drop(snapshot)
         self._spare = None
+        if self.directory is not None:
+            _remove_written(self._written, self.directory)
 
     def _evict(self) -> None:
         trusted = [s for s in self.snapshots if s.trusted]
@@ -273,5 +338,18 @@ class SnapshotStore:
         self.snapshots.remove(snapshot)
         if snapshot.tensors is not None:
             self._spare = snapshot.tensors  # pinned host buffers are slow to allocate; the next capture reuses them
-        if snapshot.path is not None:
+        if snapshot.path is not None and snapshot.path in self._written:
+            self._written.discard(snapshot.path)
             shutil.rmtree(snapshot.path, ignore_errors=True)
+
+
+def _remove_written(written: set[Path], directory: Path) -> None:
+    """Remove the snapshot directories in ``written``, then ``directory`` and its parent if left empty."""
+    for path in list(written):
+        shutil.rmtree(path, ignore_errors=True)
+        written.discard(path)
+    for empty in (directory, directory.parent):
+        try:
+            empty.rmdir()  # only ever removes an empty directory
+        except OSError:  # not empty (another rank's snapshots, other files) or already gone
+            return

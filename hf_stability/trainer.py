@@ -75,6 +75,8 @@ class StabilityTrainer(Trainer):
             if find_callback(callbacks, type(callback)) is None:
                 callbacks.insert(position, callback)
                 position += 1
+                # Trainer's on_init_end has run already; it records the settings a resume must keep.
+                callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
         telemetry.bind(self.callback_handler)
         if not isinstance(self.args, StabilityConfig) and not self.args.restore_callback_states_from_checkpoint:
@@ -82,6 +84,16 @@ class StabilityTrainer(Trainer):
                 "StabilityTrainer got TrainingArguments with restore_callback_states_from_checkpoint=False: skip and "
                 "rollback counters restart from 0 after resume_from_checkpoint. Use StabilityConfig or set it True."
             )
+
+    def train(self, *args: Any, **kwargs: Any):
+        """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            rollback = find_callback(self.callback_handler.callbacks, SpikeRollbackCallback)
+            if rollback is not None:
+                rollback.on_train_end(self.args, self.state, self.control)  # clears its snapshot store
+            raise
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step entry (evaluation and the final summary have other keys)

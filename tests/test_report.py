@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from helpers import PoisonGradient, mlm_dataset, tiny_bert, training_args
 from matplotlib.image import imread
 from plain_trainer_run import POISONED_STEP, STEPS, train_plain_run
 
+from hf_stability import StabilityTrainer
 from hf_stability.events import StabilityEventLog
 from hf_stability.report import format_summary, load_run, plot_training_curves
 
@@ -57,3 +61,43 @@ def test_a_directory_that_is_not_a_run_is_a_clear_error(tmp_path):
         load_run(tmp_path)
     with pytest.raises(ValueError, match="not a directory"):
         load_run(tmp_path / "missing")
+
+
+def test_counts_come_from_the_final_state_of_a_run_that_stopped_between_logging_steps(tmp_path, bert_tokenizer):
+    """Three Inf steps in a row stop the run at step 7; the last log (step 5) has seen one skip only."""
+    args = training_args(tmp_path, max_steps=20, logging_steps=5, max_consecutive_skips=3, save_strategy="steps",
+                         save_steps=100)
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=mlm_dataset(bert_tokenizer, rows=64),
+                               callbacks=[PoisonGradient([4, 5, 6])])
+    trainer.train()
+    run = load_run(tmp_path)
+    assert run.state_path == tmp_path / "checkpoint-7" / "trainer_state.json"
+    assert run.series("stability/skipped_steps")[-1] == (5, 1)
+    figures = run.summary()
+    assert figures["steps"] == 7 and figures["skipped_steps"] == 3
+    assert "max_consecutive_skips=3" in figures["stopped"]
+
+
+def test_without_an_events_file_counts_come_from_the_stored_callback_counters(tmp_path):
+    state = {
+        "global_step": 9,
+        "log_history": [{"step": 5, "loss": 1.0, "stability/skipped_steps": 1, "stability/rollbacks": 0}],
+        "stateful_callbacks": {
+            "SkipNonFiniteCallback": {"args": {}, "attributes": {"skipped_steps": 4}},
+            "SpikeRollbackCallback": {"args": {}, "attributes": {"rollbacks": 2}},
+        },
+    }
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    figures = load_run(tmp_path).summary()
+    assert (figures["steps"], figures["skipped_steps"], figures["rollbacks"]) == (9, 4, 2)
+
+
+def test_summary_names_the_events_moved_aside(tmp_path):
+    log = StabilityEventLog(tmp_path)
+    log.append(7, "skip", "nonfinite_gradients")
+    with pytest.warns(UserWarning, match="a new run starts"):
+        aside = log.start_run(0)
+    log.append(2, "skip", "nonfinite_gradients")
+    run = load_run(tmp_path)
+    assert run.summary()["skipped_steps"] == 1 and run.summary()["superseded"] == [aside.name]
+    assert f"earlier events moved aside (not counted here): {aside.name}" in format_summary(run)

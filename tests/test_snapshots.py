@@ -131,7 +131,8 @@ def test_restoring_a_snapshot_from_before_the_first_step_empties_adam_state(run)
 @pytest.mark.parametrize("storage", ["cpu", "disk"])
 def test_store_keeps_trusted_snapshots_and_drops_untrusted_ones(run, storage, tmp_path):
     model, wrapped, scheduler, _ = run
-    store = SnapshotStore(keep=2, storage=storage, directory=tmp_path)
+    directory = tmp_path / "stability_snapshots" / "rank-0"
+    store = SnapshotStore(keep=2, storage=storage, directory=directory)
     for step, trusted in [(0, True), (10, False), (20, False)]:
         store.capture(step, model, wrapped, scheduler, lr_scale=1.0, trusted=trusted)
     store.trust_through(11)  # steps after 10 were judged healthy: 10 is trusted, 20 not yet
@@ -145,9 +146,9 @@ def test_store_keeps_trusted_snapshots_and_drops_untrusted_ones(run, storage, tm
     store.discard_untrusted()
     assert [s.step for s in store.snapshots] == [10, 20]
     if storage == "disk":
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["step-10", "step-20"]
+        assert sorted(p.name for p in directory.iterdir()) == ["step-10", "step-20"]
     store.clear()
-    assert store.snapshots == [] and (storage == "cpu" or not any(tmp_path.iterdir()))
+    assert store.snapshots == [] and not any(tmp_path.iterdir())  # stability_snapshots/ goes too
 
 
 @pytest.mark.parametrize(
@@ -157,3 +158,39 @@ def test_store_keeps_trusted_snapshots_and_drops_untrusted_ones(run, storage, tm
 def test_bad_store_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SnapshotStore(**kwargs)
+
+
+def test_a_failed_disk_write_is_removed_and_older_snapshots_stay_valid(run, tmp_path, caplog):
+    """A real failed write: ``structure.pt`` cannot be created (a directory is in its way) after the tensors are."""
+    model, wrapped, scheduler, train = run
+    random.seed(0)
+    train(3)
+    store = SnapshotStore(keep=2, storage="disk", directory=tmp_path / "snaps")
+    snapshot, expected = capture_and_remember(store, 3, model, wrapped, scheduler)
+    train(4)
+    blocker = tmp_path / "snaps" / "step-7" / "structure.pt"
+    blocker.mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="hf_stability.snapshots"):
+        assert store.capture(7, model, wrapped, scheduler, lr_scale=1.0, trusted=True) is None
+    assert "Could not write the rollback snapshot of step 7" in caplog.text and "steps [3]" in caplog.text
+    assert [s.step for s in store.snapshots] == [3] and store.newest_trusted() is snapshot
+    assert blocker.is_dir()  # what the store did not write is never removed
+    restore_training_state(snapshot, model, wrapped, scheduler)
+    assert_equal_state(full_state(model, wrapped, scheduler), expected)
+    store.clear()
+    assert sorted(p.name for p in (tmp_path / "snaps").iterdir()) == ["step-7"]
+
+
+def test_clear_removes_only_what_the_store_wrote(run, tmp_path):
+    model, wrapped, scheduler, _ = run
+    directory = tmp_path / "stability_snapshots" / "rank-0"
+    stale = directory / "step-5"  # left by a killed run: removed at the first write
+    stale.mkdir(parents=True)
+    (stale / "tensors.safetensors").write_bytes(b"partial")
+    keep = tmp_path / "stability_snapshots" / "notes.txt"
+    keep.write_text("mine")
+    store = SnapshotStore(keep=1, storage="disk", directory=directory)
+    store.capture(5, model, wrapped, scheduler, lr_scale=1.0, trusted=True)
+    assert (directory / "step-5" / "structure.pt").is_file()
+    store.clear()
+    assert not directory.exists() and keep.read_text() == "mine"

@@ -41,10 +41,10 @@ from dataclasses import fields
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
+from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
+from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
     PreClipGradNorm,
     SkipRecord,
@@ -81,7 +81,7 @@ _CONFIG_FIELDS = {
 _CONFIG_DEFAULTS = {f.name: f.default for f in fields(StabilityConfig) if f.name in _CONFIG_FIELDS.values()}
 
 
-class SpikeRollbackCallback(TrainerCallback, ExportableState):
+class SpikeRollbackCallback(ResumableCallback):
     """Detects loss (or grad-norm) spikes and rolls every rank back to the newest trusted snapshot.
 
     Works with `StabilityTrainer` and with a plain `transformers.Trainer`. Every argument left ``None`` is
@@ -102,8 +102,9 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
 
     ``rollbacks`` (the cumulative count, read by `LossScaleTelemetryCallback`), ``lr_scale`` and the
     detector's window of healthy values (``detector_window``) survive ``resume_from_checkpoint`` through
-    `ExportableState`, so a resumed run is guarded from its first step. Trainer saves the state of the main
-    process only: after a resume every rank judges its own values against rank 0's window.
+    `ExportableState`, so a resumed run is guarded from its first step; the settings given for the resumed run
+    win over the stored ones. Trainer saves the state of the main process only: after a resume every rank
+    judges its own values against rank 0's window.
 
     Example:
         ```python
@@ -181,10 +182,15 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
             },
         }
 
+    def apply_settings(self, settings: dict) -> None:
+        self._given = {name: settings.get(name) for name in _CONFIG_FIELDS}
+        self._settings = self._resolve(None)
+
     # ---- trainer events ------------------------------------------------------------------------
 
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, model=None, optimizer=None,
                        lr_scheduler=None, **kwargs):
+        self.begin_run(args, state, model)
         self._settings = s = self._resolve(args)
         self._detector = SpikeDetector(s["window"], s["warmup"], s["sigma"])
         self._detector.accept(self.detector_window[-s["window"] :])

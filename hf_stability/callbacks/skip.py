@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
 
+from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
     SkipRecord,
     TrainingLossTap,
@@ -100,7 +99,7 @@ def _ranks_flagged(local_flags: torch.Tensor, local_table: list[list[float]]) ->
     ]
 
 
-class SkipNonFiniteCallback(TrainerCallback, ExportableState):
+class SkipNonFiniteCallback(ResumableCallback):
     """Skip the optimizer update of any step with a NaN/Inf gradient on any rank; report NaN losses and weights.
 
     On a skip, every gradient is set to ``None``, the decision is written to
@@ -130,7 +129,8 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
 
     Counters (``skipped_steps``, ``consecutive_skips``, ``nonfinite_loss_steps``,
     ``nonfinite_parameter_steps``) are exported with the checkpoint and come back on
-    ``resume_from_checkpoint`` when ``restore_callback_states_from_checkpoint=True``.
+    ``resume_from_checkpoint`` when ``restore_callback_states_from_checkpoint=True``; the
+    ``max_consecutive_skips`` given for the resumed run wins over the stored one.
 
     With ``logging_nan_inf_filter=True`` (Trainer's default) the first non-finite loss also raises a
     one-time warning, since Trainer's logged ``loss`` hides it.
@@ -169,7 +169,11 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
             },
         }
 
+    def apply_settings(self, settings: dict) -> None:
+        self.max_consecutive_skips = settings["max_consecutive_skips"]
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.begin_run(args, state, model)
         self._tap = TrainingLossTap.for_model(model)
         self._queue = []
 

@@ -8,8 +8,10 @@ model (tiny by default) → pack rows → `StabilityTrainer` → evaluate → sa
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +39,7 @@ from hf_stability.metrics import metric_path
 from hf_stability.model_card import training_precision
 from hf_stability.pretrain.arguments import DataArguments, ModelArguments, make_parser, parse_args
 from hf_stability.pretrain.data import AnyDataset, describe_source, load_documents, map_documents, take
-from hf_stability.pretrain.errors import exit_on_input_error, input_errors
+from hf_stability.pretrain.errors import InputError, exit_on_input_error, input_errors
 from hf_stability.report import PLOT_FILENAME
 
 logger = logging.getLogger("hf_stability.pretrain")
@@ -67,6 +69,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
 # The license written into the model card's front matter: the project's own. Edit the card's YAML before
 # sharing a model whose training data carries another license.
 CARD_LICENSE = "apache-2.0"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # Texts a tokenizer trained on the fly sees when the training set is streamed.
 STREAMED_TOKENIZER_DOCUMENTS = 10_000
 
@@ -105,9 +108,15 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
     """
     data_args, model_args, objective_args, training_args = parse_recipe_args(objective, argv)
     _setup_logging(training_args)
-    _check_world_size(training_args)
-    if data_args.streaming and training_args.max_steps <= 0:
-        raise ValueError("`streaming` needs `max_steps` > 0: a stream has no length to count epochs by.")
+    with input_errors():  # launch, checkpoint and streaming settings that cannot work end here, in one line
+        _check_world_size(training_args)
+        training_args.resume_from_checkpoint = resolve_checkpoint(
+            training_args.resume_from_checkpoint, training_args.output_dir
+        )
+        if data_args.streaming and training_args.max_steps <= 0:
+            raise ValueError("`streaming` needs `max_steps` > 0: a stream has no length to count epochs by.")
+    if training_args.resume_from_checkpoint is None:
+        _warn_earlier_checkpoints(training_args.output_dir)
     set_seed(training_args.seed)
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
 
@@ -134,7 +143,7 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
         eval_rows = None
     if isinstance(train_rows, datasets.Dataset):
         if len(train_rows) == 0:
-            raise ValueError(
+            raise InputError(
                 f"The training data yields no row of `max_seq_length` {data_args.max_seq_length}: give more text "
                 "or a smaller `max_seq_length`."
             )
@@ -205,6 +214,89 @@ def _launcher_defaults() -> dict[str, Any]:
     accelerator = getattr(torch, "accelerator", None)
     has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
     return {} if has_accelerator else {"use_cpu": True, "dataloader_pin_memory": False}
+
+
+# `--resume_from_checkpoint` values that mean "the newest complete checkpoint in output_dir" / "do not resume".
+LATEST_CHECKPOINT = ("latest", "last", "true", "yes")
+NO_CHECKPOINT = ("", "false", "no", "none")
+# Written by Trainer before trainer_state.json (its last file); any one of them holds the weights.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+)
+
+
+def resolve_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint directory ``--resume_from_checkpoint`` names, checked complete before anything loads.
+
+    ``latest`` (or ``true``) is the newest *complete* checkpoint in ``output_dir`` (an incomplete one, e.g.
+    killed mid-write, is passed over with a warning); a path must exist and be complete. Anything else is a
+    one-line ``ValueError`` naming the checkpoint and what is missing, never a raw JSON, file or Hub error.
+    """
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in NO_CHECKPOINT):
+        return None
+    if value is True or value.strip().lower() in LATEST_CHECKPOINT:
+        found = sorted(_checkpoints(output_dir), reverse=True)
+        for _, path in found:
+            missing = checkpoint_problem(path)
+            if missing is None:
+                return path
+            logger.warning("Passing over incomplete checkpoint %s: %s.", path, missing)
+        raise ValueError(
+            f"`--resume_from_checkpoint {value}`: no complete checkpoint-* in {output_dir!r}"
+            + (f" (incomplete: {', '.join(os.path.basename(p) for _, p in found)})." if found else ".")
+        )
+    missing = checkpoint_problem(value)
+    if missing is not None:
+        raise ValueError(f"`--resume_from_checkpoint` {value!r}: {missing}.")
+    return value
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """What makes ``path`` unusable as a Trainer checkpoint (``None`` when it is complete)."""
+    if not os.path.isdir(path):
+        return "no such directory"
+    state_path = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_path):
+        return "trainer_state.json is missing (the checkpoint was not completely written)"
+    try:
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        return f"trainer_state.json is not valid JSON (cut off mid-write?): {error}"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return "trainer_state.json has no global_step"
+    names = os.listdir(path)
+    if not any(name in WEIGHT_FILES or name.startswith(("pytorch_model_fsdp", "global_step")) for name in names):
+        return f"no model weights (none of {', '.join(WEIGHT_FILES)})"
+    return None
+
+
+def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(output_dir):
+        return []
+    return [
+        (int(match.group(1)), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if (match := _CHECKPOINT_NAME.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    ]
+
+
+def _warn_earlier_checkpoints(output_dir: str) -> None:
+    """A run that does not resume is a new run: say so when ``output_dir`` holds an earlier run's checkpoints."""
+    names = [os.path.basename(path) for _, path in sorted(_checkpoints(output_dir))]
+    if names:
+        logger.warning(
+            "%s holds checkpoints of an earlier run (%s). This run starts from scratch: its stability events go "
+            "to a fresh stability_events.jsonl (the earlier ones are moved aside, not deleted) and its checkpoints "
+            "may rotate the earlier ones out (save_total_limit). To continue the earlier run instead, pass "
+            "--resume_from_checkpoint latest.",
+            output_dir,
+            ", ".join(names),
+        )
 
 
 def _check_world_size(training_args: StabilityConfig) -> None:
