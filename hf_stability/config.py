@@ -115,8 +115,30 @@ class StabilityConfig(TrainingArguments):
         },
     )
 
+    # Adaptive (z-score) gradient clipping, see `AdaptiveClipCallback`
+    adaptive_clip: bool = field(
+        default=False,
+        metadata={
+            "help": "Clip each step's gradient norm to mean + `adaptive_clip_z` x standard deviation of an EMA of the "
+            "recent norms (ZClip), on the device. Applies after `max_grad_norm`; the tighter bound wins."
+        },
+    )
+    adaptive_clip_z: float = field(
+        default=2.5,
+        metadata={"help": "z-score threshold of adaptive clipping: a norm above mean + z x std is clipped to it."},
+    )
+    adaptive_clip_alpha: float = field(
+        default=0.97,
+        metadata={"help": "EMA decay (weight of the past) of the gradient-norm mean and variance, in (0, 1)."},
+    )
+    adaptive_clip_warmup: int = field(
+        default=25,
+        metadata={"help": "Healthy steps that only build the norm statistics before adaptive clipping starts (>= 2)."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._validate_remedies()
         if self.spike_metric not in SPIKE_METRICS:
             raise ValueError(f"`spike_metric` must be one of {SPIKE_METRICS}, got {self.spike_metric!r}.")
         if self.snapshot_storage not in SNAPSHOT_STORAGES:
@@ -145,3 +167,14 @@ class StabilityConfig(TrainingArguments):
             raise ValueError(f"`max_rollbacks` must be >= 0, got {self.max_rollbacks}.")
         if not self.rollback_lr_factor > 0:
             raise ValueError(f"`rollback_lr_factor` must be > 0, got {self.rollback_lr_factor}.")
+
+    def _validate_remedies(self) -> None:
+        """Checks of the adaptive-clipping and batch-ramp fields."""
+        from hf_stability.callbacks.adaptive_clip import validate_adaptive_clip
+
+        validate_adaptive_clip(
+            self.adaptive_clip_z,
+            self.adaptive_clip_alpha,
+            self.adaptive_clip_warmup,
+            names=("adaptive_clip_z", "adaptive_clip_alpha", "adaptive_clip_warmup"),
+        )

@@ -9,6 +9,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
+from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
 from hf_stability.callbacks.signals import PreClipGradNorm, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
@@ -33,12 +34,21 @@ def stability_option(args: TrainingArguments, name: str) -> Any:
 def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
     """The stability callbacks ``args`` asks for, in the order they must run.
 
-    Order matters for ``on_pre_optimizer_step``: skipping decides first, so that rollback sees a
-    skipped step (gradients ``None``, ``SkipRecord``) and telemetry measures only real updates.
+    Order matters for ``on_pre_optimizer_step``: skipping decides first, so that adaptive clipping and
+    rollback see a skipped step (gradients ``None``, ``SkipRecord``) and telemetry measures only real
+    updates, after adaptive clipping.
     """
     callbacks: list[TrainerCallback] = []
     if stability_option(args, "skip_nonfinite"):
         callbacks.append(SkipNonFiniteCallback(max_consecutive_skips=stability_option(args, "max_consecutive_skips")))
+    if stability_option(args, "adaptive_clip"):
+        callbacks.append(
+            AdaptiveClipCallback(
+                z=stability_option(args, "adaptive_clip_z"),
+                alpha=stability_option(args, "adaptive_clip_alpha"),
+                warmup=stability_option(args, "adaptive_clip_warmup"),
+            )
+        )
     if stability_option(args, "spike_rollback"):
         # Reads its spike_*/snapshot_*/rollback settings from `args` when training begins.
         callbacks.append(SpikeRollbackCallback())
@@ -88,6 +98,9 @@ class StabilityTrainer(Trainer):
             telemetry = find_callback(self.callback_handler.callbacks, LossScaleTelemetryCallback)
             if telemetry is not None:
                 logs.update(telemetry.collect(self.callback_handler.callbacks))
+            adaptive_clip = find_callback(self.callback_handler.callbacks, AdaptiveClipCallback)
+            if adaptive_clip is not None:
+                logs.update(adaptive_clip.metrics())
         super().log(logs, start_time)
 
     def _get_grad_norm(self, model, grad_norm=None):
