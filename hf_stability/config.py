@@ -136,6 +136,28 @@ class StabilityConfig(TrainingArguments):
         metadata={"help": "Healthy steps that only build the norm statistics before adaptive clipping starts (>= 2)."},
     )
 
+    # Batch-size ramp (GPT-3), see `hf_stability.batch_ramp`
+    batch_ramp_start: int = field(
+        default=0,
+        metadata={
+            "help": "Global batch size (samples) of the first step; 0 turns the ramp off. The batch then grows by "
+            "`batch_ramp_increment` up to per_device_train_batch_size x gradient_accumulation_steps x world size, "
+            "evenly over `batch_ramp_length`, in whole micro-batches (a multiple of the per-device batch x world size)."
+        },
+    )
+    batch_ramp_increment: int = field(
+        default=0,
+        metadata={"help": "Samples the global batch grows by at each increase (a whole number of micro-batches)."},
+    )
+    batch_ramp_length: int = field(
+        default=0,
+        metadata={"help": "Samples (or steps, see `batch_ramp_unit`) over which the batch reaches the target."},
+    )
+    batch_ramp_unit: str = field(
+        default="samples",
+        metadata={"help": "Unit of `batch_ramp_length` (Megatron-LM counts samples).", "choices": ["samples", "steps"]},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self._validate_remedies()
@@ -178,3 +200,10 @@ class StabilityConfig(TrainingArguments):
             self.adaptive_clip_warmup,
             names=("adaptive_clip_z", "adaptive_clip_alpha", "adaptive_clip_warmup"),
         )
+        if self.batch_ramp_start:
+            from hf_stability.batch_ramp import BatchRamp
+
+            # The target needs the world size; StabilityTrainer checks the micro-batch multiples.
+            target = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+            BatchRamp(self.batch_ramp_start, self.batch_ramp_increment, self.batch_ramp_length, target,
+                      self.batch_ramp_unit)

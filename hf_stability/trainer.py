@@ -9,6 +9,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
+from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
 from hf_stability.callbacks.signals import PreClipGradNorm, completing_step
@@ -61,7 +62,7 @@ def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
     return callbacks
 
 
-class StabilityTrainer(Trainer):
+class StabilityTrainer(BatchRampMixin, Trainer):
     """`Trainer` plus non-finite step skipping, spike rollback and stability telemetry, configured by `args`.
 
     Pass ``args=StabilityConfig(...)``; everything else is `Trainer`'s. A plain `TrainingArguments`
@@ -69,6 +70,8 @@ class StabilityTrainer(Trainer):
     ``restore_callback_states_from_checkpoint=False``, so counters then do not survive a resume — a
     warning says so). The stability callbacks go right after `DefaultFlowCallback`, ahead of the
     reporting and user callbacks; a type the caller already passed in ``callbacks`` is not added again.
+
+    With ``batch_ramp_start > 0`` the global batch grows step by step (`hf_stability.batch_ramp`).
 
     ``log()`` merges the ``stability/*`` metrics into every training log entry before `Trainer`
     records it, so ``log_history``, W&B and TensorBoard receive them (keys in
@@ -78,6 +81,7 @@ class StabilityTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._build_batch_ramp()
         callbacks = self.callback_handler.callbacks
         flow = find_callback(callbacks, DefaultFlowCallback)
         position = callbacks.index(flow) + 1 if flow is not None else 0
@@ -101,6 +105,7 @@ class StabilityTrainer(Trainer):
             adaptive_clip = find_callback(self.callback_handler.callbacks, AdaptiveClipCallback)
             if adaptive_clip is not None:
                 logs.update(adaptive_clip.metrics())
+            logs.update(self.batch_ramp_metrics())
         super().log(logs, start_time)
 
     def _get_grad_norm(self, model, grad_norm=None):
