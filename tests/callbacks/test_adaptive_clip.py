@@ -7,6 +7,7 @@ under 1.0, so ``max_grad_norm=1.0`` applies it in full, while it sits many devia
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -136,3 +137,25 @@ def test_settings_are_validated(tmp_path):
             StabilityConfig(str(tmp_path), **{name: value})
     with pytest.raises(ValueError, match="alpha"):
         AdaptiveClipCallback(alpha=0.0)
+
+
+def test_statistics_survive_resume_from_checkpoint(tmp_path, bert_tokenizer, dataset):
+    first, _ = run(tmp_path, bert_tokenizer, dataset, adaptive_clip=True, save_strategy="steps", save_steps=8)
+    first.train()
+    saved = json.loads((tmp_path / "checkpoint-8" / "trainer_state.json").read_text())
+    exported = saved["stateful_callbacks"]["AdaptiveClipCallback"]
+    assert exported["args"] == {"z": 2.5, "alpha": 0.97, "warmup": WARMUP}
+    assert exported["attributes"]["healthy_steps"] == 8 and exported["attributes"]["mean"] > 0
+
+    resumed, _ = run(tmp_path, bert_tokenizer, dataset, adaptive_clip=True, save_strategy="steps", save_steps=8)
+    statistics = {}
+
+    class AtResume(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clip = find_callback(resumed.callback_handler.callbacks, AdaptiveClipCallback)
+            statistics.update(mean=clip.mean, var=clip.var, healthy_steps=clip.healthy_steps)
+
+    resumed.add_callback(AtResume())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert statistics == {key: exported["attributes"][key] for key in ("mean", "var", "healthy_steps")}
+    assert find_callback(resumed.callback_handler.callbacks, AdaptiveClipCallback).healthy_steps == 14
