@@ -200,8 +200,13 @@ class StabilityConfig(TrainingArguments):
             self.adaptive_clip_warmup,
             names=("adaptive_clip_z", "adaptive_clip_alpha", "adaptive_clip_warmup"),
         )
+        from hf_stability.batch_ramp import RAMP_UNITS, BatchRamp
+
+        if self.batch_ramp_unit not in RAMP_UNITS:
+            raise ValueError(f"`batch_ramp_unit` must be one of {RAMP_UNITS}, got {self.batch_ramp_unit!r}.")
+        if self.batch_ramp_start < 0:
+            raise ValueError(f"`batch_ramp_start` must be >= 0 (0 turns the ramp off), got {self.batch_ramp_start}.")
         if self.batch_ramp_start:
-            from hf_stability.batch_ramp import BatchRamp
 
             # The target needs the world size; StabilityTrainer checks the micro-batch multiples.
             target = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size

@@ -142,6 +142,8 @@ def test_ramp_settings_are_validated(tmp_path):
         StabilityConfig(str(tmp_path), **{**RAMP, "batch_ramp_start": 16})
     with pytest.raises(ValueError, match="batch_ramp_length"):
         StabilityConfig(str(tmp_path), **{**RAMP, "batch_ramp_length": 0})
+    with pytest.raises(ValueError, match="batch_ramp_unit"):
+        StabilityConfig(str(tmp_path), batch_ramp_unit="tokens")
 
 
 def test_start_must_be_whole_micro_batches(tmp_path, bert_tokenizer, dataset):

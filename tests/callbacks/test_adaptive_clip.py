@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import PoisonGradient, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability import AdaptiveClipCallback, StabilityConfig, StabilityTrainer
 from hf_stability.callbacks.signals import completing_step, global_grad_norm, gradients
@@ -129,6 +129,16 @@ def test_a_skipped_step_leaves_the_statistics_alone_and_no_host_read_per_step(
     assert torch.equal(stats[BURST_STEP], stats[BURST_STEP - 1]), "the skipped step fed the statistics"
     assert clip.healthy_steps == 13 and clip.clipped_steps == 0
     assert set(reads.values()) == {0}, reads
+
+
+def test_plain_trainer_logs_the_bound(tmp_path, bert_tokenizer, dataset):
+    args = training_args(tmp_path, args_class=TrainingArguments, max_steps=4)
+    clip = AdaptiveClipCallback(warmup=2)
+    trainer = Trainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset, callbacks=[clip])
+    trainer.train()
+    entries = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["stability/zclip_clipped_steps"] for entry in entries] == [clip.clipped_steps] * 4 == [0] * 4
+    assert all(entry["stability/zclip_bound"] > 0 for entry in entries)
 
 
 def test_settings_are_validated(tmp_path):
