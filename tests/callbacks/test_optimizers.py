@@ -13,6 +13,7 @@ import copy
 import pytest
 from helpers import PoisonGradient, StepSnapshots, assert_same_state, changed_parameters, mlm_dataset, tiny_bert
 from helpers import training_args as base_training_args
+from rollback_faults import ThrowWeights
 from transformers import TrainerCallback
 from transformers.optimization import Adafactor, AdafactorSchedule
 
@@ -120,3 +121,28 @@ def test_snapshot_restores_the_optimizer_state_bit_exactly(tmp_path, bert_tokeni
     assert changed_parameters(probe.expected, probe.moved), "training should have moved the weights"
     assert_same_state(probe.restored[:2], probe.expected[:2])
     assert probe.restored[2] == probe.expected[2], "learning rate"
+
+
+class EveryStepState(StepSnapshots):
+    """Parameters and optimizer state at the end of every step (after any rollback of that step)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.states: dict[int, tuple[dict, dict]] = {}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.states[state.global_step] = self._capture(model, optimizer)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_thrown_update_rolls_back_to_the_snapshot_bit_exactly(tmp_path, bert_tokenizer, dataset, name):
+    thrown = 11
+    trainer = make_trainer(name, tmp_path, bert_tokenizer, dataset, max_steps=14, max_grad_norm=0.0, spike_window=8,
+                           spike_warmup=4, spike_check_interval=1, snapshot_interval=4)
+    recorder = EveryStepState()
+    trainer.add_callback(ThrowWeights([thrown], scale=2.0))
+    trainer.add_callback(recorder)
+    trainer.train()
+    (event,) = read_events(tmp_path)
+    assert event["event"] == "rollback" and event["restored_step"] == 8
+    assert_same_state(recorder.states[event["step"]], recorder.states[8])
