@@ -126,7 +126,11 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
         active = healthy & (healthy_steps >= self.warmup)
         clip = active & (norm > bound)
         factor = torch.where(clip, bound / norm.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(norm))
-        torch._foreach_mul_(grads, factor.to(grads[0].dtype))  # x * 1.0 == x exactly: unclipped steps untouched
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for grad in grads:
+            by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
+        for (grad_device, dtype), group in by_kind.items():  # x * 1.0 == x exactly: unclipped steps untouched
+            torch._foreach_mul_(group, factor.to(grad_device, dtype))
         value = torch.where(active, torch.minimum(raw, bound), raw)
         weight = torch.where(healthy_steps < self.warmup, 1.0 / (healthy_steps + 1), 1.0 - self.alpha)
         delta = torch.where(healthy, value - mean, torch.zeros_like(mean))
