@@ -16,6 +16,7 @@ _EXPORTS = {
     "StabilityTrainer": "hf_stability.trainer",
     "SkipNonFiniteCallback": "hf_stability.callbacks",
     "SpikeRollbackCallback": "hf_stability.callbacks",
+    "AdaptiveClipCallback": "hf_stability.callbacks",
     "LossScaleTelemetryCallback": "hf_stability.callbacks",
     "StabilityEventLog": "hf_stability.events",
     "read_events": "hf_stability.events",

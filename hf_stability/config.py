@@ -115,8 +115,52 @@ class StabilityConfig(TrainingArguments):
         },
     )
 
+    # Adaptive (z-score) gradient clipping, see `AdaptiveClipCallback`
+    adaptive_clip: bool = field(
+        default=False,
+        metadata={
+            "help": "Clip each step's gradient norm to mean + `adaptive_clip_z` x standard deviation of an EMA of the "
+            "recent norms (ZClip), on the device. Applies after `max_grad_norm`; the tighter bound wins."
+        },
+    )
+    adaptive_clip_z: float = field(
+        default=2.5,
+        metadata={"help": "z-score threshold of adaptive clipping: a norm above mean + z x std is clipped to it."},
+    )
+    adaptive_clip_alpha: float = field(
+        default=0.97,
+        metadata={"help": "EMA decay (weight of the past) of the gradient-norm mean and variance, in (0, 1)."},
+    )
+    adaptive_clip_warmup: int = field(
+        default=25,
+        metadata={"help": "Healthy steps that only build the norm statistics before adaptive clipping starts (>= 2)."},
+    )
+
+    # Batch-size ramp (GPT-3), see `hf_stability.batch_ramp`
+    batch_ramp_start: int = field(
+        default=0,
+        metadata={
+            "help": "Global batch size (samples) of the first step; 0 turns the ramp off. The batch then grows by "
+            "`batch_ramp_increment` up to per_device_train_batch_size x gradient_accumulation_steps x world size, "
+            "evenly over `batch_ramp_length`, in whole micro-batches (a multiple of the per-device batch x world size)."
+        },
+    )
+    batch_ramp_increment: int = field(
+        default=0,
+        metadata={"help": "Samples the global batch grows by at each increase (a whole number of micro-batches)."},
+    )
+    batch_ramp_length: int = field(
+        default=0,
+        metadata={"help": "Samples (or steps, see `batch_ramp_unit`) over which the batch reaches the target."},
+    )
+    batch_ramp_unit: str = field(
+        default="samples",
+        metadata={"help": "Unit of `batch_ramp_length` (Megatron-LM counts samples).", "choices": ["samples", "steps"]},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._validate_remedies()
         if self.spike_metric not in SPIKE_METRICS:
             raise ValueError(f"`spike_metric` must be one of {SPIKE_METRICS}, got {self.spike_metric!r}.")
         if self.snapshot_storage not in SNAPSHOT_STORAGES:
@@ -145,3 +189,26 @@ class StabilityConfig(TrainingArguments):
             raise ValueError(f"`max_rollbacks` must be >= 0, got {self.max_rollbacks}.")
         if not self.rollback_lr_factor > 0:
             raise ValueError(f"`rollback_lr_factor` must be > 0, got {self.rollback_lr_factor}.")
+
+    def _validate_remedies(self) -> None:
+        """Checks of the adaptive-clipping and batch-ramp fields."""
+        from hf_stability.callbacks.adaptive_clip import validate_adaptive_clip
+
+        validate_adaptive_clip(
+            self.adaptive_clip_z,
+            self.adaptive_clip_alpha,
+            self.adaptive_clip_warmup,
+            names=("adaptive_clip_z", "adaptive_clip_alpha", "adaptive_clip_warmup"),
+        )
+        from hf_stability.batch_ramp import RAMP_UNITS, BatchRamp
+
+        if self.batch_ramp_unit not in RAMP_UNITS:
+            raise ValueError(f"`batch_ramp_unit` must be one of {RAMP_UNITS}, got {self.batch_ramp_unit!r}.")
+        if self.batch_ramp_start < 0:
+            raise ValueError(f"`batch_ramp_start` must be >= 0 (0 turns the ramp off), got {self.batch_ramp_start}.")
+        if self.batch_ramp_start:
+
+            # The target needs the world size; StabilityTrainer checks the micro-batch multiples.
+            target = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+            BatchRamp(self.batch_ramp_start, self.batch_ramp_increment, self.batch_ramp_length, target,
+                      self.batch_ramp_unit)

@@ -182,6 +182,11 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, structure: dict, tensor
         return
     for key, live in live_tensors.items():
         live.copy_(tensors[key], non_blocking=True)
+    # Non-tensor state (Adafactor's `step` is a Python int) lives outside the tensors copied above.
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's index order
+    for index, saved in structure["state"].items():
+        live_state = optimizer.state[parameters[index]]
+        live_state.update({k: copy.deepcopy(v) for k, v in saved.items() if not isinstance(v, _TensorSlot)})
     for group, saved in zip(optimizer.param_groups, structure["param_groups"], strict=True):
         group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
 

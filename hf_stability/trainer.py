@@ -9,6 +9,8 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
+from hf_stability.batch_ramp import BatchRampMixin
+from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
 from hf_stability.callbacks.signals import PreClipGradNorm, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
@@ -33,12 +35,21 @@ def stability_option(args: TrainingArguments, name: str) -> Any:
 def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
     """The stability callbacks ``args`` asks for, in the order they must run.
 
-    Order matters for ``on_pre_optimizer_step``: skipping decides first, so that rollback sees a
-    skipped step (gradients ``None``, ``SkipRecord``) and telemetry measures only real updates.
+    Order matters for ``on_pre_optimizer_step``: skipping decides first, so that adaptive clipping and
+    rollback see a skipped step (gradients ``None``, ``SkipRecord``) and telemetry measures only real
+    updates, after adaptive clipping.
     """
     callbacks: list[TrainerCallback] = []
     if stability_option(args, "skip_nonfinite"):
         callbacks.append(SkipNonFiniteCallback(max_consecutive_skips=stability_option(args, "max_consecutive_skips")))
+    if stability_option(args, "adaptive_clip"):
+        callbacks.append(
+            AdaptiveClipCallback(
+                z=stability_option(args, "adaptive_clip_z"),
+                alpha=stability_option(args, "adaptive_clip_alpha"),
+                warmup=stability_option(args, "adaptive_clip_warmup"),
+            )
+        )
     if stability_option(args, "spike_rollback"):
         # Reads its spike_*/snapshot_*/rollback settings from `args` when training begins.
         callbacks.append(SpikeRollbackCallback())
@@ -51,7 +62,7 @@ def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
     return callbacks
 
 
-class StabilityTrainer(Trainer):
+class StabilityTrainer(BatchRampMixin, Trainer):
     """`Trainer` plus non-finite step skipping, spike rollback and stability telemetry, configured by `args`.
 
     Pass ``args=StabilityConfig(...)``; everything else is `Trainer`'s. A plain `TrainingArguments`
@@ -59,6 +70,8 @@ class StabilityTrainer(Trainer):
     ``restore_callback_states_from_checkpoint=False``, so counters then do not survive a resume — a
     warning says so). The stability callbacks go right after `DefaultFlowCallback`, ahead of the
     reporting and user callbacks; a type the caller already passed in ``callbacks`` is not added again.
+
+    With ``batch_ramp_start > 0`` the global batch grows step by step (`hf_stability.batch_ramp`).
 
     ``log()`` merges the ``stability/*`` metrics into every training log entry before `Trainer`
     records it, so ``log_history``, W&B and TensorBoard receive them (keys in
@@ -68,6 +81,7 @@ class StabilityTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._build_batch_ramp()
         callbacks = self.callback_handler.callbacks
         flow = find_callback(callbacks, DefaultFlowCallback)
         position = callbacks.index(flow) + 1 if flow is not None else 0
@@ -100,6 +114,10 @@ class StabilityTrainer(Trainer):
             telemetry = find_callback(self.callback_handler.callbacks, LossScaleTelemetryCallback)
             if telemetry is not None:
                 logs.update(telemetry.collect(self.callback_handler.callbacks))
+            adaptive_clip = find_callback(self.callback_handler.callbacks, AdaptiveClipCallback)
+            if adaptive_clip is not None:
+                logs.update(adaptive_clip.metrics())
+            logs.update(self.batch_ramp_metrics())
         super().log(logs, start_time)
 
     def create_model_card(

@@ -5,6 +5,20 @@ trained on it, a tiny model. Everything is a flag (``--help``) or a ``--config x
 
     python recipes/t5_pretrain.py
     accelerate launch recipes/t5_pretrain.py --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1
+
+T5's own optimizer settings (Raffel et al. 2020, §3.1.2: Adafactor, learning rate 1/sqrt(max(n, 10^4)),
+no weight decay, no gradient-norm clipping, dropout 0 in pre-training):
+
+    python recipes/t5_pretrain.py --optim adafactor --learning_rate 1e-2 --lr_scheduler_type inverse_sqrt \
+        --warmup_steps 0 --weight_decay 0 --max_grad_norm 0
+
+Trainer's ``adafactor`` uses factored second moments, no first moment, update clipping at 1.0 and decay
+rate -0.8, but fixes ``relative_step=False`` and ``scale_parameter=False`` and takes the LR from the
+scheduler (``--lr_scheduler_kwargs '{}'`` drops the recipes' ``min_lr_rate``, which ``inverse_sqrt`` does not
+take): ``inverse_sqrt`` with no warm-up gives 1e-2 / sqrt((n + 10^4) / 10^4) = 1/sqrt(n + 10^4), T5's
+value at step 0 and for n >> 10^4 (within sqrt(2) in between). The paper's exact schedule is Adafactor's own
+relative step (``Adafactor(params, lr=None, relative_step=True)`` with ``AdafactorSchedule``, passed as
+``optimizers=``): min(1e-2, 1/sqrt(n)). Skipping, rollback snapshots and telemetry work with both.
 """
 
 from __future__ import annotations

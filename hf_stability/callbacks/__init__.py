@@ -2,6 +2,7 @@
 
 - `SkipNonFiniteCallback` (``skip.py``): drop the update of a step with NaN/Inf gradients on any rank.
 - `SpikeRollbackCallback` (``rollback.py``): on a loss/grad-norm spike, restore a healthy in-memory snapshot.
+- `AdaptiveClipCallback` (``adaptive_clip.py``): clip gradient norms above mean + z·σ of their EMA (ZClip).
 - `LossScaleTelemetryCallback` (``telemetry.py``): loss scale, skip/rollback counts, fp16 pressure via `Trainer.log`.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 _EXPORTS = {
     "SkipNonFiniteCallback": "hf_stability.callbacks.skip",
     "SpikeRollbackCallback": "hf_stability.callbacks.rollback",
+    "AdaptiveClipCallback": "hf_stability.callbacks.adaptive_clip",
     "LossScaleTelemetryCallback": "hf_stability.callbacks.telemetry",
 }
 

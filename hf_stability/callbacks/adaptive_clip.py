@@ -1,0 +1,163 @@
+"""`AdaptiveClipCallback`: z-score gradient clipping in the style of ZClip (arXiv 2504.02507).
+
+A fixed ``max_grad_norm`` is blind to a burst that stays below it: a step whose gradient norm is ten
+times the usual is applied in full as long as it is under the threshold. ZClip judges each step against
+the run's own recent norms instead: an exponential moving average of the norm's mean and variance gives
+``bound = mean + z·σ``, and a step above the bound is rescaled to it (clipped, not skipped).
+
+Everything happens on the device: the statistics, the bound, the rescale factor (exactly 1.0 when the
+step is below the bound, so such steps are bit-for-bit untouched) and the clipped-step counter are
+tensors, and no value is read to the host per step. Metrics are read once per log entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from hf_stability.callbacks.signals import PreClipGradNorm, SkipRecord, completing_step, global_grad_norm, gradients
+
+PREFIX = "stability/"
+
+
+def validate_adaptive_clip(z: float, alpha: float, warmup: int, names: tuple[str, str, str] = ("z", "alpha", "warmup")):
+    """Raise ValueError naming the offending setting (``names`` are the caller's names for the three)."""
+    if not (isinstance(z, (int, float)) and math.isfinite(z) and z > 0):
+        raise ValueError(f"`{names[0]}` must be a finite number > 0, got {z!r}.")
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise ValueError(f"`{names[1]}` must be in the open interval (0, 1), got {alpha!r}.")
+    if not (isinstance(warmup, int) and warmup >= 2):
+        raise ValueError(f"`{names[2]}` must be an int >= 2 (a deviation needs two norms), got {warmup!r}.")
+
+
+class AdaptiveClipCallback(TrainerCallback, ExportableState):
+    """Clip each step's gradient norm to ``mean + z·σ`` of an EMA of the recent (healthy) norms.
+
+    Runs in ``on_pre_optimizer_step``, after `SkipNonFiniteCallback` has decided (gradients already unscaled
+    in fp16, already clipped by Trainer's ``max_grad_norm``):
+
+    - The statistics follow the pre-clip norm (Trainer's own, shared by `StabilityTrainer`; with a plain
+      `Trainer`, the norm of the gradients as they arrive). The first ``warmup`` healthy steps only build
+      them (plain mean and variance); afterwards each step updates them with weight ``1 - alpha`` (mean
+      ``m += w·(x - m)``, variance ``v = (1 - w)·(v + w·(x - m_old)²)``), feeding in the norm *after* the
+      adaptive clip so that a burst does not inflate its own bound.
+    - After the warm-up, gradients whose norm (after ``max_grad_norm``) exceeds the bound are rescaled to
+      it. Both clips apply; the tighter one wins: ``max_grad_norm`` first (Trainer), then the bound.
+    - A skipped step (non-finite norm, or skipped by `SkipNonFiniteCallback`, decided on the host or still
+      pending on device in fp16) changes neither the statistics nor the gradients.
+
+    Under DDP the gradients are already all-reduced, so every rank computes the same bound and decision.
+    Statistics and the clipped-step count are exported with checkpoints (`ExportableState`). They are not
+    part of rollback snapshots: after a rollback they keep describing the norms seen so far.
+
+    Logged (``metrics()``, merged by `StabilityTrainer.log`): ``stability/zclip_bound`` (the bound the next
+    step is judged against, applied only after the warm-up) and ``stability/zclip_clipped_steps``
+    (cumulative number of steps rescaled).
+
+    Args:
+        z: z-score threshold; a norm above ``mean + z·σ`` is clipped.
+        alpha: EMA decay of mean and variance (the weight of the past).
+        warmup: healthy steps that only build the statistics before clipping starts.
+
+    Example:
+        ```python
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[AdaptiveClipCallback(z=2.5)])
+        ```
+    """
+
+    def __init__(self, z: float = 2.5, alpha: float = 0.97, warmup: int = 25) -> None:
+        validate_adaptive_clip(z, alpha, warmup)
+        self.z, self.alpha, self.warmup = float(z), float(alpha), warmup
+        # Host copies, exported with checkpoints; the live values are the device tensors below.
+        self.mean, self.var, self.healthy_steps, self.clipped_steps = 0.0, 0.0, 0, 0
+        self._stats: torch.Tensor | None = None  # [mean, var, healthy_steps, clipped_steps] on the gradients' device
+
+    def state(self) -> dict:
+        self._sync_to_host()
+        return {
+            "args": {"z": self.z, "alpha": self.alpha, "warmup": self.warmup},
+            "attributes": {
+                "mean": self.mean,
+                "var": self.var,
+                "healthy_steps": self.healthy_steps,
+                "clipped_steps": self.clipped_steps,
+            },
+        }
+
+    def _sync_to_host(self) -> None:
+        if self._stats is not None:
+            mean, var, healthy, clipped = self._stats.tolist()  # checkpoint/train end only
+            self.mean, self.var, self.healthy_steps, self.clipped_steps = mean, var, int(healthy), int(clipped)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._stats = None  # rebuilt from the host values (restored from a checkpoint, or 0) at the first step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._sync_to_host()
+
+    def bound(self, stats: torch.Tensor | None = None) -> torch.Tensor:
+        """``mean + z·σ`` of the current statistics (a 0-d tensor)."""
+        stats = self._stats if stats is None else stats
+        if stats is None:
+            return torch.tensor(self.mean + self.z * math.sqrt(self.var))
+        return stats[0] + self.z * stats[1].clamp_min(0).sqrt()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        step = completing_step(state)
+        grads = gradients(model.parameters())
+        skipped = SkipRecord.for_model(model).skip_flag(step)
+        if not grads or skipped is True:
+            return  # a skip decided on the host: nothing to clip, nothing to learn from
+        norm = global_grad_norm(grads)  # what the optimizer is about to apply (after max_grad_norm)
+        device = norm.device
+        if self._stats is None:
+            host = [self.mean, self.var, float(self.healthy_steps), float(self.clipped_steps)]
+            self._stats = torch.tensor(host, dtype=torch.float32, device=device)
+        mean, var, healthy_steps, clipped_steps = self._stats.unbind()
+        pre_clip = PreClipGradNorm.for_model(model).read(step)
+        raw = norm if pre_clip is None else pre_clip.detach().float().reshape(()).to(device)
+        healthy = torch.isfinite(raw) & torch.isfinite(norm)
+        if isinstance(skipped, torch.Tensor):  # fp16 decision still on device
+            healthy = healthy & ~skipped.to(device)
+        bound = self.bound(self._stats)
+        active = healthy & (healthy_steps >= self.warmup)
+        clip = active & (norm > bound)
+        factor = torch.where(clip, bound / norm.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(norm))
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for grad in grads:
+            by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
+        for (grad_device, dtype), group in by_kind.items():  # x * 1.0 == x exactly: unclipped steps untouched
+            torch._foreach_mul_(group, factor.to(grad_device, dtype))
+        value = torch.where(active, torch.minimum(raw, bound), raw)
+        weight = torch.where(healthy_steps < self.warmup, 1.0 / (healthy_steps + 1), 1.0 - self.alpha)
+        delta = torch.where(healthy, value - mean, torch.zeros_like(mean))
+        new_mean = mean + weight * delta
+        new_var = (1 - weight) * (var + weight * delta * delta)
+        self._stats = torch.stack(
+            [
+                torch.where(healthy, new_mean, mean),
+                torch.where(healthy, new_var, var),
+                healthy_steps + healthy.float(),
+                clipped_steps + clip.float(),
+            ]
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """The bound and the clipped-step count for a log entry (one device-to-host read)."""
+        if self._stats is None:
+            bound, clipped = self.bound().item(), float(self.clipped_steps)
+        else:
+            bound, clipped = torch.stack([self.bound(), self._stats[3]]).tolist()
+        return {f"{PREFIX}zclip_bound": bound, f"{PREFIX}zclip_clipped_steps": int(clipped)}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Plain-Trainer path: add the metrics to the training log entry (StabilityTrainer merges them in ``log``)."""
+        if logs is None or "loss" not in logs or f"{PREFIX}zclip_bound" in logs:
+            return
+        metrics = self.metrics()
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
