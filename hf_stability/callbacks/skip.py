@@ -39,6 +39,7 @@ from hf_stability.callbacks.signals import (
     is_logging_step,
     reduce_across_ranks,
 )
+from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
         }
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        refuse_for_callback(self, args)
         self._tap = TrainingLossTap.for_model(model)
         self._queue = []
 

@@ -16,6 +16,7 @@ from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 from hf_stability.callbacks.signals import active_grad_scaler, completing_step, is_logging_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
+from hf_stability.engines import refuse_for_callback
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class LossScaleTelemetryCallback(TrainerCallback):
         self._handler = handler
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        refuse_for_callback(self, args)
         self._optimizer = optimizer
         self._measured = {}
         if self._handler is None and not self._unbound_warned:
