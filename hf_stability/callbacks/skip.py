@@ -34,6 +34,8 @@ from hf_stability.callbacks.signals import (
     TrainingLossTap,
     active_grad_scaler,
     completing_step,
+    distributed,
+    for_collective,
     global_grad_norm,
     gradients,
     is_logging_step,
@@ -87,11 +89,10 @@ def _ranks_flagged(local_flags: torch.Tensor, local_table: list[list[float]]) ->
     exchange theirs with one all-gather and one read, on flushes that report something only (every rank
     gets there alike, the reduced flags agree).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed() or dist.get_world_size() == 1:
         table = [local_table]
     else:
-        work = local_flags.detach().contiguous()
-        work = work.cpu() if dist.get_backend() == "gloo" else work
+        work = for_collective(local_flags)
         gathered = [torch.zeros_like(work) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, work)
         table = torch.stack(gathered).tolist()  # [rank][row][flag]
