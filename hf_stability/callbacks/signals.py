@@ -91,12 +91,32 @@ def gradients(parameters: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in parameters if p.grad is not None]
 
 
+def replicated(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor with the global value of ``tensor``: a DTensor (FSDP2) is reduced, anything else is returned.
+
+    Norms of FSDP2 shards come back as partial DTensors; mixing them with plain tensors fails, and their local
+    part is only this rank's share. All ranks call the callbacks alike, so the reduction is a matched collective.
+    """
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
+def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each tensor as one 1-d fp32 tensor (one fused kernel; for FSDP2 shards, one all-reduce)."""
+    if not tensors:
+        return torch.zeros(0)
+    norms = torch._foreach_norm(tensors)
+    return replicated(torch.stack([n.float().to(norms[0].device) for n in norms]))
+
+
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all gradients as one 0-d fp32 tensor; non-finite iff some gradient is (or the norm overflows)."""
+    """L2 norm of all gradients as one 0-d fp32 tensor; non-finite iff some gradient is (or the norm overflows).
+
+    For FSDP2's sharded gradients it is the norm of the whole gradient, the same on every rank.
+    """
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
+    return torch.linalg.vector_norm(tensor_norms(grads))
 
 
 def collective_device(backend: str, device: torch.device) -> torch.device:
