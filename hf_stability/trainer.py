@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from typing import Any
 
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
@@ -16,6 +17,7 @@ from hf_stability.callbacks.signals import PreClipGradNorm, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback, find_callback
 from hf_stability.config import StabilityConfig
+from hf_stability.engines import refuse_unsupported_engine
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,11 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
         telemetry.bind(self.callback_handler)
+        stability_types = (SkipNonFiniteCallback, SpikeRollbackCallback, LossScaleTelemetryCallback)
+        refuse_unsupported_engine(
+            [type(callback).__name__ for callback in callbacks if isinstance(callback, stability_types)],
+            self.is_deepspeed_enabled or self.accelerator.distributed_type == DistributedType.DEEPSPEED,
+        )
         if not isinstance(self.args, StabilityConfig) and not self.args.restore_callback_states_from_checkpoint:
             logger.warning(
                 "StabilityTrainer got TrainingArguments with restore_callback_states_from_checkpoint=False: skip and "

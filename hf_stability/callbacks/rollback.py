@@ -57,6 +57,7 @@ from hf_stability.callbacks.signals import (
     reduce_across_ranks,
 )
 from hf_stability.config import SPIKE_METRICS, StabilityConfig
+from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
 from hf_stability.snapshots import SnapshotStore, restore_training_state
 from hf_stability.spike import SpikeDetector
@@ -190,6 +191,7 @@ class SpikeRollbackCallback(ResumableCallback):
 
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, model=None, optimizer=None,
                        lr_scheduler=None, **kwargs):
+        refuse_for_callback(self, args)
         self.begin_run(args, state, model)
         self._settings = s = self._resolve(args)
         self._detector = SpikeDetector(s["window"], s["warmup"], s["sigma"])

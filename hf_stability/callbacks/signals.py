@@ -91,29 +91,68 @@ def gradients(parameters: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in parameters if p.grad is not None]
 
 
+def replicated(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor with the global value of ``tensor``: a DTensor (FSDP2) is reduced, anything else is returned.
+
+    Norms of FSDP2 shards come back as partial DTensors; mixing them with plain tensors fails, and their local
+    part is only this rank's share. All ranks call the callbacks alike, so the reduction is a matched collective.
+    """
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
+def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each tensor as one 1-d fp32 tensor (one fused kernel; for FSDP2 shards, one all-reduce)."""
+    if not tensors:
+        return torch.zeros(0)
+    norms = torch._foreach_norm(tensors)
+    return replicated(torch.stack([n.float().to(norms[0].device) for n in norms]))
+
+
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all gradients as one 0-d fp32 tensor; non-finite iff some gradient is (or the norm overflows)."""
+    """L2 norm of all gradients as one 0-d fp32 tensor; non-finite iff some gradient is (or the norm overflows).
+
+    For FSDP2's sharded gradients it is the norm of the whole gradient, the same on every rank.
+    """
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
+    return torch.linalg.vector_norm(tensor_norms(grads))
+
+
+def collective_device(backend: str, device: torch.device) -> torch.device:
+    """Where a collective of ``backend`` needs a tensor now on ``device``: gloo reduces on CPU, NCCL on CUDA only.
+
+    Other backends (e.g. ``"cpu:gloo,cuda:nccl"``) take the tensor where it is.
+    """
+    if backend == "gloo":
+        return torch.device("cpu")
+    if backend == "nccl" and device.type != "cuda":
+        return torch.device("cuda")  # the current CUDA device, the one NCCL's communicator uses
+    return device
+
+
+def distributed() -> bool:
+    """Whether a process group is up (even of one rank: its collectives still need the backend's device)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def for_collective(value: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``value`` on the current backend's device, ready to be reduced or gathered in place."""
+    return value.detach().to(collective_device(dist.get_backend(), value.device), copy=True).contiguous()
 
 
 def reduce_across_ranks(value: torch.Tensor, op: str = "max") -> torch.Tensor:
     """All-reduce a small tensor (``op`` in ``"max"``, ``"min"``, ``"sum"``) when a process group is up.
 
-    Under ``gloo`` the reduction runs on CPU, under ``nccl`` on the tensor's device; the caller gets
-    a tensor on the device it passed.
+    The reduction runs on the backend's device (:func:`collective_device`); the caller gets a tensor on
+    the device it passed.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return value
     reduce_op = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}[op]
-    device = value.device
-    work = value.detach().clone()
-    if dist.get_backend() == "gloo" and work.device.type != "cpu":
-        work = work.cpu()
+    work = for_collective(value)
     dist.all_reduce(work, op=reduce_op)
-    return work.to(device)
+    return work.to(value.device)
 
 
 class SkipRecord(_OnePerModel):

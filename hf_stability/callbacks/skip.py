@@ -33,11 +33,14 @@ from hf_stability.callbacks.signals import (
     TrainingLossTap,
     active_grad_scaler,
     completing_step,
+    distributed,
+    for_collective,
     global_grad_norm,
     gradients,
     is_logging_step,
     reduce_across_ranks,
 )
+from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
 
 logger = logging.getLogger(__name__)
@@ -85,11 +88,10 @@ def _ranks_flagged(local_flags: torch.Tensor, local_table: list[list[float]]) ->
     exchange theirs with one all-gather and one read, on flushes that report something only (every rank
     gets there alike, the reduced flags agree).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed() or dist.get_world_size() == 1:
         table = [local_table]
     else:
-        work = local_flags.detach().contiguous()
-        work = work.cpu() if dist.get_backend() == "gloo" else work
+        work = for_collective(local_flags)
         gathered = [torch.zeros_like(work) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, work)
         table = torch.stack(gathered).tolist()  # [rank][row][flag]
@@ -173,6 +175,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         self.max_consecutive_skips = settings["max_consecutive_skips"]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        refuse_for_callback(self, args)
         self.begin_run(args, state, model)
         self._tap = TrainingLossTap.for_model(model)
         self._queue = []

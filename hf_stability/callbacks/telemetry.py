@@ -14,8 +14,15 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
-from hf_stability.callbacks.signals import active_grad_scaler, completing_step, is_logging_step
+from hf_stability.callbacks.signals import (
+    active_grad_scaler,
+    completing_step,
+    is_logging_step,
+    replicated,
+    tensor_norms,
+)
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
+from hf_stability.engines import refuse_for_callback
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +112,7 @@ class LossScaleTelemetryCallback(TrainerCallback):
         self._handler = handler
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        refuse_for_callback(self, args)
         self._optimizer = optimizer
         self._measured = {}
         if self._handler is None and not self._unbound_warned:
@@ -126,9 +134,9 @@ class LossScaleTelemetryCallback(TrainerCallback):
         if self.log_fp16_pressure:
             scaler = active_grad_scaler(optimizer)
             scale = scaler._get_scale_async() if scaler is not None else None
-            self._measured.update(fp16_pressure(grads, scale))
+            self._measured.update({key: replicated(value) for key, value in fp16_pressure(grads, scale).items()})
         if self.log_layer_grad_norms:
-            norms = torch._foreach_norm(grads)
+            norms = tensor_norms(grads)  # global norms under FSDP2
             for (name, _), norm in zip(named, norms, strict=True):
                 self._measured[f"{PREFIX}grad_norm/{name}"] = norm
 

@@ -1,0 +1,57 @@
+"""Launched by tests/test_engines.py: ``accelerate launch --config_file DS.yaml deepspeed_two_ranks.py OUTPUT_DIR``.
+
+A real DeepSpeed engine (CPU accelerator, gloo) on two processes. Three checks per rank, written to
+``OUTPUT_DIR/rank{N}.json`` for the test to read:
+
+- ``StabilityTrainer`` refuses in ``__init__`` with `UnsupportedEngineError`;
+- a plain ``Trainer`` with ``SkipNonFiniteCallback`` refuses in ``train()`` before the first step;
+- the same ``Trainer`` without the callback trains (DeepSpeed really runs here), so the refusals are not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from helpers import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from hf_stability import SkipNonFiniteCallback, StabilityTrainer  # noqa: E402
+from hf_stability.engines import UnsupportedEngineError  # noqa: E402
+
+
+def refusal(build) -> str | None:
+    """The one-line message of the `UnsupportedEngineError` ``build()`` raises, or None when it raises nothing."""
+    try:
+        build()
+    except UnsupportedEngineError as error:
+        return str(error)
+    return None
+
+
+def main(output_dir: str) -> None:
+    tokenizer = bert_tokenizer()
+    data = mlm_dataset(tokenizer, rows=16)
+
+    def arguments(args_class):
+        return training_args(output_dir, args_class=args_class, max_steps=2, per_device_train_batch_size=2)
+
+    result = {"stability_trainer": refusal(lambda: StabilityTrainer(tiny_bert(tokenizer), arguments(None)))}
+    trainer = Trainer(
+        tiny_bert(tokenizer), arguments(TrainingArguments), train_dataset=data, callbacks=[SkipNonFiniteCallback()]
+    )
+    result["deepspeed_enabled"] = trainer.is_deepspeed_enabled
+    result["callback"] = refusal(trainer.train)
+    result["callback_global_step"] = trainer.state.global_step
+    plain = Trainer(tiny_bert(tokenizer), arguments(TrainingArguments), train_dataset=data)
+    result["plain_loss"] = plain.train().training_loss
+    result["plain_global_step"] = plain.state.global_step
+    with open(os.path.join(output_dir, f"rank{plain.args.process_index}.json"), "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,79 @@
+"""Engine support: under DeepSpeed every stability protection refuses to start instead of staying silently inactive."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import training_args
+
+from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled, refuse_unsupported_engine
+
+HERE = Path(__file__).parent
+
+
+def test_refusal_is_one_line_naming_the_protections_and_the_alternative():
+    with pytest.raises(UnsupportedEngineError, match="deepspeed") as raised:
+        refuse_unsupported_engine(["SkipNonFiniteCallback", "SpikeRollbackCallback"], deepspeed=True)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "SkipNonFiniteCallback, SpikeRollbackCallback" in message and "FSDP2" in message
+    assert isinstance(raised.value, ValueError)
+    refuse_unsupported_engine(["SkipNonFiniteCallback"], deepspeed=False)  # other engines pass
+
+
+def test_plain_arguments_are_not_deepspeed(tmp_path):
+    assert not deepspeed_enabled(training_args(tmp_path))
+
+
+def _deepspeed_launch_config(tmp_path: Path, stage: int) -> Path:
+    """An accelerate config for two DeepSpeed processes on CPU (DeepSpeed's CPU accelerator, gloo)."""
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "zero_optimization": {"stage": stage},
+            }
+        )
+    )
+    launch = tmp_path / "accelerate.yaml"
+    launch.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {ds_config}\n"
+        "num_machines: 1\nnum_processes: 2\nmachine_rank: 0\nrdzv_backend: static\nsame_network: true\nuse_cpu: true\n"
+    )
+    return launch
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_two_ranks_refuse_before_the_first_step(tmp_path, stage):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[dev]' installs it)")
+    script = HERE / "distributed" / "deepspeed_two_ranks.py"
+    launch = _deepspeed_launch_config(tmp_path, stage)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch), str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert outcome["deepspeed_enabled"]
+        for protections in ("stability_trainer", "callback"):
+            assert outcome[protections] is not None and "FSDP2" in outcome[protections], outcome
+        assert "SpikeRollbackCallback" in outcome["stability_trainer"]
+        assert outcome["callback_global_step"] == 0  # refused before any update
+        # DeepSpeed itself trains here:
+        assert outcome["plain_global_step"] == 2 and math.isfinite(outcome["plain_loss"])

@@ -1,0 +1,38 @@
+"""FSDP2 (``fully_shard``) on 2 CPU ranks with gloo: skip, snapshots and telemetry see the whole sharded model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.distributed
+def test_fsdp2_two_ranks_skip_snapshot_and_telemetry_are_global(tmp_path):
+    script = HERE / "distributed" / "fsdp2_two_ranks.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        outcome = torch.load(tmp_path / f"rank{rank}.pt")
+        # Norms of the whole gradient, not of this rank's shard (fp32 sums in another order: a few ulps).
+        torch.testing.assert_close(outcome["norm"], outcome["expected_norm"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(outcome["layer_norms"], outcome["expected_layer_norms"], rtol=1e-5, atol=0)
+        for key, expected in outcome["expected_fp16_metrics"].items():
+            assert outcome["fp16_metrics"][key] == pytest.approx(expected, rel=1e-5), key
+        # One NaN in rank 1's shard: both ranks skip, their shards and Adam state stay bit-identical.
+        assert outcome["skipped"] and outcome["skipped_steps"] == 1
+        assert outcome["unchanged_across_poisoned_step"] and outcome["changed_after"]
+        assert outcome["cpu_restore_exact"] and outcome["disk_restore_exact"]
