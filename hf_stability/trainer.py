@@ -95,10 +95,17 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
         telemetry.bind(self.callback_handler)
-        stability_types = (SkipNonFiniteCallback, SpikeRollbackCallback, LossScaleTelemetryCallback)
+        stability_types = (
+            SkipNonFiniteCallback,
+            AdaptiveClipCallback,
+            SpikeRollbackCallback,
+            LossScaleTelemetryCallback,
+        )
+        protections = [type(callback).__name__ for callback in callbacks if isinstance(callback, stability_types)]
+        if self.batch_ramp is not None:  # placeholder micro-batches would break the engine's accumulation count
+            protections.append("batch_ramp")
         refuse_unsupported_engine(
-            [type(callback).__name__ for callback in callbacks if isinstance(callback, stability_types)],
-            self.is_deepspeed_enabled or self.accelerator.distributed_type == DistributedType.DEEPSPEED,
+            protections, self.is_deepspeed_enabled or self.accelerator.distributed_type == DistributedType.DEEPSPEED
         )
         if not isinstance(self.args, StabilityConfig) and not self.args.restore_callback_states_from_checkpoint:
             logger.warning(

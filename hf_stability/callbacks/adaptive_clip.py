@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_stability.callbacks.signals import PreClipGradNorm, SkipRecord, completing_step, global_grad_norm, gradients
+from hf_stability.engines import refuse_for_callback
 
 PREFIX = "stability/"
 
@@ -93,6 +94,7 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
             self.mean, self.var, self.healthy_steps, self.clipped_steps = mean, var, int(healthy), int(clipped)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        refuse_for_callback(self, args)
         self._stats = None  # rebuilt from the host values (restored from a checkpoint, or 0) at the first step
 
     def on_train_end(self, args, state, control, **kwargs):
