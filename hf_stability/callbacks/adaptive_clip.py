@@ -17,11 +17,14 @@ import math
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.utils import logging
 
 from hf_stability.callbacks.signals import PreClipGradNorm, SkipRecord, completing_step, global_grad_norm, gradients
 from hf_stability.engines import refuse_for_callback
 
 PREFIX = "stability/"
+
+logger = logging.get_logger(__name__)
 
 
 def validate_adaptive_clip(z: float, alpha: float, warmup: int, names: tuple[str, str, str] = ("z", "alpha", "warmup")):
@@ -75,6 +78,7 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
         # Host copies, exported with checkpoints; the live values are the device tensors below.
         self.mean, self.var, self.healthy_steps, self.clipped_steps = 0.0, 0.0, 0, 0
         self._stats: torch.Tensor | None = None  # [mean, var, healthy_steps, clipped_steps] on the gradients' device
+        self._clipped_norm_warned = False
 
     def state(self) -> dict:
         self._sync_to_host()
@@ -120,6 +124,8 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
             self._stats = torch.tensor(host, dtype=torch.float32, device=device)
         mean, var, healthy_steps, clipped_steps = self._stats.unbind()
         pre_clip = PreClipGradNorm.for_model(model).read(step)
+        if pre_clip is None:
+            self._warn_clipped_norm(args)
         raw = norm if pre_clip is None else pre_clip.detach().float().reshape(()).to(device)
         healthy = torch.isfinite(raw) & torch.isfinite(norm)
         if isinstance(skipped, torch.Tensor):  # fp16 decision still on device
@@ -145,6 +151,17 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
                 healthy_steps + healthy.float(),
                 clipped_steps + clip.float(),
             ]
+        )
+
+    def _warn_clipped_norm(self, args) -> None:
+        """Once: without the pre-clip norm the statistics follow norms `max_grad_norm` already capped."""
+        if self._clipped_norm_warned or not getattr(args, "max_grad_norm", 0) > 0:
+            return
+        self._clipped_norm_warned = True
+        logger.warning(
+            f"AdaptiveClipCallback under a trainer that does not share the pre-clip gradient norm, with "
+            f"max_grad_norm={args.max_grad_norm}: its statistics follow the clipped norms, which sit at the clip and "
+            "leave it nothing to learn. Use StabilityTrainer, or max_grad_norm=0 to let the adaptive bound clip alone."
         )
 
     def metrics(self) -> dict[str, float]:
