@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import BIN, RECIPES, TINY_RUN, run_recipe
 
 
+@pytest.mark.slow
 def test_bart_recipe_with_insertions_sizes_the_positions_and_trains(tmp_path):
     output_dir = tmp_path / "bart"
     run_recipe([sys.executable], "bart", output_dir, *TINY_RUN, "--insert_ratio", "0.1", "--max_steps", "2")
@@ -30,6 +32,7 @@ def _failed_run(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_a_model_without_room_for_the_insertions_is_refused_before_training(tmp_path):
     result = _failed_run(tmp_path, "--insert_ratio", "0.1", "--config_overrides", "max_position_embeddings=64")
     assert result.returncode == 2
@@ -39,6 +42,7 @@ def test_a_model_without_room_for_the_insertions_is_refused_before_training(tmp_
     )
 
 
+@pytest.mark.slow
 def test_a_batch_wider_than_the_positions_names_the_setting(tmp_path):
     # Nearly every span of Poisson(0.05) is empty and inserts a <mask>: rows grow past their 64 positions.
     result = _failed_run(tmp_path, "--poisson_lambda", "0.05")
