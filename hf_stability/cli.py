@@ -20,7 +20,8 @@ def make_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report",
         help="Summarise a run's stability events and plot its training curves.",
-        description="Summarise a run's loss, skipped steps, rollbacks and loss scale, and plot its training curves. "
+        description="Summarise a run's loss, skipped steps, rollbacks, loss scale and, when per-layer gradient norms "
+        "were logged (log_layer_grad_norms), the layers whose gradients vanish or explode; plot its training curves. "
         "Works for any output directory of StabilityTrainer, the recipes, or a plain Trainer with the callbacks.",
     )
     report.add_argument("output_dir", help="The run's output directory (holding trainer_state.json or checkpoints).")

@@ -24,7 +24,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import Trainer
 
 from hf_stability.events import read_events
-from hf_stability.report import RunRecord, plot_training_curves
+from hf_stability.report import RunRecord, gradient_health, gradient_health_lines, plot_training_curves
 
 TEMPLATES_DIR = Path(__file__).parent / "model_cards"
 OBJECTIVES = ("bert", "bart", "t5")
@@ -327,6 +327,7 @@ def _stability_section(run: RunRecord, trainer: Trainer) -> str:
     ]
     if figures["max_grad_norm"] is not None:
         lines.append(f"- Largest logged gradient norm: {figures['max_grad_norm']:.4g}")
+    lines += _gradient_health_lines(run)
     if run.events:
         lines += ["", "| step | event | reason | restored step |", "|---|---|---|---|"]
         for event in run.events:
@@ -340,6 +341,15 @@ def _stability_section(run: RunRecord, trainer: Trainer) -> str:
         lines += ["", f"Events of an earlier run in this directory, or of steps replayed after a resume, were moved "
                       f"aside and are not counted here: {names}."]
     return "\n".join(lines)
+
+
+def _gradient_health_lines(run: RunRecord) -> list[str]:
+    """The per-layer gradient check as Markdown bullets (none when ``log_layer_grad_norms`` was off)."""
+    health = gradient_health(run)
+    if health is None:
+        return []
+    headline, *outliers = gradient_health_lines(health, code=lambda name: f"`{name}`")
+    return [f"- {headline[0].upper()}{headline[1:]}", *(f"  - {line}" for line in outliers)]
 
 
 def _usage(objective: str | None, model: Any, model_id: str, tokenizer: Any, pipeline_tag: str | None) -> str:

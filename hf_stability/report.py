@@ -16,6 +16,8 @@ import json
 import math
 import os
 import re
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,17 @@ _STORED_COUNTERS = {
 }
 PLOT_FILENAME = "training_curves.png"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# `LossScaleTelemetryCallback` logs ``stability/grad_norm/<parameter name>`` with ``log_layer_grad_norms``.
+LAYER_GRAD_NORM_PREFIX = "stability/grad_norm/"
+# A layer whose median gradient norm over the run is below VANISHING_RATIO or above EXPLODING_RATIO times the
+# median layer's is named. Healthy 40-step runs of the tiny BERT/BART/T5 recipes span 1.1e-3x (BART's query
+# projections, whose gradient is small while attention logits start near 0) to 2.1e3x (BART's tied embedding and
+# LM head): four orders of magnitude either way leave a factor of 5 to 10 of margin (README "Gradient health").
+VANISHING_RATIO = 1e-4
+EXPLODING_RATIO = 1e4
+# The heat map names each layer up to this many rows, each block beyond; inches of figure per layer row.
+_NAMED_LAYER_ROWS = 48
+_HEAT_MAP_ROW_INCHES = 0.11
 
 
 @dataclass
@@ -170,7 +183,115 @@ def format_summary(run: RunRecord) -> str:
         lines.append("    none")
     if run.superseded:
         lines.append(f"  earlier events moved aside (not counted here): {', '.join(p.name for p in run.superseded)}")
+    health = gradient_health(run)
+    if health is not None:
+        headline, *outliers = gradient_health_lines(health)
+        lines += [f"  {headline}", *(f"    {line}" for line in outliers)]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LayerOutlier:
+    """A layer whose gradient norm sits orders of magnitude off the median layer's over the run."""
+
+    layer: str
+    median_norm: float
+    ratio: float  # median_norm / the median layer's
+
+    @property
+    def kind(self) -> str:
+        return "vanishing" if self.ratio < 1 else "exploding"
+
+
+@dataclass(frozen=True)
+class GradientHealth:
+    """Per-layer gradient norms of a run compared with the median layer (see `gradient_health`)."""
+
+    layers: list[str]
+    steps: int
+    median_norm: float
+    outliers: list[LayerOutlier]
+    vanishing_ratio: float
+    exploding_ratio: float
+
+
+def layer_grad_norms(run: RunRecord) -> dict[str, list[tuple[int, float]]]:
+    """``(step, norm)`` per layer, by name (numbers by value), from the ``stability/grad_norm/<parameter>`` entries.
+
+    A layer is the module owning the parameters (``….attention.self.key`` for its ``weight`` and ``bias``) and
+    its norm the Euclidean norm of theirs. Per parameter, an attention key bias, whose gradient is exactly 0 (softmax
+    ignores a shift shared by all keys), would read as a vanishing layer in every healthy run. A step where one of
+    a layer's norms is not finite is left out for that layer.
+    """
+    series: dict[str, list[tuple[int, float]]] = {}
+    for entry in run.log_history:
+        if "step" not in entry:
+            continue
+        norms: dict[str, list[float]] = {}
+        for key, value in entry.items():
+            if key.startswith(LAYER_GRAD_NORM_PREFIX) and isinstance(value, (int, float)):
+                parameter = key.removeprefix(LAYER_GRAD_NORM_PREFIX)
+                norms.setdefault(parameter.rpartition(".")[0] or parameter, []).append(float(value))
+        for layer, values in norms.items():
+            norm = math.hypot(*values)
+            if math.isfinite(norm):
+                series.setdefault(layer, []).append((int(entry["step"]), norm))
+    return {layer: series[layer] for layer in sorted(series, key=_natural_key)}
+
+
+def _natural_key(name: str) -> list[tuple[int, str]]:
+    """Sort key: digit runs read as numbers (``layer.2`` before ``layer.10``), an encoder before its decoder.
+
+    ``trainer_state.json`` stores keys sorted as text, so the model's own order is not on disk; this one puts
+    the input side first and each block's layers together.
+    """
+    name = name.replace("decoder", "encoder\x7f")  # right after "encoder" and everything under it
+    return [(int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", name)]
+
+
+def gradient_health(
+    run: RunRecord, vanishing_ratio: float = VANISHING_RATIO, exploding_ratio: float = EXPLODING_RATIO
+) -> GradientHealth | None:
+    """Layers whose median gradient norm over the run is below ``vanishing_ratio`` or above ``exploding_ratio``
+    times the median layer's; ``None`` when no per-layer norm was logged.
+
+    Medians, over steps and over layers, so that a few spiky steps or a handful of odd layers do not move the
+    reference the way a mean would.
+    """
+    if not 0 < vanishing_ratio < 1:
+        raise ValueError(f"`vanishing_ratio` must be in (0, 1), got {vanishing_ratio!r}.")
+    if not exploding_ratio > 1:
+        raise ValueError(f"`exploding_ratio` must be above 1, got {exploding_ratio!r}.")
+    series = layer_grad_norms(run)
+    if not series:
+        return None
+    medians = {layer: statistics.median(norm for _, norm in points) for layer, points in series.items()}
+    reference = statistics.median(medians.values())
+    outliers = []
+    for layer, norm in medians.items():
+        ratio = norm / reference if reference > 0 else (math.inf if norm > 0 else 1.0)
+        if not vanishing_ratio <= ratio <= exploding_ratio:
+            outliers.append(LayerOutlier(layer, norm, ratio))
+    steps = len({step for points in series.values() for step, _ in points})
+    return GradientHealth(list(series), steps, reference, outliers, vanishing_ratio, exploding_ratio)
+
+
+def gradient_health_lines(health: GradientHealth, code: Callable[[str], str] = str) -> list[str]:
+    """A headline, then one line per flagged layer (``code`` formats a layer name, e.g. in backticks)."""
+    headline = (
+        f"per-layer gradient norms: {len(health.layers)} layers over {health.steps} logged steps, median layer "
+        f"{health.median_norm:.3g}; "
+    )
+    bounds = f"{health.vanishing_ratio:g}x .. {health.exploding_ratio:g}x the median layer"
+    if not health.outliers:
+        return [headline + f"every layer's median norm within {bounds}"]
+    lines = [headline + f"{len(health.outliers)} layer(s) outside {bounds}:"]
+    for outlier in health.outliers:
+        lines.append(
+            f"{outlier.kind}: {code(outlier.layer)} median norm {outlier.median_norm:.3g} "
+            f"({outlier.ratio:.2g}x the median layer)"
+        )
+    return lines
 
 
 def plot_training_curves(run: RunRecord, path: str | os.PathLike | None = None) -> Path:
@@ -189,25 +310,34 @@ def plot_training_curves(run: RunRecord, path: str | os.PathLike | None = None) 
 
 
 def draw_training_curves(run: RunRecord) -> Any:
-    """The figure `plot_training_curves` saves: one panel per scale, each with its own legend."""
+    """The figure `plot_training_curves` saves: one panel per scale, each with its own legend.
+
+    With per-layer gradient norms logged (``log_layer_grad_norms``), a last panel maps them (layer x step,
+    log colour scale), with the layers `gradient_health` flags outlined in red.
+    """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     losses, eval_losses = run.series("loss"), run.series("eval_loss")
     grad_norms, scales = run.series("grad_norm"), run.series("stability/loss_scale")
-    panels = 2 if grad_norms or scales else 1
-    figure, axes = plt.subplots(panels, 1, figsize=(9, 3.2 * panels), sharex=True, squeeze=False)
-    loss_axis = axes[0][0]
+    layer_norms = layer_grad_norms(run)
+    heights = [3.2] * (2 if grad_norms or scales else 1)
+    if layer_norms:
+        heights.append(max(3.2, 1.2 + _HEAT_MAP_ROW_INCHES * min(len(layer_norms), _NAMED_LAYER_ROWS)))
+    figure = plt.figure(figsize=(10, sum(heights)), layout="constrained")  # aligns panels and fits long labels
+    grid = figure.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[1, 0.015])
+    loss_axis = figure.add_subplot(grid[0, 0])
+    axes = [loss_axis] + [figure.add_subplot(grid[row, 0], sharex=loss_axis) for row in range(1, len(heights))]
     if losses:
         loss_axis.plot(*_xy(losses), label="training loss", color="tab:blue")
     if eval_losses:
         loss_axis.plot(*_xy(eval_losses), "o", label="eval loss", color="tab:green")
     loss_axis.set_ylabel("loss")
     loss_axis.set_title(f"{run.output_dir.name}: loss with stability events")
-    for row in axes:
-        _mark_events(row[0], run)
-    if panels == 2:
-        lower = axes[1][0]
+    for axis in axes:
+        _mark_events(axis, run)
+    if grad_norms or scales:
+        lower = axes[1]
         if grad_norms:
             lower.semilogy(*_xy(grad_norms), color="tab:purple", label="grad norm (before clipping)")
             lower.set_ylabel("grad norm")
@@ -217,14 +347,83 @@ def draw_training_curves(run: RunRecord) -> Any:
             scale_axis.semilogy(*_xy(scales), color="tab:orange", drawstyle="steps-post", label="loss scale")
             scale_axis.set_ylabel("loss scale")
             _readable_log_ticks(scale_axis, [value for _, value in scales])
-        lower.set_xlabel("step")
-    else:
-        loss_axis.set_xlabel("step")
+    if layer_norms:
+        _draw_layer_heat_map(figure, axes[-1], figure.add_subplot(grid[-1, 1]), layer_norms, gradient_health(run))
+    for axis in axes[:-1]:
+        axis.tick_params(labelbottom=False)
+    axes[-1].set_xlabel("step")
     loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers (axes share x)
-    for row in axes:
-        _panel_legend(figure, row[0])
-    figure.tight_layout()
+    for axis in axes[: len(axes) - bool(layer_norms)]:
+        _panel_legend(figure, axis)
     return figure
+
+
+def _draw_layer_heat_map(
+    figure: Any, axis: Any, colour_axis: Any, series: dict[str, list[tuple[int, float]]], health: GradientHealth
+) -> None:
+    """Layer x step map of gradient norms on a log colour scale; rows in model order, flagged layers outlined.
+
+    Up to `_NAMED_LAYER_ROWS` layers each get their name; beyond that one label per block (the name up to its
+    layer index, e.g. ``bert.encoder.layer.3``), with a line between blocks.
+    """
+    import numpy as np
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    layers = list(series)
+    steps = sorted({step for points in series.values() for step, _ in points})
+    column = {step: index for index, step in enumerate(steps)}
+    grid = np.full((len(layers), len(steps)), np.nan)
+    for row, layer in enumerate(layers):
+        for step, norm in series[layer]:
+            grid[row, column[step]] = norm
+    shown = np.ma.masked_where(~(grid > 0), grid)  # a zero norm has no place on a log scale: left blank
+    norm = LogNorm(*((shown.min(), shown.max()) if shown.count() else (1e-3, 1.0)))
+    mesh = axis.pcolormesh(_edges(steps), np.arange(len(layers) + 1), shown, norm=norm, cmap="viridis")
+    axis.set_ylim(len(layers), 0)  # the first layer (the input side) on top
+    figure.colorbar(mesh, cax=colour_axis, label="layer grad norm")
+    flagged = {outlier.layer: outlier.kind for outlier in health.outliers}
+    for row, layer in enumerate(layers):
+        if layer in flagged:
+            axis.add_patch(Rectangle((steps[0] - 0.5, row), steps[-1] - steps[0] + 1, 1, fill=False, color="red"))
+    blocks = [_block_of(layer) for layer in layers]
+    starts = [row for row in range(len(layers)) if row == 0 or blocks[row] != blocks[row - 1]]
+    for row in starts[1:]:
+        axis.axhline(row, color="white", linewidth=0.6)
+    if len(layers) <= _NAMED_LAYER_ROWS:
+        axis.set_yticks(np.arange(len(layers)) + 0.5, layers, fontsize=6)
+        for label, layer in zip(axis.get_yticklabels(), layers, strict=True):
+            if layer in flagged:
+                label.set_color("red")
+    else:
+        ends = [*starts[1:], len(layers)]
+        axis.set_yticks(
+            [(start + end) / 2 for start, end in zip(starts, ends, strict=True)],
+            [blocks[row] for row in starts],
+            fontsize=6,
+        )
+    title = f"per-layer gradient norm ({len(layers)} layers"
+    if flagged:
+        bounds = f"{health.vanishing_ratio:g}x .. {health.exploding_ratio:g}x"
+        title += f"; red: {len(flagged)} beyond {bounds} the median layer"
+    axis.set_title(title + ")", fontsize="medium")
+
+
+def _edges(steps: list[int]) -> list[float]:
+    """Cell boundaries halfway between logged steps, so that each cell is centred on its step."""
+    if len(steps) == 1:
+        return [steps[0] - 0.5, steps[0] + 0.5]
+    middles = [(left + right) / 2 for left, right in zip(steps[:-1], steps[1:], strict=True)]
+    return [2 * steps[0] - middles[0], *middles, 2 * steps[-1] - middles[-1]]
+
+
+def _block_of(layer: str) -> str:
+    """The layer's block: its name up to the first numeric part (``….layer.3``), else its first two parts."""
+    parts = layer.split(".")
+    for index, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: index + 1])
+    return ".".join(parts[:2])
 
 
 def _panel_legend(figure: Any, axis: Any) -> None:

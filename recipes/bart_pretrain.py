@@ -10,6 +10,7 @@ it, a tiny model. Everything is a flag (``--help``) or a ``--config x.yaml`` key
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import BartConfig, BartForConditionalGeneration
@@ -27,11 +28,32 @@ class BartDenoisingArguments:
     poisson_lambda: float = field(default=3.5, metadata={"help": "Mean span length of infilling."})
     permute_sentence_ratio: float = field(default=1.0, metadata={"help": "Fraction of sentences permuted."})
     rotate_ratio: float = field(default=0.0, metadata={"help": "Probability of rotating a row."})
-    insert_ratio: float = field(default=0.0, metadata={"help": "Fraction of random tokens inserted."})
+    insert_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of random tokens inserted; rows grow by ceil(max_seq_length * insert_ratio) tokens, "
+            "and the tiny model gets that many more positions."
+        },
+    )
 
 
-def model_config(tokenizer, data_args, base=None) -> BartConfig:
-    """A tiny BART (2+2 layers, width 64) unless ``--model_config_name`` gave ``base``; fitted to the tokenizer."""
+def input_length(max_seq_length: int, objective_args: BartDenoisingArguments) -> int:
+    """The longest noised row from a row of ``max_seq_length`` tokens: insertion adds ``ceil(length * insert_ratio)``.
+
+    Sentence permutation and rotation keep the length, and a masked span becomes at most one ``<mask>``. Only
+    zero-length spans (an inserted ``<mask>`` each, rare unless ``poisson_lambda`` is small) can lengthen a row
+    further, and only when they outnumber the tokens the other spans removed; the recipe's position guard
+    reports such a batch by name. fairseq likewise gives the model more positions than a sample has tokens
+    (``max_source_positions`` 1024 for 512-token samples) rather than cutting the noised rows.
+    """
+    return max_seq_length + math.ceil(max_seq_length * objective_args.insert_ratio)
+
+
+def model_config(tokenizer, data_args, objective_args: BartDenoisingArguments, base=None) -> BartConfig:
+    """A tiny BART (2+2 layers, width 64) unless ``--model_config_name`` gave ``base``; fitted to the tokenizer.
+
+    The tiny model has a position for every token the noise can produce (`input_length`).
+    """
     config = base or BartConfig(
         d_model=64,
         encoder_layers=2,
@@ -40,7 +62,7 @@ def model_config(tokenizer, data_args, base=None) -> BartConfig:
         decoder_attention_heads=2,
         encoder_ffn_dim=256,
         decoder_ffn_dim=256,
-        max_position_embeddings=data_args.max_seq_length,
+        max_position_embeddings=input_length(data_args.max_seq_length, objective_args),
         dropout=0.0,
         use_cache=False,
     )
@@ -89,6 +111,7 @@ BART = Objective(
     make_rows=make_rows,
     make_collator=make_collator,
     arguments=BartDenoisingArguments,
+    input_length=input_length,
     defaults={"output_dir": "outputs/bart-pretrain"},
 )
 

@@ -31,7 +31,7 @@ class BertPretrainingArguments:
     nsp_probability: float = field(default=0.5, metadata={"help": "Probability that segment B is a random one."})
 
 
-def model_config(tokenizer, data_args, base=None) -> BertConfig:
+def model_config(tokenizer, data_args, objective_args, base=None) -> BertConfig:
     """A tiny BERT (2 layers, width 64) unless ``--model_config_name`` gave ``base``; fitted to the tokenizer."""
     config = base or BertConfig(
         hidden_size=64,

@@ -39,7 +39,7 @@ class T5SpanCorruptionArguments:
     mean_noise_span_length: float = field(default=3.0, metadata={"help": "Mean length of a corrupted span."})
 
 
-def model_config(tokenizer, data_args, base=None) -> T5Config:
+def model_config(tokenizer, data_args, objective_args, base=None) -> T5Config:
     """A tiny T5 (2+2 layers, width 64) unless ``--model_config_name`` gave ``base``; fitted to the tokenizer."""
     config = base or T5Config(
         d_model=64,

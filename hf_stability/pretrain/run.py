@@ -81,23 +81,26 @@ class Objective:
     Attributes:
         name: ``"bert"``, ``"bart"`` or ``"t5"``: the tokenizer family and the model-card template.
         model_class: the `transformers` class trained (e.g. ``BartForConditionalGeneration``).
-        model_config: ``(tokenizer, data_args, base)`` → the config to train from scratch: ``base`` (from
-            ``--model_config_name``) or, when ``None``, the recipe's tiny config; either way fitted to the
+        model_config: ``(tokenizer, data_args, objective_args, base)`` → the config to train from scratch: ``base``
+            (from ``--model_config_name``) or, when ``None``, the recipe's tiny config; either way fitted to the
             tokenizer's vocabulary and special tokens.
         make_rows: ``(tokenizer, data_args, objective_args, seed)`` → a batched `datasets.map` function turning
             ``{"text": [document, ...]}`` into model rows (``input_ids`` and whatever else the collator needs).
         make_collator: ``(tokenizer, objective_args, seed)`` → the data collator.
         arguments: a dataclass of the objective's own flags (added to the parser), or ``None``.
         defaults: recipe-specific argument defaults (e.g. ``output_dir``), applied over `RECIPE_DEFAULTS`.
+        input_length: ``(max_seq_length, objective_args)`` → the longest model input the collator makes from a row
+            (BART's insertions lengthen rows); ``None``: ``max_seq_length``. The model's positions must cover it.
     """
 
     name: TokenizerKind
     model_class: type[PreTrainedModel]
-    model_config: Callable[[PreTrainedTokenizerBase, DataArguments, PretrainedConfig | None], PretrainedConfig]
+    model_config: Callable[[PreTrainedTokenizerBase, DataArguments, Any, PretrainedConfig | None], PretrainedConfig]
     make_rows: Callable[[PreTrainedTokenizerBase, DataArguments, Any, int], Callable[[dict], dict]]
     make_collator: Callable[[PreTrainedTokenizerBase, Any, int], Callable[[list[dict]], dict]]
     arguments: type | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    input_length: Callable[[int, Any], int] | None = None
 
 
 @exit_on_input_error
@@ -125,7 +128,8 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
     tokenizer, tokenizer_note = _tokenizer(objective, model_args, data_args, training_args, train_documents)
     with input_errors():  # the collator checks the objective's flags (e.g. `poisson_lambda`)
         collator = objective.make_collator(tokenizer, objective_args, seed)
-    model = _model(objective, model_args, data_args, tokenizer)
+    model = _model(objective, model_args, data_args, objective_args, tokenizer)
+    collator = PositionGuard(collator, getattr(model.config, "max_position_embeddings", None), objective.name)
     # A trained-on-the-fly tokenizer knows no length limit (1e30): `truncation=True` must stop at the model's.
     tokenizer.model_max_length = getattr(model.config, "max_position_embeddings", None) or data_args.max_seq_length
     make_rows = objective.make_rows(tokenizer, data_args, objective_args, seed)
@@ -345,24 +349,62 @@ def _tokenizer(
 
 
 def _model(
-    objective: Objective, model_args: ModelArguments, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase
+    objective: Objective,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    objective_args: Any,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> PreTrainedModel:
     if model_args.model_name_or_path is not None:
         model = objective.model_class.from_pretrained(model_args.model_name_or_path)
     else:
         base = AutoConfig.from_pretrained(model_args.model_config_name) if model_args.model_config_name else None
-        config = objective.model_config(tokenizer, data_args, base)
+        config = objective.model_config(tokenizer, data_args, objective_args, base)
         if model_args.config_overrides:
             config.update_from_string(model_args.config_overrides)
         model = objective.model_class(config)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and positions < data_args.max_seq_length:
-        raise ValueError(
-            f"`max_seq_length` {data_args.max_seq_length} exceeds the model's max_position_embeddings {positions}."
+    length = data_args.max_seq_length
+    with input_errors():
+        _check_positions(
+            model, length, objective.input_length(length, objective_args) if objective.input_length else length
         )
     return model
+
+
+def _check_positions(model: PreTrainedModel, length: int, needed: int) -> None:
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and positions < needed:
+        lengthened = (
+            f" (rows of {length} tokens grow to {needed} with the objective's noise)" if needed > length else ""
+        )
+        raise ValueError(
+            f"`max_seq_length` {length}{lengthened} exceeds the model's max_position_embeddings {positions}: "
+            "lower it, or give the model more positions (`--config_overrides max_position_embeddings=N` from scratch)."
+        )
+
+
+class PositionGuard:
+    """Wraps a collator: a batch wider than the model's positions is a `ValueError` naming the setting.
+
+    Without it, such a batch fails deep in the model's position embedding with an `IndexError`.
+    """
+
+    def __init__(self, collator: Callable[[list[dict]], dict], positions: int | None, objective: str) -> None:
+        self.collator, self.positions, self.objective = collator, positions, objective
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collator(features)
+        for key in ("input_ids", "decoder_input_ids"):
+            if self.positions is not None and key in batch and batch[key].shape[-1] > self.positions:
+                raise ValueError(
+                    f"The {self.objective} collator made `{key}` {batch[key].shape[-1]} tokens long, over the model's "
+                    f"max_position_embeddings {self.positions}: give the model more positions "
+                    f"(`--config_overrides max_position_embeddings=N` from scratch), or lower `max_seq_length` or the "
+                    "noise that lengthens rows (BART: `insert_ratio`; a small `poisson_lambda` inserts masks)."
+                )
+        return batch
 
 
 def _predictions_and_token_losses(logits: Any, labels: Any) -> tuple[torch.Tensor, ...]:
