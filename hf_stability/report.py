@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hf_stability._extras import require
 from hf_stability.events import EVENTS_FILENAME, read_events
 
 STATE_FILENAME = "trainer_state.json"
@@ -131,8 +132,7 @@ def format_summary(run: RunRecord) -> str:
 
 def plot_training_curves(run: RunRecord, path: str | os.PathLike | None = None) -> Path:
     """Draw loss (and grad norm / loss scale when logged) with skip and rollback markers; return the PNG path."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "Plotting training curves")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
