@@ -47,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_summary(run))
     if not args.no_plot:
-        print(f"  plot: {plot_training_curves(run, args.plot)}")
+        try:
+            print(f"  plot: {plot_training_curves(run, args.plot)}")
+        except ImportError as error:  # matplotlib is the `plot` extra
+            print(f"hf-stability report: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -42,7 +42,7 @@ def split_sentences(text: str) -> list[str]:
     Good enough for the embedded corpus and ordinary prose; users with a better splitter (nltk,
     spaCy) can pass their own sentence lists to :func:`hf_stability.collators.create_nsp_examples`.
     """
-    sentences = []
+    sentences: list[str] = []
     for paragraph in _BLANK_LINES.split(text):
         sentences.extend(s for s in (s.strip() for s in _SENTENCE_END.split(" ".join(paragraph.split()))) if s)
     return sentences

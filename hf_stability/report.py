@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_stability._extras import require
 from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX, read_events
 
 STATE_FILENAME = "trainer_state.json"
@@ -296,8 +297,7 @@ def gradient_health_lines(health: GradientHealth, code: Callable[[str], str] = s
 
 def plot_training_curves(run: RunRecord, path: str | os.PathLike | None = None) -> Path:
     """Draw loss (and grad norm / loss scale when logged) with skip and rollback markers; return the PNG path."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "Plotting training curves")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -14,28 +14,26 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from hf_stability._extras import require
 from hf_stability.collators._common import check_probability, check_tokenizer, require_token_id, vocab_size
 from hf_stability.corpus import split_sentences
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 _OBJECTIVE = "next sentence prediction ([CLS] A [SEP] B [SEP])"
 # transformers uses ~1e30 as "no limit" for model_max_length; anything this large is not a real limit.
 _NO_REAL_LIMIT = 10**9
 _PROGRESS_FROM = 1000  # documents; below this a progress bar is noise
 _RANDOM_DOCUMENT_TRIES = 10  # as in Google's code
-_FEATURES = Features(
-    {
-        "input_ids": List(Value("int32")),
-        "token_type_ids": List(Value("int8")),
-        "next_sentence_label": Value("int8"),
-    }
-)
+# Output columns of nsp_dataset; all are lists of ids but the label.
+_COLUMN_TYPES = {"input_ids": "int32", "token_type_ids": "int8", "next_sentence_label": "int8"}
 
 TokenDocument = list[list[int]]
 
@@ -112,7 +110,8 @@ def nsp_dataset(
 
     Returns a dataset with columns ``input_ids``, ``token_type_ids``, ``next_sentence_label``.
     """
-    if not isinstance(dataset, Dataset):
+    datasets = require("datasets", "recipes", "nsp_dataset")  # the collators themselves do not need it
+    if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"`dataset` must be a datasets.Dataset, got {type(dataset).__name__}.")
     if text_column not in dataset.column_names:
         raise ValueError(f"`text_column` {text_column!r} is not a column of `dataset` ({dataset.column_names}).")
@@ -127,7 +126,12 @@ def nsp_dataset(
         batch_size=batch_size,
         with_indices=True,
         remove_columns=dataset.column_names,
-        features=_FEATURES,
+        features=datasets.Features(
+            {
+                name: datasets.Value(dtype) if name == "next_sentence_label" else datasets.List(datasets.Value(dtype))
+                for name, dtype in _COLUMN_TYPES.items()
+            }
+        ),
         num_proc=num_proc,
         load_from_cache_file=seed is not None,  # unseeded runs must not replay an earlier draw
         desc="NSP examples",
@@ -168,7 +172,7 @@ def _nsp_batch(
         random.Random(batch_seed),
         progress=False,
     )
-    return {key: [example[key] for example in examples] for key in _FEATURES}
+    return {key: [example[key] for example in examples] for key in _COLUMN_TYPES}
 
 
 def _check_arguments(

@@ -85,7 +85,7 @@ def _check_noise(noise_density: float, mean_noise_span_length: float) -> tuple[f
 def sentinel_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """Ids of ``<extra_id_0>``, ``<extra_id_1>``, … looked up by token string (never by position in the vocab)."""
     vocab = tokenizer.get_vocab()
-    ids = []
+    ids: list[int] = []
     while f"<extra_id_{len(ids)}>" in vocab:
         ids.append(vocab[f"<extra_id_{len(ids)}>"])
     return np.array(ids, dtype=np.int64)
@@ -138,8 +138,8 @@ class DataCollatorForT5SpanCorruption:
                 f"The tokenizer has no sentinel tokens `<extra_id_0>`, `<extra_id_1>`, …, which {OBJECTIVE} needs. "
                 "Add them with `tokenizer.add_special_tokens({'additional_special_tokens': [...]})`."
             )
-        if self.decoder_start_token_id is None:
-            self.decoder_start_token_id = self._pad
+        start = self._pad if self.decoder_start_token_id is None else self.decoder_start_token_id
+        self.decoder_start_token_id = self._decoder_start = start  # the private copy is typed int
         self._randomness = SeededRandomness(self.seed)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -161,7 +161,7 @@ class DataCollatorForT5SpanCorruption:
             targets = np.delete(targets, (exclusive_cumsum(target_lengths) + 1)[single])
             input_lengths, target_lengths = input_lengths - single, target_lengths - single
         return seq2seq_batch(
-            inputs, input_lengths, targets, target_lengths, self._pad, self.decoder_start_token_id,
+            inputs, input_lengths, targets, target_lengths, self._pad, self._decoder_start,
             self.pad_to_multiple_of,
         )
 

@@ -135,7 +135,7 @@ class RecipeArgumentParser(HfArgumentParser):
 
 def make_parser(objective_arguments: type | None = None) -> HfArgumentParser:
     """`HfArgumentParser` over data, model, (objective) and `StabilityConfig` arguments, plus ``--config``."""
-    classes: list[type] = [DataArguments, ModelArguments]
+    classes: list[Any] = [DataArguments, ModelArguments]  # HfArgumentParser types them as NewType(Any)
     if objective_arguments is not None:
         classes.append(objective_arguments)
     classes.append(StabilityConfig)

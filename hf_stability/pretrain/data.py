@@ -17,7 +17,7 @@ import codecs
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import datasets
 import pyarrow
@@ -26,7 +26,7 @@ from hf_stability.corpus import default_corpus
 from hf_stability.pretrain.arguments import DataArguments
 from hf_stability.pretrain.errors import InputError
 
-AnyDataset = datasets.Dataset | datasets.IterableDataset
+AnyDataset: TypeAlias = datasets.Dataset | datasets.IterableDataset
 _STRING_TYPES = ("string", "large_string")
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 DEFAULT_CORPUS_NAME = "pydoc_data.topics (embedded default corpus)"
