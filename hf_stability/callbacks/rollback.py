@@ -262,6 +262,7 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
             or control.should_save  # judge before a checkpoint is written, and export a current window
             or weights_bad
             or self._unjudged_checkpoint is not None  # the step after a checkpoint judges the update it holds
+            or (self._resumed_from is not None and self._first_resumed_step is None)  # and the one after a resume
             or step % self._settings["check_interval"] == 0
             or is_logging_step(args, state, step)
         )
@@ -350,7 +351,7 @@ class SpikeRollbackCallback(TrainerCallback, ExportableState):
         # One read on this rare path tells a blown-up model from a bad batch, on every rank alike.
         nonfinite_weights = weights_nonfinite(model, state.global_step)
         if nonfinite_weights:
-            reason = f"non-finite weights at step {state.global_step} (first non-finite {metric} at step {spike_step})"
+            reason = f"non-finite weights at step {state.global_step} ({metric} spike first at step {spike_step})"
         elif not seen_here:
             reason = f"{metric} spike on another rank at step {spike_step} (here {value:.6g})"
         elif not math.isfinite(value):
