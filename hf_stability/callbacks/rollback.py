@@ -8,13 +8,21 @@ How a step flows through the callback:
    out at once; an fp16 decision still on device (`SkipRecord.skip_flag`) is buffered next to the value
    and read with it, as are fp16 overflows seen by the grad-norm metric without the skip callback.
 2. ``on_step_end``, on *check steps* only — every `check_interval` (10) steps, every logging step (Trainer
-   synchronises there anyway), every snapshot step and the last step — the buffered values are copied to
+   synchronises there anyway), every snapshot and checkpoint step, the step after a checkpoint (its loss
+   judges the update the checkpoint holds), the steps until the first judged loss after a resume, steps
+   with non-finite weights and the last step — the buffered values are copied to
    the host at once and judged by `SpikeDetector` (mean + ``spike_sigma``·σ over the last
    ``spike_window`` healthy values, non-finite = spike). Each rank's first spike position goes through
    one all-reduce (MIN), so every rank acts on the same step.
 3. If no step spiked, snapshots followed by enough healthy steps become *trusted* (below), and on
    snapshot steps a new snapshot is captured. If a step spiked, every rank restores its newest trusted snapshot
    right there, after the scheduler stepped, so nothing advances the restored state a second time.
+
+Non-finite weights (reported by `SkipNonFiniteCallback` or found by the check before a checkpoint) are a
+spike at the step they are found, whatever the metric. A checkpoint is judged after the fact: if the step
+after it spikes, the checkpoint is deleted and the restored state saved in its place. A spike on the first
+loss after a resume, measured on the resumed weights themselves, stops training (naming an earlier
+checkpoint) instead of rolling back to that same state.
 
 Why "trusted": the loss of step k is computed before step k's update, so a bad update at step k first
 shows in the loss of step k+1 (or later, once Adam's moments carry it). A snapshot taken at the end of

@@ -6,8 +6,8 @@ becomes NaN), so one fused norm over the gradients tells whether the step is san
 gradient to ``None``: torch optimizers then leave parameters, moments and their ``step`` count alone
 (zeroing to 0 would not — Adam still decays its moments and counts the step).
 
-Per step this costs one fused norm, one all-reduce of a 3-element flag vector (gradients, loss,
-parameters) and, in fp32/bf16, one device-to-host read: the skip must be decided on the host before
+Per step this costs two fused norms (gradients, parameters), one all-reduce of a 3-element flag vector
+(gradients, loss, parameters) and, in fp32/bf16, one device-to-host read: the skip must be decided on the host before
 ``optimizer.step()``. In fp16 the grad scaler's found-inf flag is the gradient check and the scaler
 skips the update itself, so no read is needed per step: the step's flags stay on device in a queue
 that is read at once (one read) on logging, save and last steps, every ``max_consecutive_skips``
@@ -129,9 +129,14 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
     After ``max_consecutive_skips`` skips in a row the run stops with a checkpoint (event ``"stop"``).
 
     Also reported (event, counter and warning; no skip): a non-finite training loss with finite gradients
-    (``"nonfinite_loss"``, e.g. a batch without a single label: 0/0) and non-finite parameters after an
-    update (``"nonfinite_parameters"``, checked after the update of every logging step and read with the
-    next step's flags, so it costs no extra host read).
+    (``"nonfinite_loss"``, e.g. a batch without a single label: 0/0).
+
+    Non-finite weights are no bad batch: the third flag checks the parameters each step starts from (one
+    fused norm, read with the other flags). Such a step is not counted as skipped (``"nonfinite_parameters"``,
+    ``nonfinite_parameter_steps``) and its update is dropped; `SpikeRollbackCallback`, when installed, treats
+    it as a spike and restores a trusted snapshot. Alone, this callback stops training at once without a
+    checkpoint. Before every checkpoint the weights are checked once more (one read), covering the update of
+    the checkpoint step itself: a checkpoint with non-finite weights is never written.
 
     fp16: the grad scaler's found-inf flag is the gradient check; the reduced flag is written back into
     the scaler so every rank halves its scale alike. The scaler already skips the update (with the fused
