@@ -328,7 +328,8 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
                 grad_ranks,
             )
         if weights_step is not None:
-            record.weights_verdict = (now, True) if weights_step == now else record.weights_verdict
+            if weights_step == now:
+                record.weights_verdict = (now, True)  # the rollback of this step reads it
             if not record.recovery:
                 self._stop_for_weights(args, state, control, now, weights_step)
                 return reason
@@ -354,9 +355,9 @@ class SkipNonFiniteCallback(TrainerCallback, ExportableState):
     def _stop(self, args, state, control, step: int, consecutive: int) -> None:
         message = (
             f"{consecutive} consecutive steps had non-finite gradients (max_consecutive_skips="
-            f"{self.max_consecutive_skips}); stopping at step {step} and saving a checkpoint. The weights are finite "
-            "and were left as the last update before these steps made them (skipped steps change nothing); check the "
-            "data around these steps, lower the learning rate or resume from an earlier checkpoint."
+            f"{self.max_consecutive_skips}); stopping at step {step} and saving a checkpoint. Skipped steps change "
+            "nothing, so it holds the weights of the last update before them, checked finite; check the data around "
+            "these steps, lower the learning rate or resume from an earlier checkpoint."
         )
         logger.error(message)
         control.should_training_stop = True
