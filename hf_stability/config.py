@@ -2,12 +2,54 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
 SPIKE_METRICS = ("loss", "grad_norm")
 SNAPSHOT_STORAGES = ("cpu", "disk")
+
+
+def checked_number(
+    name: str,
+    value: Any,
+    kind: type[int] | type[float],
+    minimum: float | None = None,
+    maximum: float | None = None,
+    open_minimum: bool = False,
+) -> int | float:
+    """``value`` as a finite ``kind`` within the bounds, or a `ValueError` naming ``name``.
+
+    One check for `StabilityConfig` and the callbacks built directly, so a knob is judged alike however
+    it arrives: a YAML/JSON file or a program may hand over a string (PyYAML reads ``1e-3`` as one),
+    which is converted when it spells a number and rejected otherwise, instead of failing later in a
+    comparison with a `TypeError`. Booleans are rejected: ``True`` is an int to Python, not a setting.
+    NaN and infinities are rejected: every comparison with NaN is False, so a NaN threshold would
+    silently switch the protection off.
+    """
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(f"`{name}` must be a number, got the string {value!r}.") from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(number):
+        raise ValueError(f"`{name}` must be finite, got {value!r}.")
+    if kind is int:
+        if number != int(number):
+            raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+        number = int(number)
+    else:
+        number = float(number)
+    if minimum is not None and (number <= minimum if open_minimum else number < minimum):
+        raise ValueError(f"`{name}` must be {'>' if open_minimum else '>='} {minimum}, got {value!r}.")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"`{name}` must be <= {maximum}, got {value!r}.")
+    return number
 
 
 @dataclass
@@ -85,7 +127,7 @@ class StabilityConfig(TrainingArguments):
     )
     rollback_lr_factor: float = field(
         default=1.0,
-        metadata={"help": "Multiply the learning rate by this factor after each rollback (1.0 keeps it)."},
+        metadata={"help": "Multiply the learning rate by this factor after each rollback, in (0, 1] (1.0 keeps it)."},
     )
     max_rollbacks: int = field(
         default=5,
@@ -165,30 +207,25 @@ class StabilityConfig(TrainingArguments):
             raise ValueError(f"`spike_metric` must be one of {SPIKE_METRICS}, got {self.spike_metric!r}.")
         if self.snapshot_storage not in SNAPSHOT_STORAGES:
             raise ValueError(f"`snapshot_storage` must be one of {SNAPSHOT_STORAGES}, got {self.snapshot_storage!r}.")
-        if self.spike_window < 2:
-            raise ValueError(
-                f"`spike_window` must be >= 2 (a standard deviation needs two values), got {self.spike_window}."
-            )
-        for name in (
-            "spike_warmup",
-            "spike_check_interval",
-            "snapshot_interval",
-            "snapshot_keep",
-            "max_consecutive_skips",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        # (field, type, minimum, maximum, open minimum): every numeric knob goes through `checked_number`.
+        bounds = [
+            ("spike_window", int, 2, None, False),  # a standard deviation needs two values
+            ("spike_warmup", int, 1, None, False),
+            ("spike_check_interval", int, 1, None, False),
+            ("snapshot_interval", int, 1, None, False),
+            ("snapshot_keep", int, 1, None, False),
+            ("max_consecutive_skips", int, 1, None, False),
+            ("max_rollbacks", int, 0, None, False),
+            ("spike_sigma", float, 0, None, True),
+            ("rollback_lr_factor", float, 0, 1, True),  # above 1 a rollback would raise the LR that diverged
+        ]
+        for name, kind, minimum, maximum, open_minimum in bounds:
+            setattr(self, name, checked_number(name, getattr(self, name), kind, minimum, maximum, open_minimum))
         if self.spike_window < self.spike_warmup:
             raise ValueError(
                 f"`spike_window` ({self.spike_window}) must be >= `spike_warmup` ({self.spike_warmup}): the detector "
                 "cannot wait for more healthy steps than its window holds."
             )
-        if not self.spike_sigma > 0:
-            raise ValueError(f"`spike_sigma` must be > 0, got {self.spike_sigma}.")
-        if self.max_rollbacks < 0:
-            raise ValueError(f"`max_rollbacks` must be >= 0, got {self.max_rollbacks}.")
-        if not self.rollback_lr_factor > 0:
-            raise ValueError(f"`rollback_lr_factor` must be > 0, got {self.rollback_lr_factor}.")
 
     def _validate_remedies(self) -> None:
         """Checks of the adaptive-clipping and batch-ramp fields."""

@@ -16,6 +16,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from hf_stability.config import checked_number
+
 # A deviation below this fraction of |mean| is treated as this fraction: float noise on a flat signal
 # is not a spike, while any real spike (orders of magnitude above 6 x 0.1 % of the mean) still is.
 MIN_RELATIVE_STD = 1e-3
@@ -41,15 +43,11 @@ class SpikeDetector:
     """
 
     def __init__(self, window: int = 128, warmup: int = 64, sigma: float = 6.0) -> None:
-        if not isinstance(window, int) or window < 2:
-            raise ValueError(f"`window` must be an int >= 2, got {window!r}.")
-        if not isinstance(warmup, int) or not 1 <= warmup <= window:
-            raise ValueError(f"`warmup` must be an int in [1, window={window}], got {warmup!r}.")
-        if not sigma > 0:
-            raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
+        window = checked_number("window", window, int, minimum=2)
+        warmup = checked_number("warmup", warmup, int, minimum=1, maximum=window)
         self.window = window
         self.warmup = warmup
-        self.sigma = float(sigma)
+        self.sigma = checked_number("sigma", sigma, float, minimum=0, open_minimum=True)
         self._values: deque[float] = deque(maxlen=window)
 
     def __len__(self) -> int:

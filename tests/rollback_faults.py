@@ -1,4 +1,4 @@
-"""Fault injection for the rollback tests: a bad update that throws the weights far, at known steps."""
+"""Fault injection for the rollback tests: bad updates that throw the weights far, or make them NaN, at known steps."""
 
 from __future__ import annotations
 
@@ -29,3 +29,27 @@ class ThrowWeights(TrainerCallback):
             with torch.no_grad():
                 for parameter in model.parameters():
                     parameter.add_(torch.randn(parameter.shape, generator=generator) * self.scale)
+
+
+class NanWeights(TrainerCallback):
+    """Turns one parameter tensor NaN right after the update of the given optimizer steps (an overflowing update).
+
+    From then on every loss and gradient is NaN whatever the batch, until something restores the weights.
+    The default tensor feeds every token (the embeddings' LayerNorm weight). Under ``torch.distributed`` only
+    the processes in ``ranks`` (all when ``None``) are hit.
+    """
+
+    def __init__(
+        self,
+        steps: Iterable[int],
+        parameter_name: str = "bert.embeddings.LayerNorm.weight",
+        ranks: Iterable[int] | None = None,
+    ) -> None:
+        self.steps = set(steps)
+        self.parameter_name = parameter_name
+        self.ranks = None if ranks is None else set(ranks)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 in self.steps and (self.ranks is None or rank() in self.ranks):
+            with torch.no_grad():
+                dict(model.named_parameters())[self.parameter_name].fill_(float("nan"))

@@ -8,13 +8,21 @@ How a step flows through the callback:
    out at once; an fp16 decision still on device (`SkipRecord.skip_flag`) is buffered next to the value
    and read with it, as are fp16 overflows seen by the grad-norm metric without the skip callback.
 2. ``on_step_end``, on *check steps* only — every `check_interval` (10) steps, every logging step (Trainer
-   synchronises there anyway), every snapshot step and the last step — the buffered values are copied to
+   synchronises there anyway), every snapshot and checkpoint step, the step after a checkpoint (its loss
+   judges the update the checkpoint holds), the steps until the first judged loss after a resume, steps
+   with non-finite weights and the last step — the buffered values are copied to
    the host at once and judged by `SpikeDetector` (mean + ``spike_sigma``·σ over the last
    ``spike_window`` healthy values, non-finite = spike). Each rank's first spike position goes through
    one all-reduce (MIN), so every rank acts on the same step.
 3. If no step spiked, snapshots followed by enough healthy steps become *trusted* (below), and on
    snapshot steps a new snapshot is captured. If a step spiked, every rank restores its newest trusted snapshot
    right there, after the scheduler stepped, so nothing advances the restored state a second time.
+
+Non-finite weights (reported by `SkipNonFiniteCallback` or found by the check before a checkpoint) are a
+spike at the step they are found, whatever the metric. A checkpoint is judged after the fact: if the step
+after it spikes, the checkpoint is deleted and the restored state saved in its place. A spike on the first
+loss after a resume, measured on the resumed weights themselves, stops training (naming an earlier
+checkpoint) instead of rolling back to that same state.
 
 Why "trusted": the loss of step k is computed before step k's update, so a bad update at step k first
 shows in the loss of step k+1 (or later, once Adam's moments carry it). A snapshot taken at the end of
@@ -37,7 +45,10 @@ size with Adam (weights + two moments), per rank — see `hf_stability.snapshots
 from __future__ import annotations
 
 import math
+import re
+import shutil
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,7 +67,8 @@ from hf_stability.callbacks.signals import (
     is_logging_step,
     reduce_across_ranks,
 )
-from hf_stability.config import SPIKE_METRICS, StabilityConfig
+from hf_stability.callbacks.skip import weights_nonfinite
+from hf_stability.config import SPIKE_METRICS, StabilityConfig, checked_number
 from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
 from hf_stability.snapshots import SnapshotStore, restore_training_state
@@ -150,6 +162,9 @@ class SpikeRollbackCallback(ResumableCallback):
         self._grad_norm: torch.Tensor | None = None
         self._clipped_norm_warned = False
         self._overflow: torch.Tensor | None = None
+        self._resumed_from: int | None = None  # the step training resumed from, until a check vouches for it
+        self._first_resumed_step: int | None = None  # the first judged step after the resume: its loss judges it
+        self._unjudged_checkpoint: Path | None = None  # written on the last step, its update not judged yet
 
     # ---- configuration -------------------------------------------------------------------------
 
@@ -162,14 +177,12 @@ class SpikeRollbackCallback(ResumableCallback):
             settings[name] = value
         if settings["metric"] not in SPIKE_METRICS:
             raise ValueError(f"`metric` must be one of {SPIKE_METRICS}, got {settings['metric']!r}.")
-        for name in ("snapshot_interval", "check_interval"):
-            if not isinstance(settings[name], int) or settings[name] < 1:
-                raise ValueError(f"`{name}` must be an int >= 1, got {settings[name]!r}.")
-        if not isinstance(settings["max_rollbacks"], int) or settings["max_rollbacks"] < 0:
-            raise ValueError(f"`max_rollbacks` must be an int >= 0, got {settings['max_rollbacks']!r}.")
-        if not settings["lr_factor"] > 0:
-            raise ValueError(f"`lr_factor` must be > 0, got {settings['lr_factor']!r}.")
-        SpikeDetector(settings["window"], settings["warmup"], settings["sigma"])  # raises on bad values
+        for name in ("snapshot_interval", "snapshot_keep", "check_interval"):
+            settings[name] = checked_number(name, settings[name], int, minimum=1)
+        settings["max_rollbacks"] = checked_number("max_rollbacks", settings["max_rollbacks"], int, minimum=0)
+        settings["lr_factor"] = checked_number("lr_factor", settings["lr_factor"], float, 0, 1, open_minimum=True)
+        detector = SpikeDetector(settings["window"], settings["warmup"], settings["sigma"])  # raises on bad values
+        settings.update(window=detector.window, warmup=detector.warmup, sigma=detector.sigma)
         SnapshotStore(settings["snapshot_keep"], settings["snapshot_storage"], directory=".")
         return settings
 
@@ -204,8 +217,11 @@ class SpikeRollbackCallback(ResumableCallback):
             self._store.clear()
         self._store = SnapshotStore(s["snapshot_keep"], s["snapshot_storage"], rank_dir)
         self._pending = []
-        if s["metric"] == "loss":
-            TrainingLossTap.for_model(model)
+        self._resumed_from = state.global_step if state.global_step > 0 else None
+        self._first_resumed_step = None
+        self._unjudged_checkpoint = None
+        TrainingLossTap.for_model(model)  # the loss metric, and for grad_norm whether an fp16 overflow had a loss
+        SkipRecord.for_model(model).recovery = True
         # The starting state cannot hold a bad update made in this run, so it is a rollback target at once.
         self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
 
@@ -217,8 +233,12 @@ class SpikeRollbackCallback(ResumableCallback):
                 self._warn_clipped_norm(args)
             if active_grad_scaler(optimizer) is not None:
                 # An fp16 overflow is the grad scaler's business (it skips the update and lowers the scale),
-                # not a spike: flag it on device, to be dropped when the buffer is read.
+                # not a spike: flag it on device, to be dropped when the buffer is read. A non-finite loss
+                # too means non-finite weights (or a NaN batch): a spike, as in fp32.
+                loss = TrainingLossTap.for_model(model).read()
                 self._overflow = ~torch.isfinite(norm)
+                if loss is not None:
+                    self._overflow &= torch.isfinite(loss).to(self._overflow.device)
             self._grad_norm = norm
 
     def _warn_clipped_norm(self, args) -> None:
@@ -251,16 +271,20 @@ class SpikeRollbackCallback(ResumableCallback):
         step = state.global_step
         snapshot_due = step % self._settings["snapshot_interval"] == 0
         last_step = state.max_steps > 0 and step >= state.max_steps
+        weights_bad = self._weights_bad(control, model, step)
         check_due = (
             snapshot_due
             or last_step
             or control.should_save  # judge before a checkpoint is written, and export a current window
+            or weights_bad
+            or self._unjudged_checkpoint is not None  # the step after a checkpoint judges the update it holds
+            or (self._resumed_from is not None and self._first_resumed_step is None)  # and the one after a resume
             or step % self._settings["check_interval"] == 0
             or is_logging_step(args, state, step)
         )
         if not check_due or self._detector is None:
             return control
-        spike = self._check(args.device)
+        spike = self._check(args.device, step, weights_bad)
         if spike is not None:
             self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
         elif snapshot_due and not last_step:
@@ -268,24 +292,42 @@ class SpikeRollbackCallback(ResumableCallback):
         return control
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        """Judge what is still buffered before an epoch-strategy checkpoint is written."""
-        if control.should_save and self._pending and self._detector is not None:
-            spike = self._check(args.device)
+        """Judge what is still buffered, and the weights, before an epoch-strategy checkpoint is written."""
+        if control.should_save and self._detector is not None:
+            weights_bad = self._weights_bad(control, model, state.global_step)
+            spike = self._check(args.device, state.global_step, weights_bad)
             if spike is not None:
                 self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, **kwargs):
+        """A checkpoint holds the update of its own step, which only the next step's loss can judge."""
+        self._unjudged_checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._store is not None:
             self._store.clear()
+        if model is not None:
+            SkipRecord.for_model(model).recovery = False
+
+    @staticmethod
+    def _weights_bad(control: TrainerControl, model, step: int) -> bool:
+        """Non-finite weights at the end of ``step``: as the skip flags found them, or read before a checkpoint."""
+        if SkipRecord.for_model(model).weights_verdict == (step, True):
+            return True
+        return control.should_save and weights_nonfinite(model, step)
 
     # ---- detection -----------------------------------------------------------------------------
 
-    def _check(self, device: torch.device) -> tuple[int, float, float | None, bool] | None:
+    def _check(
+        self, device: torch.device, step: int, weights_bad: bool
+    ) -> tuple[int, float, float | None, bool] | None:
         """Judge the buffered steps; on a spike return ``(step, value, threshold, seen_here)``.
 
         The step is the earliest spike on any rank (one all-reduce); ``seen_here`` says whether this
-        rank's own value spiked there, the value and threshold being this rank's.
+        rank's own value spiked there, the value and threshold being this rank's. Non-finite weights at
+        the end of ``step`` (``weights_bad``, agreed by all ranks) are a spike at ``step`` when no buffered
+        value spiked: an update made them, and no loss has shown it yet.
         """
         pending, self._pending = self._pending, []
         judged = [(step, value, left_out) for step, value, left_out in pending if value is not None]
@@ -299,13 +341,18 @@ class SpikeRollbackCallback(ResumableCallback):
             values, left_out = torch.stack([torch.stack(device_values), torch.stack(flags)]).tolist()  # one host sync
             kept = [index for index, flag in enumerate(left_out) if not flag]
             judged, values = [judged[i] for i in kept], [values[i] for i in kept]
+        if self._resumed_from is not None and self._first_resumed_step is None and judged:
+            self._first_resumed_step = judged[0][0]
         local_first, verdicts = self._detector.scan(values)
         first = int(reduce_across_ranks(torch.tensor(local_first, device=device), "min").item())
         self._detector.accept(values[:first])
         if first == len(values):
+            if weights_bad:
+                return step, math.nan, None, True
             if judged:
                 # A snapshot vouched for by `check_interval` healthy steps after it becomes a rollback target.
                 self._store.trust_through(judged[-1][0] - self._settings["check_interval"] + 1)
+                self._resumed_from = self._unjudged_checkpoint = None  # healthy losses vouch for both
             return None
         verdict = verdicts[first]
         return judged[first][0], verdict.value, verdict.threshold, verdict.spike
@@ -317,46 +364,97 @@ class SpikeRollbackCallback(ResumableCallback):
         self._store.discard_untrusted()
         target = self._store.newest_trusted()
         metric = self._settings["metric"]
-        if not seen_here:
+        # One read on this rare path tells a blown-up model from a bad batch, on every rank alike.
+        nonfinite_weights = weights_nonfinite(model, state.global_step)
+        if nonfinite_weights:
+            reason = f"non-finite weights at step {state.global_step} ({metric} spike first at step {spike_step})"
+        elif not seen_here:
             reason = f"{metric} spike on another rank at step {spike_step} (here {value:.6g})"
         elif not math.isfinite(value):
             reason = f"non-finite {metric} {value} at step {spike_step}"
         else:
             reason = f"{metric} {value:.6g} above threshold {threshold:.6g} at step {spike_step}"
-        event_fields = {"metric": metric, "value": value, "threshold": threshold, "spike_step": spike_step}
-        events = StabilityEventLog(args.output_dir)
+        event_fields = {"metric": metric, "value": value, "threshold": threshold, "spike_step": spike_step,
+                        "nonfinite_weights": nonfinite_weights}
+        events = StabilityEventLog(args.output_dir) if state.is_world_process_zero else None
         limit = self._settings["max_rollbacks"]
-        if self.rollbacks >= limit:
+        if self._resumed_from is not None and spike_step == self._first_resumed_step:
+            # The first loss after a resume is measured on the checkpoint's own weights: rolling back to them
+            # (the only trusted snapshot yet) would repeat the spike until max_rollbacks.
+            message = (
+                f"Spike rollback: {reason}, the first loss after resuming from step {self._resumed_from}: the "
+                f"resumed checkpoint itself holds the update that spiked, so rolling back to it cannot help. Stopping "
+                f"without saving; resume from {_earlier_checkpoint(args.output_dir, self._resumed_from)} instead."
+            )
+            self._stop(control, events, state, message, restored_step=None, **event_fields)
+            return
+        if self.rollbacks >= limit or target is None:
             if target is not None:
                 restore_training_state(target, model, optimizer, lr_scheduler)
+                self._replace_unjudged_checkpoint(state, control)
             restored = None if target is None else target.step
+            why = f"the limit of max_rollbacks={limit} rollbacks is reached" if target is not None else (
+                "no trusted snapshot exists to restore")
+            if target is None and not nonfinite_weights:
+                logger.warning(f"Spike rollback: {reason}, but {why}; continuing without one.")
+                return
+            saved = "saving a checkpoint holding the healthy state of step" if target is not None else "without saving"
             message = (
-                f"Spike rollback: {reason}, but the limit of max_rollbacks={limit} rollbacks is reached; stopping "
-                f"training at step {state.global_step} and saving a checkpoint"
-                + ("" if restored is None else f" holding the healthy state of step {restored}")
+                f"Spike rollback: {reason}, but {why}; stopping training at step {state.global_step} "
+                + (f"{saved} {restored}" if target is not None else saved)
                 + ". Lower the learning rate or inspect the data around the spike before resuming."
             )
-            logger.error(message)
-            if state.is_world_process_zero:
-                events.append(state.global_step, "stop", f"max_rollbacks ({limit}) reached: {reason}",
-                              restored_step=restored, **event_fields)
-            control.should_training_stop = True
-            control.should_save = True
-            return
-        if target is None:
-            logger.warning(f"Spike rollback: {reason}, but no trusted snapshot exists yet; continuing without one.")
+            self._stop(control, events, state, message, restored_step=restored, **event_fields)
+            control.should_save = target is not None  # never a checkpoint of the spiked or non-finite state
             return
         restore_training_state(target, model, optimizer, lr_scheduler)
+        removed = self._replace_unjudged_checkpoint(state, control)
         self.rollbacks += 1
         previous_scale, self.lr_scale = self.lr_scale, self.lr_scale * self._settings["lr_factor"]
         _scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / target.lr_scale)
         logger.warning(
             f"Spike rollback {self.rollbacks}/{limit}: {reason}; restored the snapshot of step {target.step} and "
             f"continue at step {state.global_step} with new batches (LR scale {previous_scale:g} -> {self.lr_scale:g})."
+            + (f" Replaced {removed}, whose update the spike judged, by a checkpoint of the restored state." if removed
+               else "")
         )
-        if state.is_world_process_zero:
+        if events is not None:
             events.append(state.global_step, "rollback", reason, restored_step=target.step, rollbacks=self.rollbacks,
-                          lr_scale=self.lr_scale, **event_fields)
+                          lr_scale=self.lr_scale, removed_checkpoint=removed, **event_fields)
+
+    def _stop(self, control: TrainerControl, events: StabilityEventLog | None, state: TrainerState, message: str,
+              **fields_: Any) -> None:
+        logger.error(message)
+        if events is not None:
+            events.append(state.global_step, "stop", message, **fields_)
+        control.should_training_stop = True
+        control.should_save = False
+
+    def _replace_unjudged_checkpoint(self, state: TrainerState, control: TrainerControl) -> str | None:
+        """After a restore, drop the checkpoint whose update the spike judged and save the restored state instead.
+
+        Returns the removed checkpoint's name, or ``None`` when the spike judged no checkpoint.
+        """
+        checkpoint, self._unjudged_checkpoint = self._unjudged_checkpoint, None
+        if checkpoint is None:
+            return None
+        if state.is_world_process_zero:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        control.should_save = True
+        return checkpoint.name
+
+
+def _earlier_checkpoint(output_dir: str, step: int) -> str:
+    """The newest complete checkpoint in ``output_dir`` older than ``step``, named for a message."""
+    steps = sorted(
+        int(match.group(1))
+        for path in Path(output_dir).glob("checkpoint-*")
+        if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and (path / "trainer_state.json").is_file()
+    )
+    earlier = [s for s in steps if s < step]
+    if not earlier:
+        return f"an earlier checkpoint (none is left in {output_dir}: start over with a lower learning rate)"
+    return str(Path(output_dir) / f"checkpoint-{earlier[-1]}")
 
 
 def _scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> None:

@@ -174,6 +174,11 @@ class SkipRecord(_OnePerModel):
         self.step: int | None = None
         self.reason: str | None = None
         self._flag: torch.Tensor | None = None
+        # The latest host verdict on the weights: ``(step, True)`` when some parameter was NaN/Inf at the end
+        # of ``step`` (all ranks agree). Such a step is no skip: its loss stays in the spike detector's view.
+        self.weights_verdict: tuple[int, bool] | None = None
+        # True while a callback (spike rollback) answers non-finite weights by restoring a trusted snapshot.
+        self.recovery = False
 
     def mark(self, step: int, reason: str | None) -> None:
         """Record the host decision for ``step``: ``reason`` is ``None`` when the update goes ahead."""

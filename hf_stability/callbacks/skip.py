@@ -6,8 +6,8 @@ becomes NaN), so one fused norm over the gradients tells whether the step is san
 gradient to ``None``: torch optimizers then leave parameters, moments and their ``step`` count alone
 (zeroing to 0 would not — Adam still decays its moments and counts the step).
 
-Per step this costs one fused norm, one all-reduce of a 3-element flag vector (gradients, loss,
-parameters) and, in fp32/bf16, one device-to-host read: the skip must be decided on the host before
+Per step this costs two fused norms (gradients, parameters), one all-reduce of a 3-element flag vector
+(gradients, loss, parameters) and, in fp32/bf16, one device-to-host read: the skip must be decided on the host before
 ``optimizer.step()``. In fp16 the grad scaler's found-inf flag is the gradient check and the scaler
 skips the update itself, so no read is needed per step: the step's flags stay on device in a queue
 that is read at once (one read) on logging, save and last steps, every ``max_consecutive_skips``
@@ -40,6 +40,7 @@ from hf_stability.callbacks.signals import (
     is_logging_step,
     reduce_across_ranks,
 )
+from hf_stability.config import checked_number
 from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
 
@@ -54,8 +55,7 @@ _LOCAL, _REDUCED, _LOSS_VALUE, _GRAD_NORM, _SCALE = 0, 3, 6, 7, 8
 class _QueuedStep:
     """One step's flags and event values, on device until the next flush reads the whole queue."""
 
-    step: int
-    parameter_step: int  # the step whose post-update parameters the PARAMETERS flag checked
+    step: int  # the PARAMETERS flag checked the weights this step started from
     row: torch.Tensor  # 9 floats, columns above
     has_loss: bool
     has_scale: bool
@@ -79,6 +79,25 @@ def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[to
         scaler.unscale_(inner)
         found = scaler._per_optimizer_states[id(inner)]["found_inf_per_device"]
     return list(found.values())
+
+
+def parameters_nonfinite(model: torch.nn.Module) -> torch.Tensor:
+    """A 0-d device bool: some parameter of this rank holds NaN/Inf (one fused norm, no host read)."""
+    return ~torch.isfinite(global_grad_norm([p.detach() for p in model.parameters()]))
+
+
+def weights_nonfinite(model: torch.nn.Module, step: int) -> bool:
+    """Whether any rank's weights are non-finite at the end of ``step``: one all-reduce and one host read.
+
+    Run before a checkpoint is written (rarely enough to afford the read). The verdict is kept in
+    `SkipRecord`, so a second callback asking about the same step gets it without another read; a verdict
+    already set for ``step`` by the per-step flags is reused as is.
+    """
+    record = SkipRecord.for_model(model)
+    if record.weights_verdict is None or record.weights_verdict[0] != step:
+        bad = reduce_across_ranks(parameters_nonfinite(model).float(), "max").item() > 0
+        record.weights_verdict = (step, bad)
+    return record.weights_verdict[1]
 
 
 def _ranks_flagged(local_flags: torch.Tensor, local_table: list[list[float]]) -> list[list[list[int]]]:
@@ -111,9 +130,14 @@ class SkipNonFiniteCallback(ResumableCallback):
     After ``max_consecutive_skips`` skips in a row the run stops with a checkpoint (event ``"stop"``).
 
     Also reported (event, counter and warning; no skip): a non-finite training loss with finite gradients
-    (``"nonfinite_loss"``, e.g. a batch without a single label: 0/0) and non-finite parameters after an
-    update (``"nonfinite_parameters"``, checked after the update of every logging step and read with the
-    next step's flags, so it costs no extra host read).
+    (``"nonfinite_loss"``, e.g. a batch without a single label: 0/0).
+
+    Non-finite weights are no bad batch: the third flag checks the parameters each step starts from (one
+    fused norm, read with the other flags). Such a step is not counted as skipped (``"nonfinite_parameters"``,
+    ``nonfinite_parameter_steps``) and its update is dropped; `SpikeRollbackCallback`, when installed, treats
+    it as a spike and restores a trusted snapshot. Alone, this callback stops training at once without a
+    checkpoint. Before every checkpoint the weights are checked once more (one read), covering the update of
+    the checkpoint step itself: a checkpoint with non-finite weights is never written.
 
     fp16: the grad scaler's found-inf flag is the gradient check; the reduced flag is written back into
     the scaler so every rank halves its scale alike. The scaler already skips the update (with the fused
@@ -147,18 +171,16 @@ class SkipNonFiniteCallback(ResumableCallback):
     """
 
     def __init__(self, max_consecutive_skips: int = 50) -> None:
-        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
-            raise ValueError(f"`max_consecutive_skips` must be an int >= 1, got {max_consecutive_skips!r}.")
-        self.max_consecutive_skips = max_consecutive_skips
+        self.max_consecutive_skips = checked_number("max_consecutive_skips", max_consecutive_skips, int, minimum=1)
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.nonfinite_loss_steps = 0
         self.nonfinite_parameter_steps = 0
         self._tap: TrainingLossTap | None = None
-        self._parameter_check: torch.Tensor | None = None
-        self._parameter_check_step = 0
         self._filter_warned = False
         self._queue: list[_QueuedStep] = []
+        self._weights_stop = False  # stopped for non-finite weights: no checkpoint may be written
+        self._weights_reported: int | None = None
 
     def state(self) -> dict:
         return {
@@ -179,6 +201,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         self.begin_run(args, state, model)
         self._tap = TrainingLossTap.for_model(model)
         self._queue = []
+        self._weights_stop = False
 
     def _warn_filter_hides_loss(self, args) -> None:
         """Once per run, at the first non-finite loss, say where it went if Trainer's filter hid it."""
@@ -207,9 +230,10 @@ class SkipNonFiniteCallback(ResumableCallback):
         loss = self._tap.read() if self._tap is not None else None
         no_flag = torch.zeros((), dtype=torch.bool, device=device)
         loss_bad = ~torch.isfinite(loss).to(device) if loss is not None else no_flag
-        params_bad = self._parameter_check
-        self._parameter_check = None
-        local = torch.stack([grads_bad, loss_bad, no_flag if params_bad is None else params_bad.to(device)]).float()
+        # The weights this step's forward used: after an update that blew them up, every later loss and gradient
+        # is non-finite, which is no bad batch (see `_flush`).
+        params_bad = parameters_nonfinite(model).to(device)
+        local = torch.stack([grads_bad, loss_bad, params_bad]).float()
         reduced = reduce_across_ranks(local, "max")
         if found_inf is not None:
             for flag in found_inf:
@@ -223,7 +247,6 @@ class SkipNonFiniteCallback(ResumableCallback):
         self._queue.append(
             _QueuedStep(
                 step,
-                self._parameter_check_step,
                 torch.cat([local, reduced, torch.stack(extras)]),
                 loss is not None,
                 scaler is not None,
@@ -232,11 +255,12 @@ class SkipNonFiniteCallback(ResumableCallback):
         record = SkipRecord.for_model(model)
         if scaler is not None and not self._flush_due(args, state, step):
             # The scaler skips an overflowed update on its own: nothing needs the flags on the host yet.
-            record.mark_pending(step, reduced[GRADIENTS] > 0, "fp16_overflow")
+            # Non-finite weights are no overflow to leave out: the rollback must see their loss.
+            record.mark_pending(step, (reduced[GRADIENTS] > 0) & (reduced[PARAMETERS] == 0), "fp16_overflow")
             return control
-        reason = self._flush(args, state, control, step)
-        if reason is not None:
-            model.zero_grad(set_to_none=True)
+        reason = self._flush(args, state, control, step, record)
+        if reason is not None or record.weights_verdict == (step, True):
+            model.zero_grad(set_to_none=True)  # no update: neither a bad batch's nor one made from NaN weights
         record.mark(step, reason)
         return control
 
@@ -250,10 +274,14 @@ class SkipNonFiniteCallback(ResumableCallback):
             or len(self._queue) >= self.max_consecutive_skips
         )
 
-    def _flush(self, args, state, control, now: int) -> str | None:
+    def _flush(self, args, state, control, now: int, record: SkipRecord) -> str | None:
         """Read the queued steps at once, count and report them; the skip reason of the last one (or None).
 
-        ``now`` is the step training is at (a stop happens there, with its checkpoint).
+        ``now`` is the step training is at (a stop happens there). A step whose weights were already
+        non-finite is no skipped batch: every loss and gradient from then on is non-finite whatever the data.
+        It is reported (``"nonfinite_parameters"``) and left to spike rollback when one is installed
+        (``record.recovery``), which restores a trusted snapshot; without one, training stops at once, and
+        without a checkpoint.
         """
         queue, self._queue = self._queue, []
         if not queue:
@@ -267,13 +295,18 @@ class SkipNonFiniteCallback(ResumableCallback):
             ranks = [([], [], [])] * len(queue)
         reason = None
         limit_reached = 0
+        weights_step = None
         for entry, row, (grad_ranks, loss_ranks, parameter_ranks) in zip(queue, table, ranks, strict=True):
             loss = row[_LOSS_VALUE] if entry.has_loss else None
             flags = [value > 0 for value in row[_REDUCED:_LOSS_VALUE]]
+            if flags[PARAMETERS]:
+                self._report_parameters(args, state, entry.step, parameter_ranks, loss, record.recovery)
+                weights_step = entry.step
+                self.consecutive_skips = 0
+                reason = None
+                continue
             if flags[LOSS]:
                 self._warn_filter_hides_loss(args)
-            if flags[PARAMETERS]:
-                self._report_parameters(args, state, entry.parameter_step, parameter_ranks)
             if flags[LOSS] and not flags[GRADIENTS]:
                 self._report_loss(args, state, entry.step, loss_ranks, loss)
             if not flags[GRADIENTS]:
@@ -301,16 +334,37 @@ class SkipNonFiniteCallback(ResumableCallback):
                 reason,
                 grad_ranks,
             )
+        if weights_step is not None:
+            if weights_step == now:
+                record.weights_verdict = (now, True)  # the rollback of this step reads it
+            if not record.recovery:
+                self._stop_for_weights(args, state, control, now, weights_step)
+                return reason
         if limit_reached:
             self._stop(args, state, control, now, limit_reached)
         return reason
 
+    def _stop_for_weights(self, args, state, control, now: int, step: int) -> None:
+        """Stop at once without a checkpoint: the weights are non-finite and nothing can restore them here."""
+        message = (
+            f"The weights were non-finite at step {step} (an earlier update blew them up; no batch is to blame) and "
+            f"no spike rollback is installed to restore a trusted snapshot: stopping at step {now} without saving a "
+            "checkpoint, so the last finite checkpoint stays the newest. Resume from it with a lower learning rate, "
+            "or enable spike rollback."
+        )
+        logger.error(message)
+        control.should_training_stop = True
+        control.should_save = False
+        self._weights_stop = True
+        if state.is_world_process_zero:
+            StabilityEventLog(args.output_dir).append(now, "stop", message, nonfinite_weights_step=step)
+
     def _stop(self, args, state, control, step: int, consecutive: int) -> None:
         message = (
             f"{consecutive} consecutive steps had non-finite gradients (max_consecutive_skips="
-            f"{self.max_consecutive_skips}); stopping at step {step} and saving a checkpoint. The last update "
-            "was healthy; check the data around these steps, lower the learning rate or resume from an earlier "
-            "checkpoint."
+            f"{self.max_consecutive_skips}); stopping at step {step} and saving a checkpoint. Skipped steps change "
+            "nothing, so it holds the weights of the last update before them, checked finite; check the data around "
+            "these steps, lower the learning rate or resume from an earlier checkpoint."
         )
         logger.error(message)
         control.should_training_stop = True
@@ -326,37 +380,55 @@ class SkipNonFiniteCallback(ResumableCallback):
                 step, "nonfinite_loss", "non-finite training loss, finite gradients", ranks=ranks, loss=loss
             )
 
-    def _report_parameters(self, args, state, step: int, ranks: list[int]) -> None:
+    def _report_parameters(
+        self, args, state, step: int, ranks: list[int] | None, loss: float | None, recovery: bool | None
+    ) -> None:
+        """Report non-finite weights at ``step`` once; ``recovery`` says whether spike rollback restores them.
+
+        ``ranks`` is ``None`` where only the all-reduced verdict is known (the check before a checkpoint).
+        """
+        if step == self._weights_reported:
+            return
+        self._weights_reported = step
         self.nonfinite_parameter_steps += 1
-        logger.error("Non-finite parameters after the update of step %d on ranks %s.", step, ranks)
+        action = {True: "left to spike rollback", False: "no snapshot to restore", None: "at the end of training"}
+        reason = f"non-finite weights at step {step} ({action[recovery]})"
+        logger.error("Step %d: non-finite weights on ranks %s (%s).", step, ranks, action[recovery])
         if state.is_world_process_zero:
-            StabilityEventLog(args.output_dir).append(
-                step, "nonfinite_parameters", "non-finite parameter values after the optimizer update", ranks=ranks
-            )
+            StabilityEventLog(args.output_dir).append(step, "nonfinite_parameters", reason, ranks=ranks, loss=loss)
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        """On logging steps, queue a parameter finiteness check; the next step's flag read reports it."""
-        step = completing_step(state)
-        if is_logging_step(args, state, step) and not SkipRecord.for_model(model).skipped(step):
-            weights = [p.detach() for p in model.parameters()]
-            self._parameter_check = ~torch.isfinite(global_grad_norm(weights))
-            self._parameter_check_step = step
+    def _guard_checkpoint(self, args, state, control, model) -> None:
+        """Before a checkpoint is written, judge its weights: a non-finite checkpoint is never written.
 
-    def on_evaluate(self, args, state, control, **kwargs):
+        The per-step flags check the weights a step *starts* from; this read (once per checkpoint) covers
+        the update of the checkpoint step itself. With spike rollback installed it restores a trusted
+        snapshot before the save (it reads the same verdict); without, training stops and nothing is saved.
+        """
+        if self._weights_stop:
+            control.should_save = False
+            return
+        if not control.should_save or not weights_nonfinite(model, state.global_step):
+            return
+        record = SkipRecord.for_model(model)
+        self._report_parameters(args, state, state.global_step, None, None, record.recovery)
+        if not record.recovery:
+            self._stop_for_weights(args, state, control, state.global_step, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._guard_checkpoint(args, state, control, model)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
         """Flush queued fp16 steps: ``save_strategy="best"`` may save right after an evaluation."""
-        self._flush(args, state, control, state.global_step)
+        self._flush(args, state, control, state.global_step, SkipRecord.for_model(model))
 
-    def on_epoch_end(self, args, state, control, **kwargs):
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
         """Flush queued fp16 steps, so an epoch-end checkpoint exports current counters (one read per epoch)."""
-        self._flush(args, state, control, state.global_step)
+        self._flush(args, state, control, state.global_step, SkipRecord.for_model(model))
+        self._guard_checkpoint(args, state, control, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        """Flush queued fp16 steps, then report a parameter check still queued after the last step."""
-        self._flush(args, state, control, state.global_step)
-        pending, self._parameter_check = self._parameter_check, None
-        if pending is None:
-            return
-        local = torch.stack([torch.zeros(()), torch.zeros(()), pending.float().cpu()])
-        if reduce_across_ranks(local, "max")[PARAMETERS].item() > 0:
-            _, _, ranks = _ranks_flagged(local.reshape(1, 3), [local.tolist()])[0]
-            self._report_parameters(args, state, self._parameter_check_step, ranks)
+        """Flush queued fp16 steps, then report weights the last update left non-finite."""
+        record = SkipRecord.for_model(model)
+        self._flush(args, state, control, state.global_step, record)
+        if not self._weights_stop and weights_nonfinite(model, state.global_step):
+            self._report_parameters(args, state, state.global_step, None, None, None)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers import PoisonActivations, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
-from rollback_faults import ThrowWeights
+from rollback_faults import NanWeights, ThrowWeights
 from transformers import (
     BertForMaskedLM,
     T5Config,
@@ -36,6 +36,7 @@ from hf_stability import (
     read_events,
 )
 from hf_stability.callbacks.signals import SkipRecord
+from hf_stability.callbacks.telemetry import find_callback
 from hf_stability.collators import DataCollatorForT5SpanCorruption
 
 HERE = Path(__file__).resolve().parent
@@ -226,7 +227,9 @@ def test_a_nan_step_rolls_back_alone_but_feeds_nothing_once_the_skip_callback_sk
 
     alone = run(tmp_path / "alone", [SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10)])
     assert [(e["event"], e["spike_step"], e["restored_step"]) for e in alone] == [("rollback", 31, 20)]
-    assert alone[0]["reason"].startswith("non-finite loss")
+    # Without the skip callback the NaN batch's update turned every weight NaN (clipping multiplies by max/NaN):
+    # the event says so, and names the step whose loss showed it first.
+    assert alone[0]["nonfinite_weights"] and "loss spike first at step 31" in alone[0]["reason"]
 
     together = run(tmp_path / "together", [SkipNonFiniteCallback(),
                                            SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10)])
@@ -358,3 +361,116 @@ def test_two_ranks_roll_back_together_and_stay_identical(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "ranks diverged after the rollback"
+
+
+def saved_checkpoints(output_dir) -> list[int]:
+    return sorted(int(path.name.split("-")[1]) for path in Path(output_dir).glob("checkpoint-*"))
+
+
+def all_finite(model) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("regime", "logging_steps"), [("fp32", 25), ("bf16", 25), ("fp16", 1), ("fp16", 100)],
+    ids=["fp32", "bf16", "fp16-flag-read-per-step", "fp16-flags-queued"],
+)
+def test_nonfinite_weights_roll_back_like_a_spike_not_skipped_as_bad_batches(
+    bert_tokenizer, dataset, tmp_path, regime, logging_steps
+):
+    # The update of step 25 makes the weights NaN; every later loss and gradient is NaN, whatever the batch.
+    config = dict(max_steps=40, logging_steps=logging_steps, snapshot_interval=10, spike_window=16, spike_warmup=8,
+                  rollback_lr_factor=0.5, bf16=regime == "bf16", fp16=regime == "fp16")
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), make_args(tmp_path, StabilityConfig, **config),
+                               train_dataset=dataset, callbacks=[NanWeights([25])])
+    if regime == "fp16":
+        emulate_fp16_scaler(trainer)
+    trainer.train()
+
+    skip = find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback)
+    rollback = rollback_callback(trainer)
+    assert skip.skipped_steps == 0, "steps with non-finite weights are no skipped batches"
+    assert rollback.rollbacks == 1 and rollback.lr_scale == 0.5
+    events = read_events(tmp_path)
+    (event,) = [e for e in events if e["event"] == "rollback"]
+    # Step 20's snapshot awaits the check of step 30 to be trusted: step 10's is restored.
+    assert (event["spike_step"], event["restored_step"], event["nonfinite_weights"]) == (26, 10, True)
+    assert event["reason"].startswith("non-finite weights")
+    # Read per step, the flags find the weights at step 26 and the rollback happens there; queued (fp16), the
+    # rollback comes at the next check (step 30), and every step until then is reported, none skipped.
+    assert event["step"] == (30 if logging_steps == 100 else 26)
+    reported = [e["step"] for e in events if e["event"] == "nonfinite_parameters"]
+    assert reported == list(range(26, event["step"] + 1)) and skip.nonfinite_parameter_steps == len(reported)
+    assert {e["event"] for e in events} == {"nonfinite_parameters", "rollback"}
+    assert trainer.state.global_step == 40 and all_finite(trainer.model)
+
+
+def test_rollback_alone_never_writes_a_checkpoint_with_nonfinite_weights(bert_tokenizer, dataset, tmp_path):
+    # The update of the checkpoint step itself makes the weights NaN: no loss has shown it when the save is due.
+    args = make_args(tmp_path, max_steps=30, save_strategy="steps", save_steps=25, save_total_limit=1)
+    trainer = Trainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset,
+                      callbacks=[SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10), NanWeights([25])])
+    trainer.train()
+    (event,) = read_events(tmp_path)
+    assert (event["event"], event["step"], event["restored_step"], event["nonfinite_weights"]) == (
+        "rollback", 25, 10, True)
+    assert saved_checkpoints(tmp_path) == [30]
+    assert all_finite(BertForMaskedLM.from_pretrained(tmp_path / "checkpoint-30"))
+
+
+def test_the_update_a_checkpoint_holds_is_judged_by_the_next_step_and_replaced_when_it_spiked(
+    bert_tokenizer, dataset, tmp_path
+):
+    # Step 25's update is thrown and saved in checkpoint-25 before any loss could show it; step 26's loss does.
+    args = make_args(tmp_path, max_steps=40, save_strategy="steps", save_steps=25)
+    trainer = Trainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset,
+                      callbacks=[SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10), ThrowWeights([25])])
+    trainer.train()
+    (event,) = read_events(tmp_path)
+    assert (event["event"], event["step"], event["spike_step"], event["restored_step"]) == ("rollback", 26, 26, 10)
+    assert event["removed_checkpoint"] == "checkpoint-25"
+    # The thrown checkpoint is gone; the restored state was saved in its place, and no checkpoint holds the throw.
+    assert saved_checkpoints(tmp_path) == [26, 40]
+    evaluation = mlm_dataset(bert_tokenizer, rows=32)
+    for step in (26, 40):
+        loss = Trainer(BertForMaskedLM.from_pretrained(tmp_path / f"checkpoint-{step}"), args).evaluate(evaluation)
+        assert loss["eval_loss"] < 10, f"checkpoint-{step} holds the thrown weights"
+
+
+def test_a_resume_whose_first_loss_spikes_stops_at_once_naming_an_earlier_checkpoint(
+    bert_tokenizer, dataset, tmp_path
+):
+    # The last step's update is thrown: nothing is left to judge it, so checkpoint-30 holds it.
+    config = dict(save_strategy="steps", save_steps=10, snapshot_interval=10, spike_window=16, spike_warmup=8)
+    first = Trainer(tiny_bert(bert_tokenizer), make_args(tmp_path, StabilityConfig, max_steps=30, **config),
+                    train_dataset=dataset, callbacks=[SpikeRollbackCallback(), ThrowWeights([30])])
+    first.train()
+    assert read_events(tmp_path) == [] and saved_checkpoints(tmp_path) == [10, 20, 30]
+
+    resumed = Trainer(tiny_bert(bert_tokenizer, seed=1), make_args(tmp_path, StabilityConfig, max_steps=60, **config),
+                      train_dataset=dataset, callbacks=[SpikeRollbackCallback()])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-30"))
+    (stop,) = read_events(tmp_path)
+    assert (stop["event"], stop["spike_step"]) == ("stop", 31)
+    assert str(tmp_path / "checkpoint-20") in stop["reason"]
+    assert rollback_callback(resumed).rollbacks == 0, "no rollback to the state that spiked"
+    assert resumed.state.global_step == 31 and saved_checkpoints(tmp_path) == [10, 20, 30]
+
+
+@pytest.mark.distributed
+def test_two_ranks_roll_back_together_when_one_rank_has_nonfinite_weights(tmp_path):
+    script = HERE.parent / "distributed" / "nonfinite_two_ranks.py"
+    path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = read_events(tmp_path)
+    assert [(e["event"], e["restored_step"]) for e in events if e["event"] != "nonfinite_parameters"] == [
+        ("rollback", 10)], "one rollback, written by rank 0"
+    assert events[-1]["nonfinite_weights"] and not [e for e in events if e["event"] == "skip"]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "ranks diverged after the rollback"
+    assert all(torch.isfinite(value).all() for value in rank0.values())

@@ -389,3 +389,44 @@ def test_two_ranks_skip_together_when_one_rank_is_poisoned(tmp_path):
     assert len(events) == 1, events  # written once, by the main process
     # The NaN starts in rank 1's forward (its loss); DDP's all-reduce spreads it to both ranks' gradients.
     assert (events[0]["event"], events[0]["loss_ranks"], events[0]["ranks"]) == ("skip", [1], [0, 1])
+
+
+def saved_checkpoints(output_dir) -> list[int]:
+    return sorted(int(path.name.split("-")[1]) for path in Path(output_dir).glob("checkpoint-*"))
+
+
+def all_finite(model) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("regime", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("blown_at", [4, 5], ids=["on-a-save-step", "between-saves"])
+def test_nonfinite_weights_without_rollback_stop_at_once_and_write_no_checkpoint(
+    tmp_path, bert_tokenizer, dataset, regime, blown_at
+):
+    from rollback_faults import NanWeights
+    from transformers import BertForMaskedLM
+
+    # The update of step `blown_at` makes the weights NaN: every later loss and gradient is NaN whatever the
+    # batch. That is no bad batch to skip, and with save_total_limit=1 a NaN checkpoint would rotate the
+    # last finite one away.
+    # Logging only at the end: in fp16 the flags stay queued on device until a save step reads them.
+    args = training_args(tmp_path, max_steps=10, logging_steps=100, save_strategy="steps", save_steps=2,
+                         save_total_limit=1, spike_rollback=False, bf16=regime == "bf16", fp16=regime == "fp16")
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    if regime == "fp16":
+        emulate_fp16_scaler(trainer)
+    trainer.add_callback(NanWeights([blown_at]))
+    trainer.train()
+
+    skip = find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback)
+    # Found before the checkpoint of the step that blew them up, else in the flags of the next step.
+    found_at = blown_at if blown_at % 2 == 0 else blown_at + 1
+    assert (skip.skipped_steps, skip.nonfinite_parameter_steps) == (0, 1)
+    events = read_events(tmp_path)
+    assert [(e["step"], e["event"]) for e in events] == [(found_at, "nonfinite_parameters"), (found_at, "stop")]
+    assert "non-finite" in events[1]["reason"] and "without saving" in events[1]["reason"]
+    assert trainer.state.global_step == found_at
+    last_finite = 2 * ((blown_at - 1) // 2)
+    assert saved_checkpoints(tmp_path) == [last_finite], "the last finite checkpoint must stay the newest"
+    assert all_finite(BertForMaskedLM.from_pretrained(tmp_path / f"checkpoint-{last_finite}"))
