@@ -1,4 +1,5 @@
-"""The README's code runs as written: every Python block on a CPU, and the W&B read-back command."""
+"""The documentation's code runs as written: every Python block of the README and docs/ on a CPU, and the W&B
+read-back command."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+# The README, then the docs pages in the order the README's sections used to have: later blocks reuse the
+# Quickstart's names, as a reader going on from the README does.
+PAGES = [REPO / "README.md"] + [
+    REPO / "docs" / name
+    for name in ("recipes.md", "trainer.md", "rollback.md", "remedies.md", "collators.md", "benchmarks.md", "events.md")
+]
 # Runs the blocks in order in one namespace, as a reader following the README does (later blocks reuse the
 # Quickstart's names), and names the block that failed.
 RUNNER = """
@@ -20,16 +27,27 @@ blocks = json.load(open(sys.argv[1]))
 namespace = {"__name__": "__main__"}
 for index, block in enumerate(blocks):
     try:
-        exec(compile(block, f"README python block {index + 1}", "exec"), namespace)
+        exec(compile(block, f"docs python block {index + 1}", "exec"), namespace)
     except Exception:
         traceback.print_exc()
-        sys.exit(f"README python block {index + 1} failed:\\n{block}")
+        sys.exit(f"docs python block {index + 1} failed:\\n{block}")
 print(f"ran {len(blocks)} blocks")
 """
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return [
+        block
+        for page in PAGES
+        for block in re.findall(rf"^```{language}\n(.*?)^```", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    ]
+
+
+def test_every_docs_page_is_run_and_linked():
+    """A page left out of PAGES would never run; a page the README does not link is never read."""
+    readme = PAGES[0].read_text(encoding="utf-8")
+    assert sorted(p.name for p in PAGES[1:]) == sorted(p.name for p in (REPO / "docs").glob("*.md"))
+    assert all(f"(docs/{page.name})" in readme for page in PAGES[1:])
 
 
 def offline_environment() -> dict[str, str]:
