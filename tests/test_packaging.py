@@ -46,7 +46,7 @@ RENDER_FROM_WHEEL = textwrap.dedent(
 
 def test_templates_have_one_copy_at_the_top_level():
     assert model_card.TEMPLATES_DIR == REPO / "model_cards"
-    assert sorted(path.name for path in (REPO / "model_cards").iterdir()) == ["bart.md", "bert.md", "card.md", "t5.md"]
+    assert {"bart.md", "bert.md", "card.md", "t5.md"} <= {path.name for path in (REPO / "model_cards").iterdir()}
     assert not (REPO / "hf_stability" / "model_cards").exists()
 
 
