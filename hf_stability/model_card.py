@@ -1,7 +1,7 @@
 """Model cards generated from the run itself: what trained, with which settings and precision, and how it went.
 
 `build_model_card` reads a `Trainer` after training — its arguments, accelerator, model, ``log_history``
-and ``stability_events.jsonl`` — and fills ``hf_stability/model_cards/card.md``; `StabilityTrainer.create_model_card`
+and ``stability_events.jsonl`` — and fills ``model_cards/card.md``; `StabilityTrainer.create_model_card`
 (the `Trainer` hook that ``push_to_hub`` calls) writes it. A pre-training recipe adds its objective's own
 settings, rendered into that objective's description (``model_cards/<objective>.md``) so the text states
 the values that ran. The YAML front matter is Hub metadata that `huggingface_hub` parses back, including
@@ -26,7 +26,10 @@ from transformers import Trainer
 from hf_stability.events import read_events
 from hf_stability.report import RunRecord, gradient_health, gradient_health_lines, plot_training_curves
 
-TEMPLATES_DIR = Path(__file__).parent / "model_cards"
+# The templates' single copy is the top-level `model_cards/` of the source tree (editable installs and
+# checkouts find it there); a wheel ships it inside the package (pyproject's `package-dir`).
+_TEMPLATE_DIRS = (Path(__file__).parent / "model_cards", Path(__file__).parents[1] / "model_cards")
+TEMPLATES_DIR = next((path for path in _TEMPLATE_DIRS if (path / "card.md").is_file()), _TEMPLATE_DIRS[0])
 OBJECTIVES = ("bert", "bart", "t5")
 CARD_FILENAME = "README.md"
 

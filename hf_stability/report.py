@@ -38,7 +38,7 @@ LAYER_GRAD_NORM_PREFIX = "stability/grad_norm/"
 # A layer whose median gradient norm over the run is below VANISHING_RATIO or above EXPLODING_RATIO times the
 # median layer's is named. Healthy 40-step runs of the tiny BERT/BART/T5 recipes span 1.1e-3x (BART's query
 # projections, whose gradient is small while attention logits start near 0) to 2.1e3x (BART's tied embedding and
-# LM head): four orders of magnitude either way leave a factor of 5 to 10 of margin (docs/trainer.md, "Gradient health").
+# LM head): four orders of magnitude either way leave a factor of 5 to 10 of margin (docs/trainer.md).
 VANISHING_RATIO = 1e-4
 EXPLODING_RATIO = 1e4
 # The heat map names each layer up to this many rows, each block beyond; inches of figure per layer row.

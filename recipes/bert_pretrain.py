@@ -9,13 +9,12 @@ a tiny model. Everything is a flag (``--help``) or a ``--config x.yaml`` key:
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
 from transformers import BertConfig, BertForPreTraining
 
-from hf_stability.collators import DataCollatorForBertPretraining, create_nsp_examples
-from hf_stability.corpus import split_sentences
+from hf_stability.collators import DataCollatorForBertPretraining
+from hf_stability.nsp_examples import nsp_rows
 from hf_stability.pretrain import Objective, main
 
 
@@ -47,25 +46,14 @@ def model_config(tokenizer, data_args, objective_args, base=None) -> BertConfig:
 
 
 def make_rows(tokenizer, data_args, objective_args: BertPretrainingArguments, seed: int):
-    """Documents → sentences → ``[CLS] A [SEP] B [SEP]`` pairs with token types and NSP labels."""
-
-    def rows(batch: dict) -> dict:
-        documents = [split_sentences(text) for text in batch["text"]]
-        # A seed per map batch, from its content: batches differ, reruns (and any `num_proc`) agree.
-        examples = create_nsp_examples(
-            [document for document in documents if document],
-            tokenizer,
-            max_seq_length=data_args.max_seq_length,
-            short_seq_prob=objective_args.short_seq_prob,
-            nsp_probability=objective_args.nsp_probability,
-            seed=zlib.crc32("\n".join(batch["text"]).encode(), seed),
-        )
-        return {
-            key: [example[key] for example in examples]
-            for key in ("input_ids", "token_type_ids", "next_sentence_label")
-        }
-
-    return rows
+    """Documents → sentences → ``[CLS] A [SEP] B [SEP]`` pairs with token types and NSP labels (`nsp_dataset`'s map)."""
+    return nsp_rows(
+        tokenizer,
+        max_seq_length=data_args.max_seq_length,
+        short_seq_prob=objective_args.short_seq_prob,
+        nsp_probability=objective_args.nsp_probability,
+        seed=seed,
+    )
 
 
 def make_collator(tokenizer, objective_args: BertPretrainingArguments, seed: int) -> DataCollatorForBertPretraining:

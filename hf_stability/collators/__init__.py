@@ -11,8 +11,9 @@ from typing import Any
 
 _EXPORTS = {
     "DataCollatorForBertPretraining": "hf_stability.collators.bert",
-    "create_nsp_examples": "hf_stability.collators.nsp",
-    "nsp_dataset": "hf_stability.collators.nsp",
+    # Built before batching (hf_stability.nsp_examples), re-exported here as the BERT data side's API.
+    "create_nsp_examples": "hf_stability.nsp_examples",
+    "nsp_dataset": "hf_stability.nsp_examples",
     "DataCollatorForBartDenoising": "hf_stability.collators.bart",
     "DataCollatorForT5SpanCorruption": "hf_stability.collators.t5",
     "t5_span_corruption_lengths": "hf_stability.collators.t5",

@@ -1,4 +1,4 @@
-"""create_nsp_examples / nsp_dataset: Google's NSP layout, provenance of A and B, label balance, errors."""
+"""create_nsp_examples / nsp_dataset: Google's NSP layout, provenance of A and B, label balance, seeds, errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from hf_stability.collators import create_nsp_examples, nsp_dataset
+from hf_stability import collators, nsp_examples
 from hf_stability.corpus import split_sentences
+from hf_stability.nsp_examples import create_nsp_examples, nsp_dataset
 
 # Provenance documents: sentence s of document d is 4 copies of the id BASE + d * SENTENCES + s, so
 # every token says where it came from. Truncation trims at most 3 tokens (a chunk overshoots its
@@ -163,6 +164,21 @@ def test_nsp_dataset_on_a_real_dataset(bert_tokenizer, corpus):
         nsp_dataset(dataset, bert_tokenizer, max_seq_length=96, seed=8, batch_size=10)["input_ids"]
         != again["input_ids"]
     )
+
+
+def test_nsp_dataset_is_reproducible_under_num_proc(bert_tokenizer, corpus):
+    # Two workers each take one shard of 10 documents = one batch of 10, the same batches as one process: a
+    # batch's seed comes from its documents, not from the worker or position, so the examples are identical.
+    dataset = Dataset.from_dict({"text": corpus[:20]})
+    single = nsp_dataset(dataset, bert_tokenizer, max_seq_length=96, seed=7, batch_size=10)
+    parallel = nsp_dataset(dataset, bert_tokenizer, max_seq_length=96, seed=7, batch_size=10, num_proc=2)
+    assert parallel["input_ids"] == single["input_ids"]
+    assert parallel["next_sentence_label"] == single["next_sentence_label"]
+
+
+def test_collators_re_export_the_nsp_builders():
+    assert collators.create_nsp_examples is nsp_examples.create_nsp_examples
+    assert collators.nsp_dataset is nsp_examples.nsp_dataset
 
 
 def test_nsp_dataset_errors(bert_tokenizer):

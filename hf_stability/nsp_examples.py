@@ -1,4 +1,7 @@
-"""Next-sentence-prediction examples, built the way google-research/bert builds them.
+"""Next-sentence-prediction datasets: ``[CLS] A [SEP] B [SEP]`` examples, built the way google-research/bert does.
+
+This builds examples once, before training (a list, or a ``datasets.Dataset`` through ``map``); the
+collators in :mod:`hf_stability.collators` build batches from them. Both functions are re-exported there.
 
 ``create_instances_from_document`` in ``create_pretraining_data.py`` packs consecutive sentences
 into a chunk close to the target length, splits it at a random sentence boundary into A and B,
@@ -7,13 +10,21 @@ unused sentences back so they start the next chunk. ``transformers`` has no equi
 reproduces that procedure (including the order of its random draws) on token ids. Masking is left
 to :class:`~hf_stability.collators.DataCollatorForBertPretraining` at batch time, so every epoch
 sees fresh masks (Google's ``dupe_factor`` copies are not needed).
+
+Seeds of ``Dataset.map`` batches (:func:`nsp_rows`, used by :func:`nsp_dataset` and the BERT recipe): each
+batch draws from ``random.Random`` seeded with ``SeedSequence([seed, crc32 of the batch's texts])``, so its
+examples depend only on ``seed`` and the documents in it — not on the worker that runs it. The same
+``batch_size`` and ``num_proc`` therefore reproduce the same examples; another ``num_proc`` moves batch
+boundaries (each worker batches its own shard) and so draws differently.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import warnings
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -104,9 +115,8 @@ def nsp_dataset(
     :func:`create_nsp_examples` through ``Dataset.map(batched=True)``, so the work runs in parallel
     with ``num_proc`` and is cached like any ``map``. NotNext partners are drawn from the documents
     of the same map batch (``batch_size`` documents, 1,000 by default), not from the whole dataset;
-    keep batches large enough to be topically varied. With ``seed`` set, each batch's draws depend
-    only on ``(seed, index of its first row)``: the same ``batch_size`` and ``num_proc`` reproduce
-    the same examples (``num_proc`` moves batch boundaries, since each worker batches its own shard).
+    keep batches large enough to be topically varied. With ``seed`` set, the same ``batch_size`` and
+    ``num_proc`` reproduce the same examples (see the module docstring for the seed of each batch).
 
     Returns a dataset with columns ``input_ids``, ``token_type_ids``, ``next_sentence_label``.
     """
@@ -119,12 +129,10 @@ def nsp_dataset(
         raise ValueError("`dataset` is empty: next sentence prediction needs at least one document.")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
-    _check_arguments(tokenizer, max_seq_length, short_seq_prob, nsp_probability, seed)
     return dataset.map(
-        _nsp_batch,
+        nsp_rows(tokenizer, text_column, max_seq_length, short_seq_prob, nsp_probability, seed),
         batched=True,
         batch_size=batch_size,
-        with_indices=True,
         remove_columns=dataset.column_names,
         features=datasets.Features(
             {
@@ -135,20 +143,35 @@ def nsp_dataset(
         num_proc=num_proc,
         load_from_cache_file=seed is not None,  # unseeded runs must not replay an earlier draw
         desc="NSP examples",
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "text_column": text_column,
-            "max_seq_length": max_seq_length,
-            "short_seq_prob": short_seq_prob,
-            "nsp_probability": nsp_probability,
-            "seed": seed,
-        },
+    )
+
+
+def nsp_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str = "text",
+    max_seq_length: int = 128,
+    short_seq_prob: float = 0.1,
+    nsp_probability: float = 0.5,
+    seed: int | None = None,
+) -> Callable[[Mapping[str, list[Any]]], dict[str, list[Any]]]:
+    """The batched ``Dataset.map`` function behind :func:`nsp_dataset`: a batch of texts → NSP example columns.
+
+    For pipelines that do their own ``map`` (streams included); arguments are checked here, once.
+    """
+    _check_arguments(tokenizer, max_seq_length, short_seq_prob, nsp_probability, seed)
+    return functools.partial(
+        _nsp_batch,
+        tokenizer=tokenizer,
+        text_column=text_column,
+        max_seq_length=max_seq_length,
+        short_seq_prob=short_seq_prob,
+        nsp_probability=nsp_probability,
+        seed=seed,
     )
 
 
 def _nsp_batch(
     batch: Mapping[str, list[Any]],
-    indices: list[int],
     tokenizer: PreTrainedTokenizerBase,
     text_column: str,
     max_seq_length: int,
@@ -156,12 +179,14 @@ def _nsp_batch(
     nsp_probability: float,
     seed: int | None,
 ) -> dict[str, list[Any]]:
-    texts = batch[text_column]
-    for offset, text in enumerate(texts):
+    for text in batch[text_column]:
         if text is not None and not isinstance(text, str):
-            raise TypeError(f"`{text_column}` of row {indices[offset]} must be a string, got {type(text).__name__}.")
-    token_documents = _tokenize_documents([split_sentences(text or "") for text in texts], tokenizer)
-    batch_seed = None if seed is None else int(np.random.SeedSequence([seed, indices[0]]).generate_state(1)[0])
+            raise TypeError(f"`{text_column}` must hold strings, got {type(text).__name__}: {text!r:.40}.")
+    texts = [text or "" for text in batch[text_column]]
+    token_documents = _tokenize_documents([split_sentences(text) for text in texts], tokenizer)
+    batch_seed = None
+    if seed is not None:
+        batch_seed = int(np.random.SeedSequence([seed, zlib.crc32("\0".join(texts).encode())]).generate_state(1)[0])
     examples = _build_examples(
         token_documents,
         tokenizer.cls_token_id,
