@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -121,8 +121,8 @@ class DataCollatorForBartDenoising:
         self._pad = require_token_id(self.tokenizer, "pad_token_id", OBJECTIVE)
         if self.mask_ratio > 0 or self.insert_ratio > 0:
             self._mask = require_token_id(self.tokenizer, "mask_token_id", OBJECTIVE)
-        start = self._eos if self.decoder_start_token_id is None else self.decoder_start_token_id
-        self.decoder_start_token_id = self._decoder_start = start  # the private copy is typed int
+        if self.decoder_start_token_id is None:
+            self.decoder_start_token_id = self._eos
 
         tokens = [t or "" for t in self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))]
         special = np.zeros(len(tokens), dtype=bool)
@@ -177,7 +177,13 @@ class DataCollatorForBartDenoising:
             tokens = self._rotate(rng, tokens, new_lengths)
 
         return seq2seq_batch(
-            tokens, new_lengths, original, lengths, self._pad, self._decoder_start, self.pad_to_multiple_of
+            tokens,
+            new_lengths,
+            original,
+            lengths,
+            self._pad,
+            cast(int, self.decoder_start_token_id),  # set in __post_init__
+            self.pad_to_multiple_of,
         )
 
     def _check_rows(self, tokens: np.ndarray, lengths: np.ndarray) -> None:

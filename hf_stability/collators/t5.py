@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -138,8 +138,8 @@ class DataCollatorForT5SpanCorruption:
                 f"The tokenizer has no sentinel tokens `<extra_id_0>`, `<extra_id_1>`, …, which {OBJECTIVE} needs. "
                 "Add them with `tokenizer.add_special_tokens({'additional_special_tokens': [...]})`."
             )
-        start = self._pad if self.decoder_start_token_id is None else self.decoder_start_token_id
-        self.decoder_start_token_id = self._decoder_start = start  # the private copy is typed int
+        if self.decoder_start_token_id is None:
+            self.decoder_start_token_id = self._pad
         self._randomness = SeededRandomness(self.seed)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -161,7 +161,7 @@ class DataCollatorForT5SpanCorruption:
             targets = np.delete(targets, (exclusive_cumsum(target_lengths) + 1)[single])
             input_lengths, target_lengths = input_lengths - single, target_lengths - single
         return seq2seq_batch(
-            inputs, input_lengths, targets, target_lengths, self._pad, self._decoder_start,
+            inputs, input_lengths, targets, target_lengths, self._pad, cast(int, self.decoder_start_token_id),
             self.pad_to_multiple_of,
         )
 
