@@ -7,6 +7,7 @@ a ``trainer_state.json`` cut off, or none at all.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -66,7 +67,9 @@ def test_latest_skips_an_incomplete_checkpoint_and_resumes_offline(finished_run,
         ("no_weights", "no model weights"),
     ],
 )
-def test_a_bad_checkpoint_path_is_one_line_naming_it_before_anything_loads(finished_run, tmp_path, damage, expected):
+def test_a_bad_checkpoint_path_is_one_line_naming_it_before_anything_loads(
+    finished_run, tmp_path, capsys, damage, expected
+):
     output_dir = tmp_path / "run"
     checkpoint = tmp_path / "checkpoint-2"
     if damage != "missing":
@@ -77,17 +80,20 @@ def test_a_bad_checkpoint_path_is_one_line_naming_it_before_anything_loads(finis
         (checkpoint / "trainer_state.json").write_text('{"global_step": 2, "log_hi')
     elif damage == "no_weights":
         (checkpoint / "model.safetensors").unlink()
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises(SystemExit) as raised:  # the recipe's one-line error, exit status 2
         bert_main(output_dir, "--resume_from_checkpoint", str(checkpoint))
-    message = str(raised.value)
+    message = capsys.readouterr().err.strip()
+    assert raised.value.code == 2
     assert str(checkpoint) in message and expected in message and "\n" not in message
     assert not output_dir.exists()  # refused before the tokenizer, data or model were touched
 
 
-def test_latest_without_a_complete_checkpoint_is_a_clear_error(tmp_path):
+def test_latest_without_a_complete_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "checkpoint-3").mkdir()
-    with pytest.raises(ValueError, match=r"no complete checkpoint-\* in .*incomplete: checkpoint-3"):
+    with pytest.raises(SystemExit) as raised:
         bert_main(tmp_path, "--resume_from_checkpoint", "latest")
+    assert raised.value.code == 2
+    assert re.search(r"no complete checkpoint-\* in .*incomplete: checkpoint-3", capsys.readouterr().err)
 
 
 def test_a_second_run_into_the_same_output_dir_is_a_new_run_with_its_own_record(finished_run, tmp_path):
