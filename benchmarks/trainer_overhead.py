@@ -1,6 +1,6 @@
 """Steps/s and device-to-host reads per step: `StabilityTrainer` against a plain `Trainer`, same run.
 
-Both train the same tiny BERT MLM (tests/helpers.py) on the same real rows for ``--steps`` steps per
+Both train the same tiny BERT MLM (tests/testing_utils.py) on the same real rows for ``--steps`` steps per
 run; runs alternate between the trainers ``--repeats`` times per precision regime and the median
 steps/s (first 20 steps excluded) is reported, so drift in machine load hits both alike. A second,
 untimed run per trainer counts the Python-level device-to-host reads (``Tensor.item``, ``tolist``,
