@@ -39,18 +39,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.testing_utils
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from helpers import (  # noqa: E402
-    PoisonActivations,
-    bert_tokenizer,
-    emulate_fp16_scaler,
-    mlm_dataset,
-    tiny_bert,
-    training_args,
-)
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import BartConfig, BartForConditionalGeneration, Trainer, TrainerCallback  # noqa: E402
 
@@ -58,6 +50,14 @@ from hf_stability import StabilityTrainer  # noqa: E402
 from hf_stability.callbacks import SkipNonFiniteCallback  # noqa: E402
 from hf_stability.callbacks.signals import reduce_across_ranks  # noqa: E402
 from hf_stability.snapshots import SnapshotStore, restore_training_state  # noqa: E402
+from tests.testing_utils import (  # noqa: E402
+    PoisonActivations,
+    bert_tokenizer,
+    emulate_fp16_scaler,
+    mlm_dataset,
+    tiny_bert,
+    training_args,
+)
 
 NEEDS_CUDA = "needs CUDA"
 POISONED_STEP = 3  # global_step before the poisoned step

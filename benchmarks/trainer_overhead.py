@@ -1,6 +1,6 @@
 """Steps/s and device-to-host reads per step: `StabilityTrainer` against a plain `Trainer`, same run.
 
-Both train the same tiny BERT MLM (tests/helpers.py) on the same real rows for ``--steps`` steps per
+Both train the same tiny BERT MLM (tests/testing_utils.py) on the same real rows for ``--steps`` steps per
 run; runs alternate between the trainers ``--repeats`` times per precision regime and the median
 steps/s (first 20 steps excluded) is reported, so drift in machine load hits both alike. A second,
 untimed run per trainer counts the Python-level device-to-host reads (``Tensor.item``, ``tolist``,
@@ -27,16 +27,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.testing_utils
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from helpers import bert_tokenizer, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args  # noqa: E402
-from timing import Stopwatch  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
+from benchmarks.timing import Stopwatch  # noqa: E402
 from hf_stability import LossScaleTelemetryCallback, StabilityTrainer  # noqa: E402
 from hf_stability.callbacks.signals import TrainingLossTap  # noqa: E402
+from tests.testing_utils import bert_tokenizer, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args  # noqa: E402
 
 WARMUP_STEPS = 20
 READ_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import PoisonGradient, mlm_dataset, tiny_bert
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback
+from tests.testing_utils import PoisonGradient, mlm_dataset, tiny_bert
 
 STEPS = 8
 POISONED_STEP = 3  # `state.global_step` when the step begins: the 4th optimizer step gets an Inf gradient

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from helpers import rank
 from transformers import TrainerCallback
+
+from tests.testing_utils import rank
 
 
 class ThrowWeights(TrainerCallback):

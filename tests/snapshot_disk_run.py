@@ -1,6 +1,6 @@
 """A StabilityTrainer run with rollback snapshots on disk, optionally under a file-size limit that fails their writes.
 
-``python snapshot_disk_run.py OUTPUT_DIR FSIZE_LIMIT_BYTES [RAISE_AT_STEP]``: the limit is set with
+``python -m tests.snapshot_disk_run OUTPUT_DIR FSIZE_LIMIT_BYTES [RAISE_AT_STEP]``: the limit is set with
 `resource.setrlimit(RLIMIT_FSIZE)` (SIGXFSZ ignored, so a write past it fails with EFBIG, as a full disk
 fails with ENOSPC); 0 means no limit. With RAISE_AT_STEP, a callback raises at that step. Prints the
 final global step.
@@ -11,14 +11,11 @@ from __future__ import annotations
 import resource
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from hf_stability import StabilityTrainer  # noqa: E402
+from tests.testing_utils import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 
 
 class RaiseAt(TrainerCallback):

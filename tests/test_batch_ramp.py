@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import mlm_dataset, tiny_bert, training_args
-from ramp_probe import StepRows
 from transformers import TrainerCallback
 
 from hf_stability import StabilityConfig, StabilityTrainer
 from hf_stability.batch_ramp import BatchRamp
+from tests.ramp_probe import StepRows
+from tests.testing_utils import mlm_dataset, subprocess_env, tiny_bert, training_args
 
 # 4 samples per micro-batch, 4 micro-batches at the target: global batch 16, reached over 24 samples from 4.
 RAMP = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "batch_ramp_start": 4,
@@ -151,12 +149,10 @@ def test_start_must_be_whole_micro_batches(tmp_path, bert_tokenizer, dataset):
 
 @pytest.mark.distributed
 def test_two_ranks_share_each_step_of_the_ramp(tmp_path):
-    script = Path(__file__).parent / "distributed" / "batch_ramp_two_ranks.py"
-    path = os.pathsep.join(filter(None, [str(script.parents[1]), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    module = "tests.distributed.batch_ramp_two_ranks"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(tmp_path)],
+        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from plain_trainer_run import POISONED_STEP, train_plain_run
 
 import hf_stability
+from tests.plain_trainer_run import POISONED_STEP, train_plain_run
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

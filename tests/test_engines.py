@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import training_args
 
 from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled, refuse_unsupported_engine
-
-HERE = Path(__file__).parent
+from tests.testing_utils import subprocess_env, training_args
 
 
 def test_refusal_is_one_line_naming_the_protections_and_the_alternative():
@@ -57,12 +54,11 @@ def _deepspeed_launch_config(tmp_path: Path, stage: int) -> Path:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_two_ranks_refuse_before_the_first_step(tmp_path, stage):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[dev]' installs it)")
-    script = HERE / "distributed" / "deepspeed_two_ranks.py"
     launch = _deepspeed_launch_config(tmp_path, stage)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    module = "tests.distributed.deepspeed_two_ranks"
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch), str(script), str(tmp_path)],
-        env=env,
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch), "-m", module, str(tmp_path)],
+        env=subprocess_env(OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
         timeout=400,

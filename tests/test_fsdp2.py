@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-HERE = Path(__file__).parent
+from tests.testing_utils import subprocess_env
 
 
 @pytest.mark.distributed
 def test_fsdp2_two_ranks_skip_snapshot_and_telemetry_are_global(tmp_path):
-    script = HERE / "distributed" / "fsdp2_two_ranks.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    module = "tests.distributed.fsdp2_two_ranks"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        env=env,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(tmp_path)],
+        env=subprocess_env(OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
         timeout=300,

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
-from helpers import mlm_dataset, tiny_bert, training_args
 from transformers import TrainerCallback, default_data_collator
 
 from hf_stability import StabilityTrainer
 from hf_stability.cli import main as cli_main
 from hf_stability.report import draw_training_curves, load_run
+from tests.testing_utils import mlm_dataset, tiny_bert, training_args
 
 VANISHING_LAYER = "bert.encoder.layer.0.intermediate.dense"  # weight and bias: 1e-6 of their gradient
 EXPLODING_LAYER = "bert.embeddings.position_embeddings"  # 1e6 of its gradient

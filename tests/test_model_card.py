@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers import default_data_collator
 
 from hf_stability import StabilityTrainer
+from tests.testing_utils import emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
 
 
 @pytest.fixture(scope="module")

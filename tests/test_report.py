@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import PoisonGradient, mlm_dataset, tiny_bert, training_args
 from matplotlib.image import imread
-from plain_trainer_run import POISONED_STEP, STEPS, train_plain_run
 
 from hf_stability import StabilityTrainer
 from hf_stability.events import StabilityEventLog
 from hf_stability.report import format_summary, load_run, plot_training_curves
+from tests.plain_trainer_run import POISONED_STEP, STEPS, train_plain_run
+from tests.testing_utils import PoisonGradient, mlm_dataset, tiny_bert, training_args
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import PoisonGradient, mlm_dataset, tiny_bert, training_args
 from transformers import Trainer, TrainingArguments
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer, read_events
 from hf_stability.callbacks.telemetry import find_callback
 from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX
+from tests.testing_utils import PoisonGradient, mlm_dataset, tiny_bert, training_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*moved.*earlier line:UserWarning")
 

@@ -10,12 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).parent / "snapshot_disk_run.py"
+from tests.testing_utils import subprocess_env
 
 
 def run(tmp_path: Path, limit: int, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "out"), str(limit), *extra],
+        [sys.executable, "-m", "tests.snapshot_disk_run", str(tmp_path / "out"), str(limit), *extra],
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,

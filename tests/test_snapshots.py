@@ -8,10 +8,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import mlm_dataset, tiny_bert
 from transformers import default_data_collator, get_linear_schedule_with_warmup
 
 from hf_stability.snapshots import SnapshotStore, restore_training_state
+from tests.testing_utils import mlm_dataset, tiny_bert
 
 
 class ScaledOptimizer:

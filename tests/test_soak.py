@@ -14,12 +14,12 @@ import random
 import psutil
 import pytest
 import torch
-from helpers import PoisonActivations, mlm_dataset, tiny_bert, training_args
-from rollback_faults import NanWeights, ThrowWeights
 from transformers import Trainer, TrainerCallback
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer, read_events
 from hf_stability.callbacks.telemetry import find_callback
+from tests.rollback_faults import NanWeights, ThrowWeights
+from tests.testing_utils import PoisonActivations, mlm_dataset, tiny_bert, training_args
 
 STEPS = 2000
 THROWN = (700, 1400)  # loss spikes: rolled back

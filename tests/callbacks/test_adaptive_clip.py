@@ -8,20 +8,16 @@ under 1.0, so ``max_grad_norm=1.0`` applies it in full, while it sits many devia
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import PoisonGradient, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from benchmarks.trainer_overhead import counting_host_reads
 from hf_stability import AdaptiveClipCallback, StabilityConfig, StabilityTrainer
 from hf_stability.callbacks.signals import completing_step, global_grad_norm, gradients
 from hf_stability.callbacks.telemetry import find_callback
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from trainer_overhead import counting_host_reads  # noqa: E402
+from tests.testing_utils import PoisonGradient, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
 
 BASE_SCALE = 0.1  # ordinary steps: gradient norm ~0.2
 BURST_STEP, BURST_FACTOR = 12, 4.0  # the burst: ~0.8, below the fixed clip of 1.0

@@ -11,15 +11,22 @@ from __future__ import annotations
 import copy
 
 import pytest
-from helpers import PoisonGradient, StepSnapshots, assert_same_state, changed_parameters, mlm_dataset, tiny_bert
-from helpers import training_args as base_training_args
-from rollback_faults import ThrowWeights
 from transformers import TrainerCallback
 from transformers.optimization import Adafactor, AdafactorSchedule
 
 from hf_stability import SkipNonFiniteCallback, StabilityTrainer, read_events
 from hf_stability.callbacks.telemetry import find_callback
 from hf_stability.snapshots import SnapshotStore, restore_training_state
+from tests.rollback_faults import ThrowWeights
+from tests.testing_utils import (
+    PoisonGradient,
+    StepSnapshots,
+    assert_same_state,
+    changed_parameters,
+    mlm_dataset,
+    tiny_bert,
+)
+from tests.testing_utils import training_args as base_training_args
 
 POISONED = 2  # global_step when the poisoned step begins; it completes as step 3
 

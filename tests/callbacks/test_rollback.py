@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from helpers import PoisonActivations, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
-from rollback_faults import NanWeights, ThrowWeights
 from transformers import (
     BertForMaskedLM,
     T5Config,
@@ -38,8 +35,15 @@ from hf_stability import (
 from hf_stability.callbacks.signals import SkipRecord
 from hf_stability.callbacks.telemetry import find_callback
 from hf_stability.collators import DataCollatorForT5SpanCorruption
-
-HERE = Path(__file__).resolve().parent
+from tests.rollback_faults import NanWeights, ThrowWeights
+from tests.testing_utils import (
+    PoisonActivations,
+    emulate_fp16_scaler,
+    mlm_dataset,
+    subprocess_env,
+    tiny_bert,
+    training_args,
+)
 
 
 class Recorder(TrainerCallback):
@@ -348,11 +352,10 @@ def test_bad_arguments_name_the_argument():
 
 @pytest.mark.distributed
 def test_two_ranks_roll_back_together_and_stay_identical(tmp_path):
-    script = HERE.parent / "distributed" / "rollback_two_ranks.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    module = "tests.distributed.rollback_two_ranks"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(tmp_path)],
+        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     events = read_events(tmp_path)
@@ -459,12 +462,10 @@ def test_a_resume_whose_first_loss_spikes_stops_at_once_naming_an_earlier_checkp
 
 @pytest.mark.distributed
 def test_two_ranks_roll_back_together_when_one_rank_has_nonfinite_weights(tmp_path):
-    script = HERE.parent / "distributed" / "nonfinite_two_ranks.py"
-    path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    module = "tests.distributed.nonfinite_two_ranks"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(tmp_path)],
+        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     events = read_events(tmp_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -11,7 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (
+from transformers import Trainer, TrainerCallback
+
+from hf_stability import SkipNonFiniteCallback, StabilityTrainer, read_events
+from hf_stability.callbacks.signals import SkipRecord
+from hf_stability.callbacks.telemetry import find_callback
+from tests.testing_utils import (
     NoLabelBatches,
     PoisonActivations,
     PoisonGradient,
@@ -20,14 +24,10 @@ from helpers import (
     changed_parameters,
     emulate_fp16_scaler,
     mlm_dataset,
+    subprocess_env,
     tiny_bert,
     training_args,
 )
-from transformers import Trainer, TrainerCallback
-
-from hf_stability import SkipNonFiniteCallback, StabilityTrainer, read_events
-from hf_stability.callbacks.signals import SkipRecord
-from hf_stability.callbacks.telemetry import find_callback
 
 POISONED = 2  # global_step when the poisoned step begins; it completes as step 3
 
@@ -369,11 +369,10 @@ def test_max_consecutive_skips_is_validated():
 
 @pytest.mark.distributed
 def test_two_ranks_skip_together_when_one_rank_is_poisoned(tmp_path):
-    script = Path(__file__).parents[1] / "distributed" / "skip_two_ranks.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[1])}
+    module = "tests.distributed.skip_two_ranks"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        env=env,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(tmp_path)],
+        env=subprocess_env(OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
         timeout=240,
@@ -404,8 +403,9 @@ def all_finite(model) -> bool:
 def test_nonfinite_weights_without_rollback_stop_at_once_and_write_no_checkpoint(
     tmp_path, bert_tokenizer, dataset, regime, blown_at
 ):
-    from rollback_faults import NanWeights
     from transformers import BertForMaskedLM
+
+    from tests.rollback_faults import NanWeights
 
     # The update of step `blown_at` makes the weights NaN: every later loss and gradient is NaN whatever the
     # batch. That is no bad batch to skip, and with save_total_limit=1 a NaN checkpoint would rotate the

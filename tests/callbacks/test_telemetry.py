@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from helpers import (
+from transformers import Trainer, TrainerCallback
+
+from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
+from hf_stability.callbacks.telemetry import find_callback
+from tests.testing_utils import (
     NoLabelBatches,
     PoisonGradient,
     emulate_fp16_scaler,
@@ -17,10 +21,6 @@ from helpers import (
     tiny_bert,
     training_args,
 )
-from transformers import Trainer, TrainerCallback
-
-from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
-from hf_stability.callbacks.telemetry import find_callback
 
 STABILITY_KEYS = ("stability/skipped_steps", "stability/rollbacks", "stability/loss_scale")
 

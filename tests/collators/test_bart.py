@@ -9,11 +9,11 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models
-from trainer_check import assert_trainer_steps
 from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 
 from hf_stability.collators import DataCollatorForBartDenoising
 from hf_stability.collators.bart import POISSON_LAMBDA_RANGE, _draw_span_lengths, _poisson_cdf
+from tests.collators.trainer_check import assert_trainer_steps
 
 OFF = dict(mask_ratio=0.0, permute_sentence_ratio=0.0, rotate_ratio=0.0, insert_ratio=0.0)
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from trainer_check import assert_trainer_steps
 from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
 
 from hf_stability.collators import DataCollatorForBertPretraining, nsp_dataset
+from tests.collators.trainer_check import assert_trainer_steps
 
 
 @pytest.fixture(scope="module")

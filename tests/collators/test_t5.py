@@ -9,7 +9,6 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from trainer_check import assert_trainer_steps
 from transformers import (
     PreTrainedTokenizerFast,
     T5Config,
@@ -17,6 +16,7 @@ from transformers import (
 )
 
 from hf_stability.collators import DataCollatorForT5SpanCorruption, t5_span_corruption_lengths
+from tests.collators.trainer_check import assert_trainer_steps
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from helpers import bert_tokenizer, mlm_dataset, rank, tiny_bert, training_args
-from ramp_probe import StepRows
-
 from hf_stability import StabilityTrainer
+from tests.ramp_probe import StepRows
+from tests.testing_utils import bert_tokenizer, mlm_dataset, rank, tiny_bert, training_args
 
 
 def main(output_dir: str) -> None:

@@ -1,4 +1,5 @@
-"""Launched by tests/test_engines.py: ``accelerate launch --config_file DS.yaml deepspeed_two_ranks.py OUTPUT_DIR``.
+"""Launched by tests/test_engines.py:
+``accelerate launch --config_file DS.yaml -m tests.distributed.deepspeed_two_ranks OUTPUT_DIR``.
 
 A real DeepSpeed engine (CPU accelerator, gloo) on two processes. Three checks per rank, written to
 ``OUTPUT_DIR/rank{N}.json`` for the test to read:
@@ -16,11 +17,11 @@ import sys
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from helpers import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_stability import SkipNonFiniteCallback, StabilityTrainer  # noqa: E402
 from hf_stability.engines import UnsupportedEngineError  # noqa: E402
+from tests.testing_utils import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 
 
 def refusal(build) -> str | None:

@@ -1,4 +1,4 @@
-"""Launched by tests/test_fsdp2.py: ``torchrun --nproc_per_node 2 fsdp2_two_ranks.py OUTPUT_DIR``.
+"""Launched by tests/test_fsdp2.py: ``torchrun --nproc_per_node 2 -m tests.distributed.fsdp2_two_ranks OUTPUT_DIR``.
 
 Raw FSDP2 (``fully_shard``, gloo, CPU) on a tiny BERT, driven step by step with the real stability callbacks and
 hand-built `TrainerState`/`TrainerControl` (`Trainer` refuses FSDP on CPU). Each rank writes
@@ -23,7 +23,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from helpers import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from transformers import TrainerControl, TrainerState, TrainingArguments, default_data_collator  # noqa: E402
 
@@ -31,6 +30,7 @@ from hf_stability.callbacks import LossScaleTelemetryCallback, SkipNonFiniteCall
 from hf_stability.callbacks.signals import SkipRecord, global_grad_norm, gradients  # noqa: E402
 from hf_stability.callbacks.telemetry import fp16_pressure  # noqa: E402
 from hf_stability.snapshots import SnapshotStore, restore_training_state  # noqa: E402
+from tests.testing_utils import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 
 BATCH = 4
 

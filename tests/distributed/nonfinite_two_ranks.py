@@ -1,4 +1,5 @@
-"""Launched by tests/callbacks/test_rollback.py: ``torchrun --nproc_per_node 2 nonfinite_two_ranks.py OUTPUT_DIR``.
+"""Launched by tests/callbacks/test_rollback.py:
+``torchrun --nproc_per_node 2 -m tests.distributed.nonfinite_two_ranks OUTPUT_DIR``.
 
 Only rank 1's weights turn NaN after the update of step 25 (an overflow inside its update). DDP averages the NaN
 gradients into both ranks, so no batch is to blame: both ranks must roll back together at step 26 to their own
@@ -14,11 +15,11 @@ import sys
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from helpers import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
-from rollback_faults import NanWeights  # noqa: E402
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer  # noqa: E402
 from hf_stability.callbacks.telemetry import find_callback  # noqa: E402
+from tests.rollback_faults import NanWeights  # noqa: E402
+from tests.testing_utils import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 
 
 def main(output_dir: str) -> None:

@@ -1,4 +1,5 @@
-"""Launched by tests/callbacks/test_rollback.py: ``torchrun --nproc_per_node 2 rollback_two_ranks.py OUTPUT_DIR``.
+"""Launched by tests/callbacks/test_rollback.py:
+``torchrun --nproc_per_node 2 -m tests.distributed.rollback_two_ranks OUTPUT_DIR``.
 
 Only rank 1's weights are thrown at step 30, so only rank 1's loss spikes. Both ranks must roll back
 at the same step to their own snapshot of step 20 and end with bit-identical parameters; each rank saves its
@@ -17,11 +18,11 @@ import sys
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from helpers import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
-from rollback_faults import ThrowWeights  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_stability import SpikeRollbackCallback  # noqa: E402
+from tests.rollback_faults import ThrowWeights  # noqa: E402
+from tests.testing_utils import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 
 
 def main(output_dir: str) -> None:

@@ -1,4 +1,5 @@
-"""Launched by tests/callbacks/test_skip.py: ``torchrun --nproc_per_node 2 skip_two_ranks.py OUTPUT_DIR``.
+"""Launched by tests/callbacks/test_skip.py:
+``torchrun --nproc_per_node 2 -m tests.distributed.skip_two_ranks OUTPUT_DIR``.
 
 Rank 1 alone gets a NaN forward pass at one step. Each rank checks that its parameters and optimizer
 state did not change across that step and did change afterwards, then saves its final parameters for
@@ -13,7 +14,10 @@ import sys
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from helpers import (  # noqa: E402
+
+from hf_stability import SkipNonFiniteCallback, StabilityTrainer  # noqa: E402
+from hf_stability.callbacks.telemetry import find_callback  # noqa: E402
+from tests.testing_utils import (  # noqa: E402
     PoisonActivations,
     StepSnapshots,
     assert_same_state,
@@ -23,9 +27,6 @@ from helpers import (  # noqa: E402
     tiny_bert,
     training_args,
 )
-
-from hf_stability import SkipNonFiniteCallback, StabilityTrainer  # noqa: E402
-from hf_stability.callbacks.telemetry import find_callback  # noqa: E402
 
 POISONED = 2
 

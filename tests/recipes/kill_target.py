@@ -1,21 +1,15 @@
 """The BERT recipe, unchanged, with Inf gradients injected at fixed optimizer steps (for kill-and-resume tests).
 
-Run it as the recipe: ``python kill_target.py --output_dir ... [recipe flags]``. The poisoned steps depend on
-``state.global_step`` only, so a resumed run poisons the same steps again when it replays them.
+Run it as the recipe: ``python -m tests.recipes.kill_target --output_dir ... [recipe flags]``. The poisoned steps
+depend on ``state.global_step`` only, so a resumed run poisons the same steps again when it replays them.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-
-from conftest import load_recipe  # noqa: E402
-from helpers import PoisonGradient  # noqa: E402
-
 import hf_stability.trainer as trainer_module  # noqa: E402
 from hf_stability.pretrain.run import main  # noqa: E402
+from tests.recipes.recipe_utils import load_recipe  # noqa: E402
+from tests.testing_utils import PoisonGradient  # noqa: E402
 
 POISONED_STEPS = (6, 13, 22, 31)  # `global_step` when the step begins: skip events at 7, 14, 23, 32
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import yaml
-from conftest import RECIPES, TINY_RUN, load_recipe
 
 from hf_stability.pretrain import InputError, main, parse_recipe_args
+from tests.recipes.recipe_utils import RECIPES, TINY_RUN, load_recipe
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BIN, RECIPES, TINY_RUN, run_recipe
+
+from tests.recipes.recipe_utils import BIN, RECIPES, TINY_RUN, run_recipe
 
 
 @pytest.mark.slow

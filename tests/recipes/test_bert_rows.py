@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from conftest import load_recipe
 from datasets import Dataset
 
 from hf_stability.nsp_examples import nsp_dataset
 from hf_stability.pretrain import DataArguments
 from hf_stability.pretrain.data import map_documents
+from tests.recipes.recipe_utils import load_recipe
 
 
 def test_bert_recipe_rows_are_nsp_dataset_examples(bert_tokenizer, corpus):

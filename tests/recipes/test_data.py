@@ -8,10 +8,10 @@ import sys
 
 import datasets
 import pytest
-from conftest import RECIPES
 
 from hf_stability.corpus import default_corpus
 from hf_stability.pretrain import DataArguments, InputError, load_documents, pack_token_streams
+from tests.recipes.recipe_utils import RECIPES
 
 
 def test_default_corpus_holds_out_every_document_with_index_mod_100_below_the_percentage():

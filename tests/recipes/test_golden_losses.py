@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_RUN, logged_losses, run_recipe
+
+from tests.recipes.recipe_utils import REPO, TINY_RUN, logged_losses, run_recipe
 
 ASSETS = REPO / "tests" / "assets"
 GOLDEN_RUN = [*TINY_RUN, "--max_steps", "20", "--seed", "42"]

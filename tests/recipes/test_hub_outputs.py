@@ -12,11 +12,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_RUN, results, run_recipe
 from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
 from hf_stability import report
+from tests.recipes.recipe_utils import TINY_RUN, results, run_recipe
 
 PYTHON = [sys.executable]
 # Every objective flag away from its default; the card must state these values.

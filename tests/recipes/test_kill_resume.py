@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, TINY_RUN
-from kill_target import POISONED_STEPS
 
 from hf_stability import read_events
+from tests.recipes.kill_target import POISONED_STEPS
+from tests.recipes.recipe_utils import BIN, TINY_RUN
+from tests.testing_utils import subprocess_env
 
-SCRIPT = Path(__file__).parent / "kill_target.py"
 MAX_STEPS = 32
 FLAGS = [
     *TINY_RUN,
@@ -42,17 +42,16 @@ KILLS = 3
 
 
 def launch(output_dir: Path, resume: bool) -> subprocess.Popen:
-    command = [sys.executable, str(SCRIPT), "--output_dir", str(output_dir), *FLAGS]
+    command = [sys.executable, "-m", "tests.recipes.kill_target", "--output_dir", str(output_dir), *FLAGS]
     if resume:
         command += ["--resume_from_checkpoint", "latest"]
-    environment = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    environment = subprocess_env(
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, cwd=output_dir.parent
     )

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY_RUN, logged_losses
+
+from tests.recipes.recipe_utils import REPO, TINY_RUN, logged_losses
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

@@ -12,8 +12,9 @@ import sys
 
 import pytest
 import yaml
-from conftest import BIN, REPO, TINY_RUN, logged_losses, results, run_recipe
-from helpers import offline_wandb_history
+
+from tests.recipes.recipe_utils import BIN, REPO, TINY_RUN, logged_losses, results, run_recipe
+from tests.testing_utils import offline_wandb_history
 
 PYTHON = [sys.executable]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -12,10 +12,10 @@ import shutil
 import sys
 
 import pytest
-from conftest import TINY_RUN, load_recipe, run_recipe
 
 from hf_stability import read_events
 from hf_stability.pretrain.run import checkpoint_problem, main, resolve_checkpoint
+from tests.recipes.recipe_utils import TINY_RUN, load_recipe, run_recipe
 
 SAVING = ["--save_steps", "2", "--save_total_limit", "5"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -24,6 +25,14 @@ from hf_stability.collators._common import IGNORE_INDEX
 from hf_stability.corpus import default_corpus, split_sentences, train_tokenizer
 
 SEQ_LEN = 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """The environment for a script a test launches: the repository root leads PYTHONPATH, so ``-m tests.<script>``
+    and ``hf_stability`` resolve to this checkout in the child as they do in the test process."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **overrides, "PYTHONPATH": path}
 
 
 def tiny_bert(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 32, layers: int = 1) -> BertForMaskedLM:
