@@ -8,6 +8,7 @@ tokenizers without touching the Hub.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from typing import Literal
@@ -94,7 +95,14 @@ def _train_bert(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    # The trainer numbers each `##c` as it first meets it while iterating a hash map of words, whose order changes
+    # from process to process, and breaks ties between merges of equal count by those numbers; so the vocabulary
+    # (ids, and at the margin the token set) would differ per process. Passing every `##c` the corpus needs in
+    # sorted order as a special token numbers them first and fixed; they are then made ordinary vocabulary again.
+    continuations = sorted({f"##{c}" for word in _words(tok, texts) for c in word[1:]})
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special + continuations)
+    tok.train_from_iterator(texts, trainer)
+    tok = _without_added_tokens(tok, set(continuations))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -110,6 +118,19 @@ def _train_bert(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+def _words(tok: Tokenizer, texts: list[str]) -> set[str]:
+    """The distinct words the trainer sees: ``texts`` through ``tok``'s normalizer and pre-tokenizer."""
+    normalize = tok.normalizer.normalize_str if tok.normalizer else str
+    return {word for text in texts for word, _ in tok.pre_tokenizer.pre_tokenize_str(normalize(text))}
+
+
+def _without_added_tokens(tok: Tokenizer, tokens: set[str]) -> Tokenizer:
+    """``tok`` with ``tokens`` dropped from its added (special) tokens: they stay in the model's vocabulary."""
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = [token for token in data["added_tokens"] if token["content"] not in tokens]
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def _train_bart(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -155,6 +176,7 @@ def _train_t5(texts: list[str], vocab_size: int, num_sentinels: int) -> PreTrain
             vocab_size=vocab_size - num_sentinels, special_tokens=special, unk_token="<unk>"
         ),
     )
+    tok = _canonical_unigram(tok, len(special))
     # T5 numbers its sentinels downwards from the end of the vocabulary: <extra_id_0> is the last id.
     sentinels = [f"<extra_id_{i}>" for i in reversed(range(num_sentinels))]
     tok.add_special_tokens(sentinels)
@@ -171,3 +193,39 @@ def _train_t5(texts: list[str], vocab_size: int, num_sentinels: int) -> PreTrain
         unk_token="<unk>",
         additional_special_tokens=list(reversed(sentinels)),
     )
+
+
+# Scores are rounded to this many decimals: far finer than any score difference that matters (they are log
+# probabilities), far coarser than the trainer's summation-order noise (below 1e-10).
+_SCORE_DECIMALS = 6
+# `tokenizers`' Unigram trainer gives the characters it pruned but still needs the scores min, min + 1e-4, …
+_CHARACTER_PENALTY = 1e-4
+
+
+def _canonical_unigram(tok: Tokenizer, num_special: int) -> Tokenizer:
+    """``tok``'s trained Unigram model made the same in every process: specials first, then (-score, piece) order.
+
+    The trainer iterates hash maps whose order changes per process: its EM sums the words' expected counts in that
+    order (scores differ by ~1e-11) and it hands the penalty scores of the characters it pruned but needs out in
+    that order (scores differ by up to 1e-3), so ids and tokenization would differ. Here the penalised characters
+    get those scores in sorted order, every score is rounded, and the pieces are renumbered in a fixed order.
+    """
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    specials, pieces = vocab[:num_special], sorted(vocab[num_special:], key=lambda entry: entry[1])
+    penalised: list[tuple[str, float]] = []
+    for piece, score in pieces:  # the lowest scores: min, min (the model's own lowest piece), min + 1e-4, …
+        steps = (score - pieces[0][1]) / _CHARACTER_PENALTY
+        if steps > len(penalised) + 0.01 or abs(steps - round(steps)) > 0.01:
+            break
+        if len(piece) == 1:
+            penalised.append((piece, score))
+    scores = dict(pieces)
+    scores.update(zip(sorted(piece for piece, _ in penalised), (score for _, score in penalised), strict=True))
+    ordered = sorted(((piece, round(score, _SCORE_DECIMALS)) for piece, score in scores.items()), key=_by_score)
+    data["model"]["vocab"] = specials + [list(entry) for entry in ordered]
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def _by_score(entry: tuple[str, float]) -> tuple[float, str]:
+    return -entry[1], entry[0]

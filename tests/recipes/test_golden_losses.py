@@ -2,13 +2,10 @@
 ``tests/assets/losses/<recipe>.json``.
 
 The run is the pipeline a user runs (embedded corpus, row building, collator draws, model init, optimizer,
-`StabilityTrainer`), so any change that moves a recipe's loss shows up here step by step. The tokenizer is
-the one that recipe trained, loaded from ``tests/assets/tokenizers/<recipe>/``: `tokenizers` 0.23's
-WordPiece (BERT) and Unigram (T5) trainers number tokens of tied frequency in hash order, which changes
-from process to process (46 and 13 of 800 ids), so a tokenizer trained on the fly would move the trace.
+`StabilityTrainer`), so any change that moves a recipe's loss shows up here step by step. That includes
+the tokenizer the recipe trains on the fly, which ``hf_stability.corpus`` makes the same in every process.
 
-After an intended change, regenerate tokenizers and traces with one command and review the diff of
-``tests/assets/``:
+After an intended change, regenerate the traces with one command and review the diff of ``tests/assets/``:
 
     HF_STABILITY_UPDATE_GOLDENS=1 python -m pytest tests/recipes/test_golden_losses.py
 """
@@ -17,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,24 +32,11 @@ UPDATE = os.environ.get("HF_STABILITY_UPDATE_GOLDENS") == "1"
 RTOL = 1e-4
 
 
-def record_tokenizer(name: str, scratch: Path, destination: Path) -> None:
-    """Let the recipe train its tokenizer (one step is enough to save it) and keep its files as the asset."""
-    run_recipe([sys.executable], name, scratch, *TINY_RUN, "--max_steps", "1")
-    shutil.rmtree(destination, ignore_errors=True)
-    destination.mkdir(parents=True)
-    for path in scratch.glob("*.json"):
-        if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
-            shutil.copy(path, destination / path.name)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "bart", "t5"])
 def test_recipe_loss_trace_matches_its_golden(tmp_path, name):
-    tokenizer, golden_path = ASSETS / "tokenizers" / name, ASSETS / "losses" / f"{name}.json"
-    if UPDATE:
-        record_tokenizer(name, tmp_path / "tokenizer-run", tokenizer)
-    output_dir = tmp_path / name
-    run_recipe([sys.executable], name, output_dir, *GOLDEN_RUN, "--tokenizer_name", str(tokenizer))
+    golden_path, output_dir = ASSETS / "losses" / f"{name}.json", tmp_path / name
+    run_recipe([sys.executable], name, output_dir, *GOLDEN_RUN)
     losses = logged_losses(output_dir)
     if UPDATE:
         versions = {package: version(package) for package in ("torch", "transformers", "datasets", "tokenizers")}
