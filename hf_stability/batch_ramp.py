@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from hf_stability._compat import collator_with_removed_columns, num_items_in_batch, remove_unused_columns
+
 RAMP_UNITS = ("samples", "steps")
 
 
@@ -151,12 +153,11 @@ class RampCollator:
 class BatchRampMixin:
     """The `Trainer` overrides behind the batch ramp; inactive (plain Trainer behaviour) without a ramp.
 
-    transformers internals relied on (verified with transformers 5.24.0, ``Trainer._run_epoch``): the
-    epoch loop fetches ``gradient_accumulation_steps`` items per step through ``get_batch_samples``, sets
-    ``current_gradient_accumulation_steps = len(batch_samples)`` (the loss divisor when the loss is not
-    normalised by ``num_items_in_batch``), runs all but the last item under ``no_sync`` and calls
-    ``training_step`` per item; ``_remove_unused_columns``, ``_get_collator_with_removed_columns`` and
-    ``_get_num_items_in_batch`` are private helpers used here as Trainer uses them.
+    transformers internals relied on (`hf_stability._compat`, ``TRAINER_HOOKS`` and ``TRAINER_HELPERS``, checked
+    when `StabilityTrainer` is built): the epoch loop fetches ``gradient_accumulation_steps`` items per step
+    through ``get_batch_samples``, sets ``current_gradient_accumulation_steps = len(batch_samples)`` (the loss
+    divisor when the loss is not normalised by ``num_items_in_batch``), runs all but the last item under
+    ``no_sync`` and calls ``training_step`` per item.
     """
 
     batch_ramp: BatchRamp | None = None
@@ -187,9 +188,9 @@ class BatchRampMixin:
         if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
             raise TypeError("`train_dataset` must be a map-style dataset with a length for the batch ramp.")
         if isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description="training")
+            dataset = remove_unused_columns(self, dataset)
         else:
-            collator = self._get_collator_with_removed_columns(collator, description="training")
+            collator = collator_with_removed_columns(self, collator)
         sampler = RampBatchSampler(
             self.batch_ramp, len(dataset), self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
             self.args.world_size, shuffle=self.args.train_sampling_strategy != "sequential",
@@ -206,7 +207,7 @@ class BatchRampMixin:
         batch_samples = list(itertools.islice(epoch_iterator, num_batches))
         real = [batch for batch in batch_samples if batch]
         self._ramp_micro_batches = len(real)
-        return batch_samples, self._get_num_items_in_batch(real, device)
+        return batch_samples, num_items_in_batch(self, real, device)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.batch_ramp is None:

@@ -38,6 +38,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hf_stability._compat import grad_scaler, unwrap_optimizer, unwrap_scheduler
+
 logger = logging.getLogger(__name__)
 
 STORAGES = ("cpu", "disk")
@@ -73,14 +75,6 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The rank-local part of a tensor (the shard of a DTensor, the tensor itself otherwise)."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
-
-
-def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _inner_scheduler(scheduler: Any) -> Any:
-    return getattr(scheduler, "scheduler", scheduler)
 
 
 def _model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -153,12 +147,12 @@ def _capture(model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[di
     """Live tensors (not yet copied) and the small non-tensor structure of the training state."""
     tensors, aliases = _model_tensors(model)
     tensors = {f"model.{name}": t for name, t in tensors.items()}
-    optimizer_structure = _split(_inner_optimizer(optimizer).state_dict(), "optimizer", tensors)
-    scaler = getattr(optimizer, "scaler", None)
+    optimizer_structure = _split(unwrap_optimizer(optimizer).state_dict(), "optimizer", tensors)
+    scaler = grad_scaler(optimizer)
     structure = {
         "model_aliases": aliases,
         "optimizer": optimizer_structure,
-        "scheduler": None if scheduler is None else copy.deepcopy(_inner_scheduler(scheduler).state_dict()),
+        "scheduler": None if scheduler is None else copy.deepcopy(unwrap_scheduler(scheduler).state_dict()),
         "scaler": None if scaler is None else copy.deepcopy(scaler.state_dict()),
         "rng": _rng_state(),
     }
@@ -202,10 +196,10 @@ def restore_training_state(snapshot: Snapshot, model: torch.nn.Module, optimizer
     with torch.no_grad():
         for name, tensor in live.items():
             tensor.copy_(tensors[f"model.{name}"], non_blocking=True)
-        _restore_optimizer(_inner_optimizer(optimizer), structure["optimizer"], tensors)
+        _restore_optimizer(unwrap_optimizer(optimizer), structure["optimizer"], tensors)
     if scheduler is not None and structure["scheduler"] is not None:
-        _inner_scheduler(scheduler).load_state_dict(copy.deepcopy(structure["scheduler"]))
-    scaler = getattr(optimizer, "scaler", None)
+        unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(structure["scheduler"]))
+    scaler = grad_scaler(optimizer)
     if scaler is not None and structure["scaler"]:
         scaler.load_state_dict(copy.deepcopy(structure["scaler"]))
     _set_rng_state(structure["rng"])

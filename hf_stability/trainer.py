@@ -10,6 +10,7 @@ from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
+from hf_stability._compat import check_trainer_hooks
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
@@ -64,6 +65,13 @@ def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
     return callbacks
 
 
+def _upstream_trainer(cls: type) -> type:
+    """The class whose methods `StabilityTrainer`'s overrides extend: the first `Trainer` after it in ``cls``'s MRO
+    (transformers' own, unless a subclass mixes another `Trainer` subclass in)."""
+    mro = cls.__mro__
+    return next(base for base in mro[mro.index(StabilityTrainer) + 1 :] if issubclass(base, Trainer))
+
+
 class StabilityTrainer(BatchRampMixin, Trainer):
     """`Trainer` plus non-finite step skipping, spike rollback and stability telemetry, configured by `args`.
 
@@ -79,9 +87,13 @@ class StabilityTrainer(BatchRampMixin, Trainer):
     records it, so ``log_history``, W&B and TensorBoard receive them (keys in
     `LossScaleTelemetryCallback`). On resume, Trainer re-creates the stateful callbacks and appends
     them at the end of the list; this trainer puts them back in their original order.
+
+    Construction raises `hf_stability._compat.UpstreamChangedError` (naming the supported transformers range)
+    when a `Trainer` hook it overrides is gone or no longer called by Trainer's training loop.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_trainer_hooks(_upstream_trainer(type(self)))
         super().__init__(*args, **kwargs)
         self._build_batch_ramp()
         callbacks = self.callback_handler.callbacks
@@ -115,6 +127,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
 
     def train(self, *args: Any, **kwargs: Any):
         """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first."""
+        pre_clip = PreClipGradNorm.for_model(self.callback_handler.model)
+        pre_clip.shared = True  # a missing pre-clip norm is now a broken seam, not a plain Trainer
         try:
             return super().train(*args, **kwargs)
         except BaseException:
@@ -122,6 +136,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             if rollback is not None:
                 rollback.on_train_end(self.args, self.state, self.control)  # clears its snapshot store
             raise
+        finally:
+            pre_clip.shared = False
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step entry (evaluation and the final summary have other keys)
@@ -175,6 +191,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             **details,
         )
 
+    # The two private Trainer hooks overridden here are checked at construction (`_compat.TRAINER_HOOKS`).
     def _get_grad_norm(self, model, grad_norm=None):
         """Trainer's gradient norm (before clipping), also shared with the callbacks through `PreClipGradNorm`.
 

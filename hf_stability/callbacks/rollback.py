@@ -55,6 +55,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
+from hf_stability._compat import scale_scheduler_last_lr, unwrap_optimizer, unwrap_scheduler
 from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
     PreClipGradNorm,
@@ -465,14 +466,13 @@ def _scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> No
     """
     if factor == 1.0:
         return
-    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+    for group in unwrap_optimizer(optimizer).param_groups:
         group["lr"] *= factor
         if "initial_lr" in group:
             group["initial_lr"] *= factor
-    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    scheduler = unwrap_scheduler(lr_scheduler)
     if scheduler is None:
         return
     if hasattr(scheduler, "base_lrs"):
         scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-    if getattr(scheduler, "_last_lr", None) is not None:
-        scheduler._last_lr = [lr * factor for lr in scheduler._last_lr]
+    scale_scheduler_last_lr(scheduler, factor)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hf_stability import _compat
+from hf_stability._compat import is_saving_step, scaler_scale, unwrap_optimizer
 from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
     SkipRecord,
@@ -61,23 +63,17 @@ class _QueuedStep:
     has_scale: bool
 
 
-def _innermost(optimizer: object) -> torch.optim.Optimizer:
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[torch.Tensor]:
     """The scaler's per-device found-inf tensors for this step, unscaling first if Trainer has not.
 
     Trainer unscales through ``accelerator.clip_grad_norm_`` before ``on_pre_optimizer_step`` even
     with ``max_grad_norm=0``; the explicit ``unscale_`` only covers custom training loops.
     """
-    inner = _innermost(optimizer)
-    found = scaler._per_optimizer_states[id(inner)]["found_inf_per_device"]
+    inner = unwrap_optimizer(optimizer)
+    found = _compat.scaler_found_inf(scaler, inner)
     if not found:
         scaler.unscale_(inner)
-        found = scaler._per_optimizer_states[id(inner)]["found_inf_per_device"]
+        found = _compat.scaler_found_inf(scaler, inner)
     return list(found.values())
 
 
@@ -242,7 +238,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         extras = [
             nan if loss is None else loss.float().reshape(()).to(device),
             grad_norm.float().reshape(()).to(device),
-            nan if scaler is None else scaler._get_scale_async().float().reshape(()).to(device),
+            nan if scaler is None else scaler_scale(scaler).float().reshape(()).to(device),
         ]
         self._queue.append(
             _QueuedStep(
@@ -266,10 +262,9 @@ class SkipNonFiniteCallback(ResumableCallback):
 
     def _flush_due(self, args, state, step: int) -> bool:
         """Flush before logs and checkpoints read the counters, and often enough to stop in time."""
-        saving = getattr(args, "save_strategy", None) == "steps" and state.save_steps > 0
         return (
             is_logging_step(args, state, step)
-            or (saving and step % state.save_steps == 0)
+            or is_saving_step(args, state, step)
             or (state.max_steps > 0 and step >= state.max_steps)
             or len(self._queue) >= self.max_consecutive_skips
         )

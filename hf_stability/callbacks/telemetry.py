@@ -14,6 +14,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
+from hf_stability._compat import foreach_abs, foreach_mul, scaler_scale
 from hf_stability.callbacks.signals import (
     active_grad_scaler,
     completing_step,
@@ -133,7 +134,7 @@ class LossScaleTelemetryCallback(TrainerCallback):
         grads = [grad for _, grad in named]
         if self.log_fp16_pressure:
             scaler = active_grad_scaler(optimizer)
-            scale = scaler._get_scale_async() if scaler is not None else None
+            scale = scaler_scale(scaler) if scaler is not None else None
             self._measured.update({key: replicated(value) for key, value in fp16_pressure(grads, scale).items()})
         if self.log_layer_grad_norms:
             norms = tensor_norms(grads)  # global norms under FSDP2
@@ -159,7 +160,7 @@ class LossScaleTelemetryCallback(TrainerCallback):
         self._measured = {}
         scaler = active_grad_scaler(self._optimizer)
         if scaler is not None:
-            device_values[f"{PREFIX}loss_scale"] = scaler._get_scale_async()
+            device_values[f"{PREFIX}loss_scale"] = scaler_scale(scaler)
         if device_values:
             device = next(iter(device_values.values())).device
             values = torch.stack([v.detach().float().reshape(()).to(device) for v in device_values.values()]).tolist()
@@ -178,9 +179,9 @@ class LossScaleTelemetryCallback(TrainerCallback):
 
 def fp16_pressure(grads: list[torch.Tensor], scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Underflow fraction and overflow headroom of ``grads * scale`` in fp16, as 0-d device tensors."""
-    magnitudes = torch._foreach_abs(grads)
+    magnitudes = foreach_abs(grads)
     if scale is not None:
-        magnitudes = torch._foreach_mul(magnitudes, scale.to(grads[0].device, torch.float32))
+        magnitudes = foreach_mul(magnitudes, scale.to(grads[0].device, torch.float32))
     underflow = torch.stack([((m < FP16_SMALLEST_SUBNORMAL) & (m > 0)).sum() for m in magnitudes]).sum()
     nonzero = torch.stack([(m > 0).sum() for m in magnitudes]).sum().clamp(min=1)
     largest = torch.stack([m.max().float() for m in magnitudes if m.numel()]).max()
