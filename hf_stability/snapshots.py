@@ -25,7 +25,6 @@ Nothing the store did not write is ever removed.
 from __future__ import annotations
 
 import copy
-import logging
 import random
 import shutil
 import weakref
@@ -39,8 +38,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hf_stability._compat import grad_scaler, unwrap_optimizer, unwrap_scheduler
+from hf_stability._logging import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__, every_rank=True)  # about this rank's own snapshots
 
 STORAGES = ("cpu", "disk")
 _SNAPSHOT_FILES = {"tensors.safetensors", "structure.pt"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 from accelerate.utils import DistributedType
@@ -11,6 +10,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
 from hf_stability._compat import check_trainer_hooks
+from hf_stability._logging import get_logger
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
@@ -20,7 +20,7 @@ from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback, find_ca
 from hf_stability.config import StabilityConfig
 from hf_stability.engines import refuse_unsupported_engine
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _TRAINING_ARGUMENT_NAMES = {f.name for f in dataclasses.fields(TrainingArguments)}
 _STABILITY_DEFAULTS = {

@@ -4,7 +4,10 @@ from DefaultFlowCallback match it; the verified range starts at pyproject's floo
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,24 @@ def test_the_verified_range_starts_at_the_pyproject_floor():
     floors = dict(re.findall(r'^ *"([\w-]+)>=([\d.]+)",$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE))
     assert floors["transformers"] == TRANSFORMERS_VERIFIED[0]
     assert floors["accelerate"] == ACCELERATE_VERIFIED[0]
+
+
+@pytest.mark.distributed
+def test_two_ranks_print_each_warning_once(tmp_path):
+    script = ROOT / "tests" / "distributed" / "warnings_two_ranks.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    for warning in (
+        "restore_callback_states_from_checkpoint=False",  # StabilityTrainer's construction (a logger warning)
+        "Step 2 skipped (",  # SkipNonFiniteCallback's decision, the same on both ranks
+        "hidden from the logged `loss` by `logging_nan_inf_filter=True`",  # a UserWarning
+    ):
+        assert output.count(warning) == 1, (warning, output[-3000:])

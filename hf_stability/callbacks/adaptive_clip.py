@@ -17,15 +17,15 @@ import math
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.utils import logging
 
 from hf_stability._compat import foreach_mul_
+from hf_stability._logging import get_logger
 from hf_stability.callbacks.signals import PreClipGradNorm, SkipRecord, completing_step, global_grad_norm, gradients
 from hf_stability.engines import refuse_for_callback
 
 PREFIX = "stability/"
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 def validate_adaptive_clip(z: float, alpha: float, warmup: int, names: tuple[str, str, str] = ("z", "alpha", "warmup")):

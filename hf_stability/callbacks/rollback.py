@@ -53,9 +53,9 @@ from typing import Any
 
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
-from transformers.utils import logging
 
 from hf_stability._compat import scale_scheduler_last_lr, unwrap_optimizer, unwrap_scheduler
+from hf_stability._logging import get_logger
 from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
     PreClipGradNorm,
@@ -75,7 +75,7 @@ from hf_stability.events import StabilityEventLog
 from hf_stability.snapshots import SnapshotStore, restore_training_state
 from hf_stability.spike import SpikeDetector
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 SNAPSHOT_DIRNAME = "stability_snapshots"
 

@@ -20,7 +20,6 @@ counters that miss the steps still queued.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ import torch.distributed as dist
 
 from hf_stability import _compat
 from hf_stability._compat import is_saving_step, scaler_scale, unwrap_optimizer
+from hf_stability._logging import get_logger, is_main_process
 from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
     SkipRecord,
@@ -46,7 +46,7 @@ from hf_stability.config import checked_number
 from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 GRADIENTS, LOSS, PARAMETERS = range(3)
 # Columns of a queued step's row: local flags, reduced flags, then loss, grad norm and loss scale.
@@ -204,6 +204,8 @@ class SkipNonFiniteCallback(ResumableCallback):
         if self._filter_warned or not getattr(args, "logging_nan_inf_filter", False):
             return
         self._filter_warned = True
+        if not is_main_process():
+            return
         warnings.warn(
             "A non-finite training loss was hidden from the logged `loss` by `logging_nan_inf_filter=True` (Trainer "
             "logs the running average instead); it is counted in `stability/skipped_steps` and listed in "

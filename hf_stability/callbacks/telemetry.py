@@ -6,7 +6,6 @@ gradients of the step exist) and read to the host once, when the log entry is bu
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
@@ -15,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 from hf_stability._compat import foreach_abs, foreach_mul, scaler_scale
+from hf_stability._logging import get_logger
 from hf_stability.callbacks.signals import (
     active_grad_scaler,
     completing_step,
@@ -25,7 +25,7 @@ from hf_stability.callbacks.signals import (
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.engines import refuse_for_callback
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 FP16_MAX = 65504.0
 FP16_SMALLEST_SUBNORMAL = 2.0**-24

@@ -33,6 +33,7 @@ from transformers import (
     set_seed,
 )
 
+from hf_stability._logging import get_logger
 from hf_stability.config import StabilityConfig
 from hf_stability.corpus import TokenizerKind, train_tokenizer
 from hf_stability.metrics import metric_path
@@ -42,7 +43,7 @@ from hf_stability.pretrain.data import AnyDataset, describe_source, load_documen
 from hf_stability.pretrain.errors import InputError, exit_on_input_error, input_errors
 from hf_stability.report import PLOT_FILENAME
 
-logger = logging.getLogger("hf_stability.pretrain")
+logger = get_logger("hf_stability.pretrain")
 
 # The seeds' optimisation hygiene (GPT-3 AdamW betas/eps, weight decay 0.1, warmup then cosine decay to
 # 10% of the peak, clipping at 1.0) plus a size that trains a tiny model visibly in minutes on 2 CPU
