@@ -17,8 +17,6 @@ from types import CodeType
 from typing import Any
 
 import torch
-from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.scheduler import AcceleratedScheduler
 from accelerate.state import AcceleratorState, PartialState
 
 # The range the seams below were verified on; the floors are pyproject.toml's (tests/test_compat.py checks).
@@ -134,28 +132,36 @@ def is_saving_step(args: Any, state: Any, step: int) -> bool:
     return (state.save_steps > 0 and step % state.save_steps == 0) or (state.max_steps > 0 and step >= state.max_steps)
 
 
+def output_dir(args: Any) -> str:
+    """``args.output_dir``, declared ``str | None``: `TrainingArguments.__post_init__` replaces None by
+    ``"trainer_output"`` (5.19-5.24), so a built `TrainingArguments` always has one."""
+    if args.output_dir is None:
+        raise UpstreamChangedError(f"TrainingArguments left `output_dir` None after __post_init__; {SUPPORTED}.")
+    return str(args.output_dir)
+
+
 # --- accelerate -------------------------------------------------------------------------------------------------
 # `AcceleratedOptimizer` keeps the wrapped optimizer in `.optimizer` and the fp16 `GradScaler` (or None) in
 # `.scaler`; `AcceleratedScheduler` keeps the wrapped scheduler in `.scheduler` (1.10.1-1.15.0). The scaler keys its
-# per-optimizer state by the optimizer inside all `AcceleratedOptimizer` layers (`Accelerator.unscale_gradients`).
-# Anything else is returned as it is, so custom loops work too.
+# per-optimizer state by the optimizer inside all wrapper layers (`Accelerator.unscale_gradients`). Read by
+# attribute, so any wrapper shaped alike works; anything else is returned as it is (custom loops).
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside accelerate's wrapper(s), as `Accelerator.unscale_gradients` unwraps it."""
-    while isinstance(optimizer, AcceleratedOptimizer):
+    while hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
 
 
 def unwrap_scheduler(scheduler: Any) -> Any:
     """The LR scheduler inside accelerate's wrapper."""
-    return scheduler.scheduler if isinstance(scheduler, AcceleratedScheduler) else scheduler
+    return getattr(scheduler, "scheduler", scheduler)
 
 
 def grad_scaler(optimizer: Any) -> torch.amp.GradScaler | None:
     """The grad scaler accelerate attached to ``optimizer`` (fp16 mixed precision), if any."""
-    return optimizer.scaler if isinstance(optimizer, AcceleratedOptimizer) else None
+    return getattr(optimizer, "scaler", None)
 
 
 def accelerate_shared_states() -> tuple[dict[str, Any], dict[str, Any]]:

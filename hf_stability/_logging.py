@@ -13,6 +13,7 @@ import logging
 import os
 
 import torch.distributed as dist
+from transformers._typing import TransformersLogger
 from transformers.utils import logging as hf_logging
 
 
@@ -23,13 +24,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _from_main_process(record: logging.LogRecord) -> bool:
-    return is_main_process()
+class _MainProcessOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return is_main_process()
 
 
-def get_logger(name: str, *, every_rank: bool = False) -> logging.Logger:
+_MAIN_PROCESS_ONLY = _MainProcessOnly()
+
+
+def get_logger(name: str, *, every_rank: bool = False) -> TransformersLogger:
     """transformers' logger for ``name``; unless ``every_rank``, silent outside the main process."""
     logger = hf_logging.get_logger(name)
-    if not every_rank and _from_main_process not in logger.filters:
-        logger.addFilter(_from_main_process)
+    if not every_rank:
+        logger.addFilter(_MAIN_PROCESS_ONLY)  # a no-op when already there
     return logger

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from hf_stability._compat import collator_with_removed_columns, num_items_in_batch, remove_unused_columns
+from hf_stability.config import StabilityConfig
 
 RAMP_UNITS = ("samples", "steps")
 
@@ -68,7 +69,8 @@ class BatchRamp:
     def _ramp_phase(self) -> list[tuple[int, int]]:
         """``(samples consumed before the step, global batch)`` of every step before the target is reached."""
         per_increment = self.length / ((self.target - self.start) // self.increment)
-        phase, consumed = [], 0
+        phase: list[tuple[int, int]] = []
+        consumed = 0
         while True:
             position = consumed if self.unit == "samples" else len(phase)
             size = min(self.start + int(position // per_increment) * self.increment, self.target)
@@ -150,7 +152,13 @@ class RampCollator:
         return self.collator(features) if features else {}
 
 
-class BatchRampMixin:
+if TYPE_CHECKING:  # the mixin is only ever mixed into a Trainer, whose attributes it uses
+    from transformers import Trainer as _MixedInto
+else:
+    _MixedInto = object
+
+
+class BatchRampMixin(_MixedInto):
     """The `Trainer` overrides behind the batch ramp; inactive (plain Trainer behaviour) without a ramp.
 
     transformers internals relied on (`hf_stability._compat`, ``TRAINER_HOOKS`` and ``TRAINER_HELPERS``, checked
@@ -165,9 +173,9 @@ class BatchRampMixin:
 
     def _build_batch_ramp(self) -> None:
         args = self.args
-        start = getattr(args, "batch_ramp_start", 0)
-        if not start:
-            return
+        if not isinstance(args, StabilityConfig) or not args.batch_ramp_start:
+            return  # plain TrainingArguments have no ramp
+        start = args.batch_ramp_start
         micro, world = args.per_device_train_batch_size, args.world_size
         target = micro * args.gradient_accumulation_steps * world
         for name in ("batch_ramp_start", "batch_ramp_increment"):
@@ -185,7 +193,7 @@ class BatchRampMixin:
         import datasets
 
         dataset, collator = self.train_dataset, self.data_collator
-        if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
+        if not isinstance(dataset, Sized) or isinstance(dataset, torch.utils.data.IterableDataset):
             raise TypeError("`train_dataset` must be a map-style dataset with a length for the batch ramp.")
         if isinstance(dataset, datasets.Dataset):
             dataset = remove_unused_columns(self, dataset)
@@ -197,7 +205,8 @@ class BatchRampMixin:
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             current_step=lambda: self.state.global_step,
         )
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=RampCollator(collator),
+        # A `datasets.Dataset` is map-style (len, getitem): all DataLoader needs, as in Trainer's own loader.
+        loader = DataLoader(cast("Dataset[Any]", dataset), batch_sampler=sampler, collate_fn=RampCollator(collator),
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
 

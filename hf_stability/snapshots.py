@@ -185,10 +185,19 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, structure: dict, tensor
         group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
 
 
+def _disk_path(snapshot: Snapshot) -> Path:
+    """The directory of a ``disk`` snapshot (a ``cpu`` snapshot holds its tensors instead)."""
+    if snapshot.path is None:
+        raise ValueError(f"`snapshot` of step {snapshot.step} holds neither its tensors nor a path to them")
+    return snapshot.path
+
+
 def restore_training_state(snapshot: Snapshot, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
     """Put ``snapshot`` back into the live model, optimizer, scheduler, grad scaler and RNGs of this rank."""
-    tensors = snapshot.tensors if snapshot.tensors is not None else load_file(snapshot.path / "tensors.safetensors")
-    structure = snapshot.structure or torch.load(snapshot.path / "structure.pt", weights_only=False)
+    tensors = snapshot.tensors
+    if tensors is None:
+        tensors = load_file(_disk_path(snapshot) / "tensors.safetensors")
+    structure = snapshot.structure or torch.load(_disk_path(snapshot) / "structure.pt", weights_only=False)
     live, _ = _model_tensors(model)
     missing = live.keys() - {k[len("model.") :] for k in tensors if k.startswith("model.")}
     if missing:
@@ -255,24 +264,26 @@ class SnapshotStore:
 
     def _write(self, snapshot: Snapshot, live: dict[str, torch.Tensor], structure: dict[str, Any]) -> bool:
         """Write a ``disk`` snapshot; on failure remove what was written, warn, and return False."""
+        directory = self.directory
+        assert directory is not None  # `__init__` requires one for disk storage
         if self._finalizer is None:
-            self._remove_stale()
-            self._check_free_space(snapshot.nbytes)
-            self._finalizer = weakref.finalize(self, _remove_written, self._written, self.directory)
-        snapshot.path = self.directory / f"step-{snapshot.step}"
+            self._remove_stale(directory)
+            self._check_free_space(directory, snapshot.nbytes)
+            self._finalizer = weakref.finalize(self, _remove_written, self._written, directory)
+        snapshot.path = path = directory / f"step-{snapshot.step}"
         try:
-            snapshot.path.mkdir(parents=True)
-            self._written.add(snapshot.path)
+            path.mkdir(parents=True)
+            self._written.add(path)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             # safetensors refuses views into shared or non-contiguous storage, so hand it compact copies.
             save_file({k: t.detach().to("cpu").contiguous().clone() for k, t in live.items()},
-                      str(snapshot.path / "tensors.safetensors"))
-            torch.save(structure, snapshot.path / "structure.pt")
+                      str(path / "tensors.safetensors"))
+            torch.save(structure, path / "structure.pt")
         except (OSError, SafetensorError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
-            if snapshot.path in self._written:
-                self._written.discard(snapshot.path)
-                shutil.rmtree(snapshot.path, ignore_errors=True)
+            if path in self._written:
+                self._written.discard(path)
+                shutil.rmtree(path, ignore_errors=True)
             logger.warning(
                 "Could not write the rollback snapshot of step %d to %s (%s): removed it and training goes on; "
                 "snapshots kept: steps %s. Free disk space, or use snapshot_storage='cpu'.",
@@ -281,17 +292,17 @@ class SnapshotStore:
             return False
         return True
 
-    def _remove_stale(self) -> None:
+    def _remove_stale(self, directory: Path) -> None:
         """Remove snapshots a killed process left in this directory: they cannot be resumed from, only fill the disk."""
-        if not self.directory.is_dir():
+        if not directory.is_dir():
             return
-        for path in self.directory.glob("step-*"):
+        for path in directory.glob("step-*"):
             if path.is_dir() and {p.name for p in path.iterdir()} <= _SNAPSHOT_FILES:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _check_free_space(self, nbytes: int) -> None:
+    def _check_free_space(self, directory: Path, nbytes: int) -> None:
         """Warn when the disk cannot hold the snapshots this store keeps at once (``keep`` + one unconfirmed)."""
-        probe = self.directory
+        probe = directory
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         free = shutil.disk_usage(probe).free
@@ -299,7 +310,7 @@ class SnapshotStore:
             logger.warning(
                 "%s has %.1f MB free but %d rollback snapshots of %.1f MB each may be kept there: snapshot writes "
                 "may fail (training goes on without them). Free space or use snapshot_storage='cpu'.",
-                self.directory, free / 2**20, self.keep + 1, nbytes / 2**20,
+                directory, free / 2**20, self.keep + 1, nbytes / 2**20,
             )
 
     def trust_through(self, step: int) -> None:

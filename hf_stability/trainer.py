@@ -106,7 +106,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 # Trainer's on_init_end has run already; it records the settings a resume must keep.
                 callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
-        telemetry.bind(self.callback_handler)
+        if telemetry is not None:  # always: stability_callbacks adds one unless the caller passed it
+            telemetry.bind(self.callback_handler)
         stability_types = (
             SkipNonFiniteCallback,
             AdaptiveClipCallback,
@@ -204,7 +205,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         return grad_norm
 
     def _load_callback_state(self) -> None:
-        order = {}
+        order: dict[type, int] = {}
         for index, callback in enumerate(self.callback_handler.callbacks):
             order.setdefault(type(callback), index)
         super()._load_callback_state()

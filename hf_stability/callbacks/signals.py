@@ -14,6 +14,7 @@ from typing import ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
+from transformers import TrainerState
 
 from hf_stability._compat import SUPPORTED, UpstreamChangedError, foreach_norm, grad_scaler
 from hf_stability._compat import is_logging_step as is_logging_step  # re-exported: its former home
@@ -236,6 +237,6 @@ def active_grad_scaler(optimizer: object) -> torch.amp.GradScaler | None:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
-def completing_step(state: object) -> int:
+def completing_step(state: TrainerState) -> int:
     """Number the step being computed will have once done (``global_step`` is incremented after the update)."""
     return state.global_step + 1

@@ -289,7 +289,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         if reported:
             ranks = _ranks_flagged(rows[:, _LOCAL:_REDUCED], [row[_LOCAL:_REDUCED] for row in table])
         else:
-            ranks = [([], [], [])] * len(queue)
+            ranks = [[[], [], []] for _ in queue]
         reason = None
         limit_reached = 0
         weights_step = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -32,7 +33,10 @@ FP16_SMALLEST_SUBNORMAL = 2.0**-24
 PREFIX = "stability/"
 
 
-def find_callback(callbacks: Sequence[TrainerCallback], callback_type: type) -> TrainerCallback | None:
+C = TypeVar("C", bound=TrainerCallback)
+
+
+def find_callback(callbacks: Sequence[TrainerCallback], callback_type: type[C]) -> C | None:
     """The first callback of ``callback_type`` in a callback list (look-ups survive Trainer's restore)."""
     return next((callback for callback in callbacks if isinstance(callback, callback_type)), None)
 
