@@ -12,6 +12,7 @@ Re-exported from their former homes (``callbacks/signals.py``) where other code 
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Iterator, Mapping
 from types import CodeType
 from typing import Any
@@ -76,8 +77,9 @@ def check_trainer_hooks(upstream: type) -> None:
     ``grad_norm`` judging clipped norms), so construction stops with the supported range instead.
     """
     missing = {name for name in (*TRAINER_HOOKS, *TRAINER_HELPERS) if not callable(getattr(upstream, name, None))}
-    loop = [getattr(upstream, name, None) for name in TRAINING_LOOP]
-    called = {name for method in loop if callable(method) for name in _referenced_names(method.__code__)}
+    loop = [inspect.unwrap(method) for name in TRAINING_LOOP if callable(method := getattr(upstream, name, None))]
+    codes = [code for method in loop if isinstance(code := getattr(method, "__code__", None), CodeType)]
+    called = {name for code in codes for name in _referenced_names(code)}
     problems = []
     for name in (*TRAINER_HOOKS, *TRAINER_HELPERS):
         why = TRAINER_HOOKS.get(name, "called by the batch ramp")
