@@ -15,10 +15,15 @@ import argparse
 import inspect
 from collections.abc import Iterator, Mapping
 from types import CodeType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.state import AcceleratorState, PartialState
+
+if TYPE_CHECKING:
+    # The type `transformers.utils.logging.get_logger` is annotated with (a Protocol of `logging.Logger`'s methods,
+    # in the private `transformers._typing`, 5.19-5.24); at runtime it returns a `logging.Logger`.
+    from transformers._typing import TransformersLogger as TransformersLogger
 
 # The range the seams below were verified on; the floors are pyproject.toml's (tests/test_compat.py checks).
 TRANSFORMERS_VERIFIED = ("5.19.0", "5.24.0")

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
-from transformers._typing import TransformersLogger
 from transformers.utils import logging as hf_logging
+
+if TYPE_CHECKING:
+    from hf_stability._compat import TransformersLogger
 
 
 def is_main_process() -> bool:
