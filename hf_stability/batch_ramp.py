@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+
+from hf_stability._compat import collator_with_removed_columns, num_items_in_batch, remove_unused_columns
+from hf_stability.config import StabilityConfig
 
 RAMP_UNITS = ("samples", "steps")
 
@@ -66,7 +69,8 @@ class BatchRamp:
     def _ramp_phase(self) -> list[tuple[int, int]]:
         """``(samples consumed before the step, global batch)`` of every step before the target is reached."""
         per_increment = self.length / ((self.target - self.start) // self.increment)
-        phase, consumed = [], 0
+        phase: list[tuple[int, int]] = []
+        consumed = 0
         while True:
             position = consumed if self.unit == "samples" else len(phase)
             size = min(self.start + int(position // per_increment) * self.increment, self.target)
@@ -148,15 +152,20 @@ class RampCollator:
         return self.collator(features) if features else {}
 
 
-class BatchRampMixin:
+if TYPE_CHECKING:  # the mixin is only ever mixed into a Trainer, whose attributes it uses
+    from transformers import Trainer as _MixedInto
+else:
+    _MixedInto = object
+
+
+class BatchRampMixin(_MixedInto):
     """The `Trainer` overrides behind the batch ramp; inactive (plain Trainer behaviour) without a ramp.
 
-    transformers internals relied on (verified with transformers 5.24.0, ``Trainer._run_epoch``): the
-    epoch loop fetches ``gradient_accumulation_steps`` items per step through ``get_batch_samples``, sets
-    ``current_gradient_accumulation_steps = len(batch_samples)`` (the loss divisor when the loss is not
-    normalised by ``num_items_in_batch``), runs all but the last item under ``no_sync`` and calls
-    ``training_step`` per item; ``_remove_unused_columns``, ``_get_collator_with_removed_columns`` and
-    ``_get_num_items_in_batch`` are private helpers used here as Trainer uses them.
+    transformers internals relied on (`hf_stability._compat`, ``TRAINER_HOOKS`` and ``TRAINER_HELPERS``, checked
+    when `StabilityTrainer` is built): the epoch loop fetches ``gradient_accumulation_steps`` items per step
+    through ``get_batch_samples``, sets ``current_gradient_accumulation_steps = len(batch_samples)`` (the loss
+    divisor when the loss is not normalised by ``num_items_in_batch``), runs all but the last item under
+    ``no_sync`` and calls ``training_step`` per item.
     """
 
     batch_ramp: BatchRamp | None = None
@@ -164,9 +173,9 @@ class BatchRampMixin:
 
     def _build_batch_ramp(self) -> None:
         args = self.args
-        start = getattr(args, "batch_ramp_start", 0)
-        if not start:
-            return
+        if not isinstance(args, StabilityConfig) or not args.batch_ramp_start:
+            return  # plain TrainingArguments have no ramp
+        start = args.batch_ramp_start
         micro, world = args.per_device_train_batch_size, args.world_size
         target = micro * args.gradient_accumulation_steps * world
         for name in ("batch_ramp_start", "batch_ramp_increment"):
@@ -184,19 +193,20 @@ class BatchRampMixin:
         import datasets
 
         dataset, collator = self.train_dataset, self.data_collator
-        if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
+        if not isinstance(dataset, Sized) or isinstance(dataset, torch.utils.data.IterableDataset):
             raise TypeError("`train_dataset` must be a map-style dataset with a length for the batch ramp.")
         if isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description="training")
+            dataset = remove_unused_columns(self, dataset)
         else:
-            collator = self._get_collator_with_removed_columns(collator, description="training")
+            collator = collator_with_removed_columns(self, collator)
         sampler = RampBatchSampler(
             self.batch_ramp, len(dataset), self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
             self.args.world_size, shuffle=self.args.train_sampling_strategy != "sequential",
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             current_step=lambda: self.state.global_step,
         )
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=RampCollator(collator),
+        # A `datasets.Dataset` is map-style (len, getitem): all DataLoader needs, as in Trainer's own loader.
+        loader = DataLoader(cast("Dataset[Any]", dataset), batch_sampler=sampler, collate_fn=RampCollator(collator),
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
 
@@ -206,7 +216,7 @@ class BatchRampMixin:
         batch_samples = list(itertools.islice(epoch_iterator, num_batches))
         real = [batch for batch in batch_samples if batch]
         self._ramp_micro_batches = len(real)
-        return batch_samples, self._get_num_items_in_batch(real, device)
+        return batch_samples, num_items_in_batch(self, real, device)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.batch_ramp is None:

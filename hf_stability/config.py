@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import TrainingArguments
 
@@ -12,14 +12,17 @@ SPIKE_METRICS = ("loss", "grad_norm")
 SNAPSHOT_STORAGES = ("cpu", "disk")
 
 
+Number = TypeVar("Number", int, float)
+
+
 def checked_number(
     name: str,
     value: Any,
-    kind: type[int] | type[float],
+    kind: type[Number],
     minimum: float | None = None,
     maximum: float | None = None,
     open_minimum: bool = False,
-) -> int | float:
+) -> Number:
     """``value`` as a finite ``kind`` within the bounds, or a `ValueError` naming ``name``.
 
     One check for `StabilityConfig` and the callbacks built directly, so a knob is judged alike however

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
+
+from hf_stability._compat import accelerate_shared_states
 
 ALTERNATIVE = "use FSDP2 (recipes/accelerate_configs/fsdp.yaml) or DDP (multi_gpu.yaml)"
 
@@ -29,7 +30,7 @@ def deepspeed_enabled(args: object = None) -> bool:
     """
     if getattr(args, "deepspeed", None):
         return True
-    for shared in (AcceleratorState._shared_state, PartialState._shared_state):
+    for shared in accelerate_shared_states():
         if shared.get("distributed_type") == DistributedType.DEEPSPEED or shared.get("deepspeed_plugin") is not None:
             return True
     return False

@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import Trainer
 
+from hf_stability._compat import output_dir as compat_output_dir
 from hf_stability.events import read_events
 from hf_stability.report import RunRecord, gradient_health, gradient_health_lines, plot_training_curves
 
@@ -115,6 +116,8 @@ def training_precision(trainer: Trainer) -> tuple[str, bool]:
     or a grad scaler: the run is fp32 whatever the flag says.
     """
     accelerator = trainer.accelerator
+    if trainer.model is None:
+        raise ValueError("`trainer` has no model")
     weights = _DTYPE_NAMES.get(str(next(trainer.model.parameters()).dtype).removeprefix("torch."), "other")
     requested = accelerator.mixed_precision
     if requested == "no":
@@ -163,12 +166,12 @@ def build_model_card(
             raise TypeError("`objective_args` must be the objective's argument dataclass instance.")
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
-    output_dir = Path(args.output_dir)
+    output_dir = Path(compat_output_dir(args))
     model_name = model_name or output_dir.name
-    model_id = model_id or (args.hub_model_id if args.push_to_hub and args.hub_model_id else str(args.output_dir))
+    model_id = model_id or (args.hub_model_id if args.push_to_hub and args.hub_model_id else str(output_dir))
     run = RunRecord(output_dir, list(trainer.state.log_history), read_events(output_dir), None)
     final = _final_metrics(run.log_history)
-    kind = _OBJECTIVE_CARDS.get(objective)
+    kind = _OBJECTIVE_CARDS.get(objective) if objective is not None else None
     pipeline_tag = pipeline_tag or (kind.pipeline_tag if kind else None)
     plot = plot_training_curves(run) if run.log_history or run.events else None
     card_data = ModelCardData(
@@ -408,6 +411,6 @@ def _number(value: Any) -> Any:
 def write_model_card(trainer: Trainer, path: str | os.PathLike | None = None, **details: Any) -> Path:
     """Build the card (`build_model_card` keywords) and save it, by default as ``<output_dir>/README.md``."""
     card = build_model_card(trainer, **details)
-    path = Path(path) if path is not None else Path(trainer.args.output_dir) / CARD_FILENAME
+    path = Path(path) if path is not None else Path(compat_output_dir(trainer.args)) / CARD_FILENAME
     card.save(path)
     return path

@@ -347,8 +347,9 @@ def draw_training_curves(run: RunRecord) -> Any:
             scale_axis.semilogy(*_xy(scales), color="tab:orange", drawstyle="steps-post", label="loss scale")
             scale_axis.set_ylabel("loss scale")
             _readable_log_ticks(scale_axis, [value for _, value in scales])
-    if layer_norms:
-        _draw_layer_heat_map(figure, axes[-1], figure.add_subplot(grid[-1, 1]), layer_norms, gradient_health(run))
+    health = gradient_health(run)  # None exactly when no layer norm was logged
+    if layer_norms and health is not None:
+        _draw_layer_heat_map(figure, axes[-1], figure.add_subplot(grid[-1, 1]), layer_norms, health)
     for axis in axes[:-1]:
         axis.tick_params(labelbottom=False)
     axes[-1].set_xlabel("step")
@@ -375,8 +376,8 @@ def _draw_layer_heat_map(
     column = {step: index for index, step in enumerate(steps)}
     grid = np.full((len(layers), len(steps)), np.nan)
     for row, layer in enumerate(layers):
-        for step, norm in series[layer]:
-            grid[row, column[step]] = norm
+        for step, value in series[layer]:
+            grid[row, column[step]] = value
     shown = np.ma.masked_where(~(grid > 0), grid)  # a zero norm has no place on a log scale: left blank
     norm = LogNorm(*((shown.min(), shown.max()) if shown.count() else (1e-3, 1.0)))
     mesh = axis.pcolormesh(_edges(steps), np.arange(len(layers) + 1), shown, norm=norm, cmap="viridis")

@@ -25,7 +25,6 @@ Nothing the store did not write is ever removed.
 from __future__ import annotations
 
 import copy
-import logging
 import random
 import shutil
 import weakref
@@ -38,7 +37,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-logger = logging.getLogger(__name__)
+from hf_stability._compat import grad_scaler, unwrap_optimizer, unwrap_scheduler
+from hf_stability._logging import get_logger
+
+logger = get_logger(__name__, every_rank=True)  # about this rank's own snapshots
 
 STORAGES = ("cpu", "disk")
 _SNAPSHOT_FILES = {"tensors.safetensors", "structure.pt"}
@@ -73,14 +75,6 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The rank-local part of a tensor (the shard of a DTensor, the tensor itself otherwise)."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
-
-
-def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _inner_scheduler(scheduler: Any) -> Any:
-    return getattr(scheduler, "scheduler", scheduler)
 
 
 def _model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -153,12 +147,12 @@ def _capture(model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[di
     """Live tensors (not yet copied) and the small non-tensor structure of the training state."""
     tensors, aliases = _model_tensors(model)
     tensors = {f"model.{name}": t for name, t in tensors.items()}
-    optimizer_structure = _split(_inner_optimizer(optimizer).state_dict(), "optimizer", tensors)
-    scaler = getattr(optimizer, "scaler", None)
+    optimizer_structure = _split(unwrap_optimizer(optimizer).state_dict(), "optimizer", tensors)
+    scaler = grad_scaler(optimizer)
     structure = {
         "model_aliases": aliases,
         "optimizer": optimizer_structure,
-        "scheduler": None if scheduler is None else copy.deepcopy(_inner_scheduler(scheduler).state_dict()),
+        "scheduler": None if scheduler is None else copy.deepcopy(unwrap_scheduler(scheduler).state_dict()),
         "scaler": None if scaler is None else copy.deepcopy(scaler.state_dict()),
         "rng": _rng_state(),
     }
@@ -191,10 +185,19 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, structure: dict, tensor
         group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
 
 
+def _disk_path(snapshot: Snapshot) -> Path:
+    """The directory of a ``disk`` snapshot (a ``cpu`` snapshot holds its tensors instead)."""
+    if snapshot.path is None:
+        raise ValueError(f"`snapshot` of step {snapshot.step} holds neither its tensors nor a path to them")
+    return snapshot.path
+
+
 def restore_training_state(snapshot: Snapshot, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
     """Put ``snapshot`` back into the live model, optimizer, scheduler, grad scaler and RNGs of this rank."""
-    tensors = snapshot.tensors if snapshot.tensors is not None else load_file(snapshot.path / "tensors.safetensors")
-    structure = snapshot.structure or torch.load(snapshot.path / "structure.pt", weights_only=False)
+    tensors = snapshot.tensors
+    if tensors is None:
+        tensors = load_file(_disk_path(snapshot) / "tensors.safetensors")
+    structure = snapshot.structure or torch.load(_disk_path(snapshot) / "structure.pt", weights_only=False)
     live, _ = _model_tensors(model)
     missing = live.keys() - {k[len("model.") :] for k in tensors if k.startswith("model.")}
     if missing:
@@ -202,10 +205,10 @@ def restore_training_state(snapshot: Snapshot, model: torch.nn.Module, optimizer
     with torch.no_grad():
         for name, tensor in live.items():
             tensor.copy_(tensors[f"model.{name}"], non_blocking=True)
-        _restore_optimizer(_inner_optimizer(optimizer), structure["optimizer"], tensors)
+        _restore_optimizer(unwrap_optimizer(optimizer), structure["optimizer"], tensors)
     if scheduler is not None and structure["scheduler"] is not None:
-        _inner_scheduler(scheduler).load_state_dict(copy.deepcopy(structure["scheduler"]))
-    scaler = getattr(optimizer, "scaler", None)
+        unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(structure["scheduler"]))
+    scaler = grad_scaler(optimizer)
     if scaler is not None and structure["scaler"]:
         scaler.load_state_dict(copy.deepcopy(structure["scaler"]))
     _set_rng_state(structure["rng"])
@@ -261,24 +264,26 @@ class SnapshotStore:
 
     def _write(self, snapshot: Snapshot, live: dict[str, torch.Tensor], structure: dict[str, Any]) -> bool:
         """Write a ``disk`` snapshot; on failure remove what was written, warn, and return False."""
+        directory = self.directory
+        assert directory is not None  # `__init__` requires one for disk storage
         if self._finalizer is None:
-            self._remove_stale()
-            self._check_free_space(snapshot.nbytes)
-            self._finalizer = weakref.finalize(self, _remove_written, self._written, self.directory)
-        snapshot.path = self.directory / f"step-{snapshot.step}"
+            self._remove_stale(directory)
+            self._check_free_space(directory, snapshot.nbytes)
+            self._finalizer = weakref.finalize(self, _remove_written, self._written, directory)
+        snapshot.path = path = directory / f"step-{snapshot.step}"
         try:
-            snapshot.path.mkdir(parents=True)
-            self._written.add(snapshot.path)
+            path.mkdir(parents=True)
+            self._written.add(path)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             # safetensors refuses views into shared or non-contiguous storage, so hand it compact copies.
             save_file({k: t.detach().to("cpu").contiguous().clone() for k, t in live.items()},
-                      str(snapshot.path / "tensors.safetensors"))
-            torch.save(structure, snapshot.path / "structure.pt")
+                      str(path / "tensors.safetensors"))
+            torch.save(structure, path / "structure.pt")
         except (OSError, SafetensorError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
-            if snapshot.path in self._written:
-                self._written.discard(snapshot.path)
-                shutil.rmtree(snapshot.path, ignore_errors=True)
+            if path in self._written:
+                self._written.discard(path)
+                shutil.rmtree(path, ignore_errors=True)
             logger.warning(
                 "Could not write the rollback snapshot of step %d to %s (%s): removed it and training goes on; "
                 "snapshots kept: steps %s. Free disk space, or use snapshot_storage='cpu'.",
@@ -287,17 +292,17 @@ class SnapshotStore:
             return False
         return True
 
-    def _remove_stale(self) -> None:
+    def _remove_stale(self, directory: Path) -> None:
         """Remove snapshots a killed process left in this directory: they cannot be resumed from, only fill the disk."""
-        if not self.directory.is_dir():
+        if not directory.is_dir():
             return
-        for path in self.directory.glob("step-*"):
+        for path in directory.glob("step-*"):
             if path.is_dir() and {p.name for p in path.iterdir()} <= _SNAPSHOT_FILES:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _check_free_space(self, nbytes: int) -> None:
+    def _check_free_space(self, directory: Path, nbytes: int) -> None:
         """Warn when the disk cannot hold the snapshots this store keeps at once (``keep`` + one unconfirmed)."""
-        probe = self.directory
+        probe = directory
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         free = shutil.disk_usage(probe).free
@@ -305,7 +310,7 @@ class SnapshotStore:
             logger.warning(
                 "%s has %.1f MB free but %d rollback snapshots of %.1f MB each may be kept there: snapshot writes "
                 "may fail (training goes on without them). Free space or use snapshot_storage='cpu'.",
-                self.directory, free / 2**20, self.keep + 1, nbytes / 2**20,
+                directory, free / 2**20, self.keep + 1, nbytes / 2**20,
             )
 
     def trust_through(self, step: int) -> None:

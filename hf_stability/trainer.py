@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
+from hf_stability._compat import check_trainer_hooks
+from hf_stability._logging import get_logger
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
@@ -19,7 +20,7 @@ from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback, find_ca
 from hf_stability.config import StabilityConfig
 from hf_stability.engines import refuse_unsupported_engine
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _TRAINING_ARGUMENT_NAMES = {f.name for f in dataclasses.fields(TrainingArguments)}
 _STABILITY_DEFAULTS = {
@@ -64,6 +65,13 @@ def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
     return callbacks
 
 
+def _upstream_trainer(cls: type) -> type:
+    """The class whose methods `StabilityTrainer`'s overrides extend: the first `Trainer` after it in ``cls``'s MRO
+    (transformers' own, unless a subclass mixes another `Trainer` subclass in)."""
+    mro = cls.__mro__
+    return next(base for base in mro[mro.index(StabilityTrainer) + 1 :] if issubclass(base, Trainer))
+
+
 class StabilityTrainer(BatchRampMixin, Trainer):
     """`Trainer` plus non-finite step skipping, spike rollback and stability telemetry, configured by `args`.
 
@@ -79,9 +87,13 @@ class StabilityTrainer(BatchRampMixin, Trainer):
     records it, so ``log_history``, W&B and TensorBoard receive them (keys in
     `LossScaleTelemetryCallback`). On resume, Trainer re-creates the stateful callbacks and appends
     them at the end of the list; this trainer puts them back in their original order.
+
+    Construction raises `hf_stability._compat.UpstreamChangedError` (naming the supported transformers range)
+    when a `Trainer` hook it overrides is gone or no longer called by Trainer's training loop.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_trainer_hooks(_upstream_trainer(type(self)))
         super().__init__(*args, **kwargs)
         self._build_batch_ramp()
         callbacks = self.callback_handler.callbacks
@@ -94,7 +106,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 # Trainer's on_init_end has run already; it records the settings a resume must keep.
                 callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
-        telemetry.bind(self.callback_handler)
+        if telemetry is not None:  # always: stability_callbacks adds one unless the caller passed it
+            telemetry.bind(self.callback_handler)
         stability_types = (
             SkipNonFiniteCallback,
             AdaptiveClipCallback,
@@ -115,6 +128,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
 
     def train(self, *args: Any, **kwargs: Any):
         """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first."""
+        pre_clip = PreClipGradNorm.for_model(self.callback_handler.model)
+        pre_clip.shared = True  # a missing pre-clip norm is now a broken seam, not a plain Trainer
         try:
             return super().train(*args, **kwargs)
         except BaseException:
@@ -122,6 +137,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             if rollback is not None:
                 rollback.on_train_end(self.args, self.state, self.control)  # clears its snapshot store
             raise
+        finally:
+            pre_clip.shared = False
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step entry (evaluation and the final summary have other keys)
@@ -175,6 +192,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             **details,
         )
 
+    # The two private Trainer hooks overridden here are checked at construction (`_compat.TRAINER_HOOKS`).
     def _get_grad_norm(self, model, grad_norm=None):
         """Trainer's gradient norm (before clipping), also shared with the callbacks through `PreClipGradNorm`.
 
@@ -187,7 +205,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         return grad_norm
 
     def _load_callback_state(self) -> None:
-        order = {}
+        order: dict[type, int] = {}
         for index, callback in enumerate(self.callback_handler.callbacks):
             order.setdefault(type(callback), index)
         super()._load_callback_state()

@@ -17,14 +17,15 @@ import math
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.utils import logging
 
+from hf_stability._compat import foreach_mul_
+from hf_stability._logging import get_logger
 from hf_stability.callbacks.signals import PreClipGradNorm, SkipRecord, completing_step, global_grad_norm, gradients
 from hf_stability.engines import refuse_for_callback
 
 PREFIX = "stability/"
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 def validate_adaptive_clip(z: float, alpha: float, warmup: int, names: tuple[str, str, str] = ("z", "alpha", "warmup")):
@@ -138,7 +139,7 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
         for grad in grads:
             by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
         for (grad_device, dtype), group in by_kind.items():  # x * 1.0 == x exactly: unclipped steps untouched
-            torch._foreach_mul_(group, factor.to(grad_device, dtype))
+            foreach_mul_(group, factor.to(grad_device, dtype))
         value = torch.where(active, torch.minimum(raw, bound), raw)
         weight = torch.where(healthy_steps < self.warmup, 1.0 / (healthy_steps + 1), 1.0 - self.alpha)
         delta = torch.where(healthy, value - mean, torch.zeros_like(mean))

@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from hf_stability._compat import register_stateful_callback
 from hf_stability.callbacks.signals import _OnePerModel
 from hf_stability.events import StabilityEventLog
 
@@ -54,7 +55,6 @@ class ResumableCallback(TrainerCallback, ExportableState):
         given = None if model is None else _RunSettings.for_model(model).by_type.get(type(self))
         if given is not None and given != self.state()["args"]:
             self.apply_settings(given)
-        if isinstance(state.stateful_callbacks, dict):
-            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+        register_stateful_callback(state, type(self).__name__, self.state())
         if state.is_world_process_zero:
             StabilityEventLog(args.output_dir).start_run(state.global_step)

@@ -53,8 +53,9 @@ from typing import Any
 
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
-from transformers.utils import logging
 
+from hf_stability._compat import scale_scheduler_last_lr, unwrap_optimizer, unwrap_scheduler
+from hf_stability._logging import get_logger
 from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
     PreClipGradNorm,
@@ -74,7 +75,7 @@ from hf_stability.events import StabilityEventLog
 from hf_stability.snapshots import SnapshotStore, restore_training_state
 from hf_stability.spike import SpikeDetector
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 SNAPSHOT_DIRNAME = "stability_snapshots"
 
@@ -91,7 +92,9 @@ _CONFIG_FIELDS = {
     "max_rollbacks": "max_rollbacks",
     "check_interval": "spike_check_interval",
 }
-_CONFIG_DEFAULTS = {f.name: f.default for f in fields(StabilityConfig) if f.name in _CONFIG_FIELDS.values()}
+_CONFIG_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(StabilityConfig) if f.name in _CONFIG_FIELDS.values()
+}
 
 
 class SpikeRollbackCallback(ResumableCallback):
@@ -169,7 +172,7 @@ class SpikeRollbackCallback(ResumableCallback):
     # ---- configuration -------------------------------------------------------------------------
 
     def _resolve(self, args: TrainingArguments | None) -> dict[str, Any]:
-        settings = {}
+        settings: dict[str, Any] = {}
         for name, value in self._given.items():
             if value is None:
                 config_field = _CONFIG_FIELDS[name]
@@ -288,7 +291,7 @@ class SpikeRollbackCallback(ResumableCallback):
         if spike is not None:
             self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
         elif snapshot_due and not last_step:
-            self._store.capture(step, model, optimizer, lr_scheduler, self.lr_scale, trusted=False)
+            self._running()[1].capture(step, model, optimizer, lr_scheduler, self.lr_scale, trusted=False)
         return control
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -319,6 +322,12 @@ class SpikeRollbackCallback(ResumableCallback):
 
     # ---- detection -----------------------------------------------------------------------------
 
+    def _running(self) -> tuple[SpikeDetector, SnapshotStore]:
+        """The detector and snapshot store, which exist from ``on_train_begin`` on."""
+        if self._detector is None or self._store is None:
+            raise RuntimeError("SpikeRollbackCallback is used before on_train_begin created its detector and store")
+        return self._detector, self._store
+
     def _check(
         self, device: torch.device, step: int, weights_bad: bool
     ) -> tuple[int, float, float | None, bool] | None:
@@ -343,15 +352,16 @@ class SpikeRollbackCallback(ResumableCallback):
             judged, values = [judged[i] for i in kept], [values[i] for i in kept]
         if self._resumed_from is not None and self._first_resumed_step is None and judged:
             self._first_resumed_step = judged[0][0]
-        local_first, verdicts = self._detector.scan(values)
+        detector, store = self._running()
+        local_first, verdicts = detector.scan(values)
         first = int(reduce_across_ranks(torch.tensor(local_first, device=device), "min").item())
-        self._detector.accept(values[:first])
+        detector.accept(values[:first])
         if first == len(values):
             if weights_bad:
                 return step, math.nan, None, True
             if judged:
                 # A snapshot vouched for by `check_interval` healthy steps after it becomes a rollback target.
-                self._store.trust_through(judged[-1][0] - self._settings["check_interval"] + 1)
+                store.trust_through(judged[-1][0] - self._settings["check_interval"] + 1)
                 self._resumed_from = self._unjudged_checkpoint = None  # healthy losses vouch for both
             return None
         verdict = verdicts[first]
@@ -361,8 +371,9 @@ class SpikeRollbackCallback(ResumableCallback):
 
     def _roll_back(self, args, state, control, model, optimizer, lr_scheduler, spike_step: int, value: float,
                    threshold: float | None, seen_here: bool) -> None:
-        self._store.discard_untrusted()
-        target = self._store.newest_trusted()
+        store = self._running()[1]
+        store.discard_untrusted()
+        target = store.newest_trusted()
         metric = self._settings["metric"]
         # One read on this rare path tells a blown-up model from a bad batch, on every rank alike.
         nonfinite_weights = weights_nonfinite(model, state.global_step)
@@ -465,14 +476,13 @@ def _scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> No
     """
     if factor == 1.0:
         return
-    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+    for group in unwrap_optimizer(optimizer).param_groups:
         group["lr"] *= factor
         if "initial_lr" in group:
             group["initial_lr"] *= factor
-    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    scheduler = unwrap_scheduler(lr_scheduler)
     if scheduler is None:
         return
     if hasattr(scheduler, "base_lrs"):
         scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-    if getattr(scheduler, "_last_lr", None) is not None:
-        scheduler._last_lr = [lr * factor for lr in scheduler._last_lr]
+    scale_scheduler_last_lr(scheduler, factor)

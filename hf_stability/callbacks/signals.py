@@ -14,6 +14,10 @@ from typing import ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
+from transformers import TrainerState
+
+from hf_stability._compat import SUPPORTED, UpstreamChangedError, foreach_norm, grad_scaler
+from hf_stability._compat import is_logging_step as is_logging_step  # re-exported: its former home
 
 _Shared = TypeVar("_Shared", bound="_OnePerModel")
 
@@ -105,7 +109,7 @@ def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each tensor as one 1-d fp32 tensor (one fused kernel; for FSDP2 shards, one all-reduce)."""
     if not tensors:
         return torch.zeros(0)
-    norms = torch._foreach_norm(tensors)
+    norms = foreach_norm(tensors)
     return replicated(torch.stack([n.float().to(norms[0].device) for n in norms]))
 
 
@@ -203,35 +207,36 @@ class PreClipGradNorm(_OnePerModel):
 
     Callbacks run after clipping, so with ``max_grad_norm > 0`` a norm they compute themselves is capped
     at the clip. `StabilityTrainer` records Trainer's own (pre-clip) norm here, keyed by step; a plain
-    `Trainer` does not, and :meth:`read` then returns ``None``.
+    `Trainer` does not, and :meth:`read` then returns ``None``. While `StabilityTrainer` trains (``shared``),
+    a missing norm means Trainer stopped calling the hook: :meth:`read` raises instead.
     """
 
     def __init__(self) -> None:
         self.step: int | None = None
         self.value: torch.Tensor | None = None
+        self.shared = False
 
     def record(self, step: int, value: torch.Tensor | float) -> None:
         self.step, self.value = step, torch.as_tensor(value)
 
     def read(self, step: int) -> torch.Tensor | None:
         """The pre-clip norm of ``step`` (a 0-d tensor), or ``None`` when nobody recorded it."""
-        return self.value if self.step == step else None
+        if self.step == step:
+            return self.value
+        if self.shared:
+            raise UpstreamChangedError(
+                f"StabilityTrainer recorded no pre-clip gradient norm for step {step}: Trainer did not call "
+                f"`_get_grad_norm` (or it returned None). {SUPPORTED}."
+            )
+        return None
 
 
 def active_grad_scaler(optimizer: object) -> torch.amp.GradScaler | None:
     """The enabled grad scaler of an accelerate-wrapped optimizer (fp16), else ``None``."""
-    scaler = getattr(optimizer, "scaler", None)
+    scaler = grad_scaler(optimizer)
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
-def completing_step(state: object) -> int:
+def completing_step(state: TrainerState) -> int:
     """Number the step being computed will have once done (``global_step`` is incremented after the update)."""
     return state.global_step + 1
-
-
-def is_logging_step(args: object, state: object, step: int) -> bool:
-    """Whether Trainer's `DefaultFlowCallback` will log after optimizer step ``step`` (``"steps"`` strategy)."""
-    if getattr(args, "logging_first_step", False) and step == 1:
-        return True
-    interval = getattr(state, "logging_steps", 0) or 0
-    return getattr(args, "logging_strategy", None) == "steps" and interval > 0 and step % interval == 0

@@ -20,13 +20,15 @@ counters that miss the steps still queued.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from hf_stability import _compat
+from hf_stability._compat import is_saving_step, scaler_scale, unwrap_optimizer
+from hf_stability._logging import get_logger, is_main_process
 from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
     SkipRecord,
@@ -44,7 +46,7 @@ from hf_stability.config import checked_number
 from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 GRADIENTS, LOSS, PARAMETERS = range(3)
 # Columns of a queued step's row: local flags, reduced flags, then loss, grad norm and loss scale.
@@ -61,23 +63,17 @@ class _QueuedStep:
     has_scale: bool
 
 
-def _innermost(optimizer: object) -> torch.optim.Optimizer:
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[torch.Tensor]:
     """The scaler's per-device found-inf tensors for this step, unscaling first if Trainer has not.
 
     Trainer unscales through ``accelerator.clip_grad_norm_`` before ``on_pre_optimizer_step`` even
     with ``max_grad_norm=0``; the explicit ``unscale_`` only covers custom training loops.
     """
-    inner = _innermost(optimizer)
-    found = scaler._per_optimizer_states[id(inner)]["found_inf_per_device"]
+    inner = unwrap_optimizer(optimizer)
+    found = _compat.scaler_found_inf(scaler, inner)
     if not found:
         scaler.unscale_(inner)
-        found = scaler._per_optimizer_states[id(inner)]["found_inf_per_device"]
+        found = _compat.scaler_found_inf(scaler, inner)
     return list(found.values())
 
 
@@ -208,6 +204,8 @@ class SkipNonFiniteCallback(ResumableCallback):
         if self._filter_warned or not getattr(args, "logging_nan_inf_filter", False):
             return
         self._filter_warned = True
+        if not is_main_process():
+            return
         warnings.warn(
             "A non-finite training loss was hidden from the logged `loss` by `logging_nan_inf_filter=True` (Trainer "
             "logs the running average instead); it is counted in `stability/skipped_steps` and listed in "
@@ -242,7 +240,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         extras = [
             nan if loss is None else loss.float().reshape(()).to(device),
             grad_norm.float().reshape(()).to(device),
-            nan if scaler is None else scaler._get_scale_async().float().reshape(()).to(device),
+            nan if scaler is None else scaler_scale(scaler).float().reshape(()).to(device),
         ]
         self._queue.append(
             _QueuedStep(
@@ -266,10 +264,9 @@ class SkipNonFiniteCallback(ResumableCallback):
 
     def _flush_due(self, args, state, step: int) -> bool:
         """Flush before logs and checkpoints read the counters, and often enough to stop in time."""
-        saving = getattr(args, "save_strategy", None) == "steps" and state.save_steps > 0
         return (
             is_logging_step(args, state, step)
-            or (saving and step % state.save_steps == 0)
+            or is_saving_step(args, state, step)
             or (state.max_steps > 0 and step >= state.max_steps)
             or len(self._queue) >= self.max_consecutive_skips
         )
@@ -292,7 +289,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         if reported:
             ranks = _ranks_flagged(rows[:, _LOCAL:_REDUCED], [row[_LOCAL:_REDUCED] for row in table])
         else:
-            ranks = [([], [], [])] * len(queue)
+            ranks = [[[], [], []] for _ in queue]
         reason = None
         limit_reached = 0
         weights_step = None

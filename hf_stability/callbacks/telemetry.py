@@ -6,14 +6,16 @@ gradients of the step exist) and read to the host once, when the log entry is bu
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
+from hf_stability._compat import foreach_abs, foreach_mul, scaler_scale
+from hf_stability._logging import get_logger
 from hf_stability.callbacks.signals import (
     active_grad_scaler,
     completing_step,
@@ -24,14 +26,17 @@ from hf_stability.callbacks.signals import (
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.engines import refuse_for_callback
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 FP16_MAX = 65504.0
 FP16_SMALLEST_SUBNORMAL = 2.0**-24
 PREFIX = "stability/"
 
 
-def find_callback(callbacks: Sequence[TrainerCallback], callback_type: type) -> TrainerCallback | None:
+C = TypeVar("C", bound=TrainerCallback)
+
+
+def find_callback(callbacks: Sequence[TrainerCallback], callback_type: type[C]) -> C | None:
     """The first callback of ``callback_type`` in a callback list (look-ups survive Trainer's restore)."""
     return next((callback for callback in callbacks if isinstance(callback, callback_type)), None)
 
@@ -133,7 +138,7 @@ class LossScaleTelemetryCallback(TrainerCallback):
         grads = [grad for _, grad in named]
         if self.log_fp16_pressure:
             scaler = active_grad_scaler(optimizer)
-            scale = scaler._get_scale_async() if scaler is not None else None
+            scale = scaler_scale(scaler) if scaler is not None else None
             self._measured.update({key: replicated(value) for key, value in fp16_pressure(grads, scale).items()})
         if self.log_layer_grad_norms:
             norms = tensor_norms(grads)  # global norms under FSDP2
@@ -159,7 +164,7 @@ class LossScaleTelemetryCallback(TrainerCallback):
         self._measured = {}
         scaler = active_grad_scaler(self._optimizer)
         if scaler is not None:
-            device_values[f"{PREFIX}loss_scale"] = scaler._get_scale_async()
+            device_values[f"{PREFIX}loss_scale"] = scaler_scale(scaler)
         if device_values:
             device = next(iter(device_values.values())).device
             values = torch.stack([v.detach().float().reshape(()).to(device) for v in device_values.values()]).tolist()
@@ -178,9 +183,9 @@ class LossScaleTelemetryCallback(TrainerCallback):
 
 def fp16_pressure(grads: list[torch.Tensor], scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Underflow fraction and overflow headroom of ``grads * scale`` in fp16, as 0-d device tensors."""
-    magnitudes = torch._foreach_abs(grads)
+    magnitudes = foreach_abs(grads)
     if scale is not None:
-        magnitudes = torch._foreach_mul(magnitudes, scale.to(grads[0].device, torch.float32))
+        magnitudes = foreach_mul(magnitudes, scale.to(grads[0].device, torch.float32))
     underflow = torch.stack([((m < FP16_SMALLEST_SUBNORMAL) & (m > 0)).sum() for m in magnitudes]).sum()
     nonzero = torch.stack([(m > 0).sum() for m in magnitudes]).sum().clamp(min=1)
     largest = torch.stack([m.max().float() for m in magnitudes if m.numel()]).max()

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from hf_stability._compat import parser_destinations
 from hf_stability.config import StabilityConfig
 from hf_stability.pretrain.errors import InputError, input_errors
 
@@ -157,7 +158,7 @@ def parse_args(
     `check_max_steps`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    known = {action.dest for action in parser._actions} - {"help", "config"}
+    known = parser_destinations(parser) - {"help", "config"}
     for source, values in (("recipe defaults", recipe_defaults or {}), *_config_file(parser, argv)):
         unknown = sorted(str(key) for key in set(values) - known)
         if unknown:

@@ -33,6 +33,8 @@ from transformers import (
     set_seed,
 )
 
+from hf_stability._compat import output_dir
+from hf_stability._logging import get_logger
 from hf_stability.config import StabilityConfig
 from hf_stability.corpus import TokenizerKind, train_tokenizer
 from hf_stability.metrics import metric_path
@@ -42,7 +44,7 @@ from hf_stability.pretrain.data import AnyDataset, describe_source, load_documen
 from hf_stability.pretrain.errors import InputError, exit_on_input_error, input_errors
 from hf_stability.report import PLOT_FILENAME
 
-logger = logging.getLogger("hf_stability.pretrain")
+logger = get_logger("hf_stability.pretrain")
 
 # The seeds' optimisation hygiene (GPT-3 AdamW betas/eps, weight decay 0.1, warmup then cosine decay to
 # 10% of the peak, clipping at 1.0) plus a size that trains a tiny model visibly in minutes on 2 CPU
@@ -114,12 +116,12 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
     with input_errors():  # launch, checkpoint and streaming settings that cannot work end here, in one line
         _check_world_size(training_args)
         training_args.resume_from_checkpoint = resolve_checkpoint(
-            training_args.resume_from_checkpoint, training_args.output_dir
+            training_args.resume_from_checkpoint, output_dir(training_args)
         )
         if data_args.streaming and training_args.max_steps <= 0:
             raise ValueError("`streaming` needs `max_steps` > 0: a stream has no length to count epochs by.")
     if training_args.resume_from_checkpoint is None:
-        _warn_earlier_checkpoints(training_args.output_dir)
+        _warn_earlier_checkpoints(output_dir(training_args))
     set_seed(training_args.seed)
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
 
@@ -334,6 +336,7 @@ def _tokenizer(
     if source is not None:
         return AutoTokenizer.from_pretrained(source), f"`{source}`"
     with training_args.main_process_first(local=False, desc="training the tokenizer"):
+        tokenizer: PreTrainedTokenizerBase
         if training_args.process_index == 0:
             texts = (
                 train_documents["text"]
@@ -341,9 +344,9 @@ def _tokenizer(
                 else (row["text"] for row in itertools.islice(train_documents, STREAMED_TOKENIZER_DOCUMENTS))
             )
             tokenizer = train_tokenizer(texts, objective.name, vocab_size=model_args.tokenizer_vocab_size)
-            tokenizer.save_pretrained(training_args.output_dir)
+            tokenizer.save_pretrained(output_dir(training_args))
         else:
-            tokenizer = AutoTokenizer.from_pretrained(training_args.output_dir)
+            tokenizer = AutoTokenizer.from_pretrained(output_dir(training_args))
     note = f"{objective.name} family, {len(tokenizer)} tokens, trained on the training text by this run (saved with it)"
     return tokenizer, note
 
@@ -363,7 +366,8 @@ def _model(
         if model_args.config_overrides:
             config.update_from_string(model_args.config_overrides)
         model = objective.model_class(config)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    embeddings = model.get_input_embeddings()
+    if isinstance(embeddings, torch.nn.Embedding) and len(tokenizer) > embeddings.num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     length = data_args.max_seq_length
     with input_errors():
@@ -418,7 +422,7 @@ def _predictions_and_token_losses(logits: Any, labels: Any) -> tuple[torch.Tenso
     token_losses = F.cross_entropy(
         token_logits.float().transpose(1, 2), token_labels, ignore_index=-100, reduction="none"
     )
-    outputs = (token_logits.argmax(-1), token_losses)
+    outputs: tuple[torch.Tensor, ...] = (token_logits.argmax(-1), token_losses)
     if isinstance(labels, (tuple, list)) and len(labels) > 1:
         outputs += (logits[1].argmax(-1),)
     return outputs
@@ -426,7 +430,8 @@ def _predictions_and_token_losses(logits: Any, labels: Any) -> tuple[torch.Tenso
 
 def _metrics_function(metric: evaluate.EvaluationModule) -> Callable[[EvalPrediction], dict[str, float]]:
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
-        token_predictions, token_losses, *sentence_predictions = prediction.predictions
+        # EvalPrediction's stubs say `tuple[np.ndarray]` where a tuple of any length arrives (one per output).
+        token_predictions, token_losses, *sentence_predictions = prediction.predictions  # type: ignore[misc]
         labels = prediction.label_ids
         token_labels = labels[0] if isinstance(labels, (tuple, list)) else labels
         scores = metric.compute(
@@ -434,7 +439,7 @@ def _metrics_function(metric: evaluate.EvaluationModule) -> Callable[[EvalPredic
         )
         results = {"masked_token_accuracy": scores["accuracy"], "perplexity": scores["perplexity"]}
         if sentence_predictions:
-            results["nsp_accuracy"] = float(np.mean(sentence_predictions[0] == labels[1]))
+            results["nsp_accuracy"] = float(np.mean(sentence_predictions[0] == labels[1]))  # type: ignore[misc]
         return results
 
     return compute_metrics

@@ -1,0 +1,236 @@
+"""The one seam between hf-stability and the upstream internals it relies on.
+
+Every private name of torch, transformers and accelerate the package uses, and every rule of theirs it
+re-derives, lives here, each with the upstream behaviour relied on and the versions it was verified with
+(transformers 5.19.0-5.24.0, accelerate 1.10.1-1.15.0, torch 2.13). When an upgrade breaks one, this file is
+the place to look; `check_trainer_hooks` makes the `Trainer` seams fail loudly at construction rather than
+leave a protection silently inactive.
+
+Re-exported from their former homes (``callbacks/signals.py``) where other code imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections.abc import Iterator, Mapping
+from types import CodeType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate.state import AcceleratorState, PartialState
+
+if TYPE_CHECKING:
+    # The type `transformers.utils.logging.get_logger` is annotated with (a Protocol of `logging.Logger`'s methods,
+    # in the private `transformers._typing`, 5.19-5.24); at runtime it returns a `logging.Logger`.
+    from transformers._typing import TransformersLogger as TransformersLogger
+
+# The range the seams below were verified on; the floors are pyproject.toml's (tests/test_compat.py checks).
+TRANSFORMERS_VERIFIED = ("5.19.0", "5.24.0")
+ACCELERATE_VERIFIED = ("1.10.1", "1.15.0")
+TORCH_VERIFIED = "2.13"
+SUPPORTED = (
+    f"hf-stability supports transformers {TRANSFORMERS_VERIFIED[0]} to {TRANSFORMERS_VERIFIED[1]} "
+    f"(accelerate {ACCELERATE_VERIFIED[0]} to {ACCELERATE_VERIFIED[1]})"
+)
+
+
+class UpstreamChangedError(RuntimeError):
+    """An upstream internal that hf-stability relies on is gone or no longer used the way it was verified."""
+
+
+# --- transformers.Trainer -------------------------------------------------------------------------------------
+
+# The methods that make up Trainer's training loop (5.19-5.24: `_inner_training_loop` calls `_init_training_state`,
+# which resumes, then `_run_epoch` per epoch, which runs the steps). A hook counts as called when one of them
+# references it by name.
+TRAINING_LOOP = ("_inner_training_loop", "_init_training_state", "_run_epoch")
+
+# Trainer methods `StabilityTrainer` (and its `BatchRampMixin`) override or call, and why each must stay as verified.
+TRAINER_HOOKS: Mapping[str, str] = {
+    # `_run_epoch` calls `grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)` on every sync step, after
+    # `_clip_grad_norm` returned the norm *before* clipping and before `on_pre_optimizer_step`: the override shares
+    # that pre-clip norm with the callbacks, which run after clipping and could only see the clipped norm.
+    "_get_grad_norm": "overridden to share the pre-clip gradient norm with the callbacks",
+    # `_init_training_state` calls it on `resume_from_checkpoint`; it replaces each stored `ExportableState`
+    # callback by `type(cb)(**stored["args"])` plus the stored attributes and appends it at the end of the list
+    # (`callbacks/resume.py` relies on the same re-creation).
+    "_load_callback_state": "overridden to keep the callbacks in order after a resume",
+    # `_run_epoch` fetches `gradient_accumulation_steps` items per step through it (the batch ramp's placeholders).
+    "get_batch_samples": "overridden to feed the batch ramp's micro-batches",
+    # `_run_epoch` calls it per micro-batch, after setting `current_gradient_accumulation_steps = len(batch_samples)`
+    # (the loss divisor when the loss is not normalised by `num_items_in_batch`).
+    "training_step": "overridden to skip the batch ramp's placeholders",
+}
+# Private helpers called as Trainer calls them (5.19-5.24: same signatures), by `BatchRampMixin.get_train_dataloader`.
+TRAINER_HELPERS = ("_remove_unused_columns", "_get_collator_with_removed_columns", "_get_num_items_in_batch")
+
+
+def _referenced_names(code: CodeType) -> Iterator[str]:
+    """Attribute and global names a function's code (nested functions included) refers to."""
+    yield from code.co_names
+    for constant in code.co_consts:
+        if isinstance(constant, CodeType):
+            yield from _referenced_names(constant)
+
+
+def check_trainer_hooks(upstream: type) -> None:
+    """Raise `UpstreamChangedError` unless ``upstream`` (the `Trainer` class whose methods `StabilityTrainer`
+    overrides) still defines every hook and helper above and its training loop still calls each hook.
+
+    A hook that is gone or no longer called would leave a protection silently inactive (e.g. spike rollback on
+    ``grad_norm`` judging clipped norms), so construction stops with the supported range instead.
+    """
+    missing = {name for name in (*TRAINER_HOOKS, *TRAINER_HELPERS) if not callable(getattr(upstream, name, None))}
+    loop = [inspect.unwrap(method) for name in TRAINING_LOOP if callable(method := getattr(upstream, name, None))]
+    codes = [code for method in loop if isinstance(code := getattr(method, "__code__", None), CodeType)]
+    called = {name for code in codes for name in _referenced_names(code)}
+    problems = []
+    for name in (*TRAINER_HOOKS, *TRAINER_HELPERS):
+        why = TRAINER_HOOKS.get(name, "called by the batch ramp")
+        if name in missing:
+            problems.append(f"`{upstream.__name__}.{name}` is gone ({why})")
+        elif name in TRAINER_HOOKS and name not in called:
+            problems.append(f"`{upstream.__name__}` no longer calls `{name}` in {'/'.join(TRAINING_LOOP)} ({why})")
+    if problems:
+        import transformers
+
+        raise UpstreamChangedError(
+            f"StabilityTrainer cannot run on transformers {transformers.__version__}: {'; '.join(problems)}. "
+            f"{SUPPORTED}."
+        )
+
+
+def remove_unused_columns(trainer: Any, dataset: Any) -> Any:
+    """`Trainer._remove_unused_columns(dataset, description="training")`: drop what the model's forward ignores."""
+    return trainer._remove_unused_columns(dataset, description="training")
+
+
+def collator_with_removed_columns(trainer: Any, collator: Any) -> Any:
+    """`Trainer._get_collator_with_removed_columns`: the same for a dataset that is no `datasets.Dataset`."""
+    return trainer._get_collator_with_removed_columns(collator, description="training")
+
+
+def num_items_in_batch(trainer: Any, batches: list, device: torch.device) -> Any:
+    """`Trainer._get_num_items_in_batch`: label tokens in ``batches`` (all ranks), the loss normaliser."""
+    return trainer._get_num_items_in_batch(batches, device)
+
+
+# --- transformers.DefaultFlowCallback's rules, re-derived -------------------------------------------------------
+# Callbacks must know *before* the optimizer step whether Trainer will log or save after it, which
+# `DefaultFlowCallback.on_step_end` decides only afterwards. Its rules (5.19-5.24): log when
+# `global_step == 1 and logging_first_step`, or `logging_strategy == "steps"` and `global_step % state.logging_steps
+# == 0`; save when `save_strategy == "steps"` and (`state.save_steps > 0` and `global_step % state.save_steps == 0`,
+# or `global_step >= state.max_steps`).
+
+
+def is_logging_step(args: Any, state: Any, step: int) -> bool:
+    """Whether Trainer's `DefaultFlowCallback` will log after optimizer step ``step`` (``"steps"`` strategy)."""
+    if getattr(args, "logging_first_step", False) and step == 1:
+        return True
+    interval = getattr(state, "logging_steps", 0) or 0
+    return getattr(args, "logging_strategy", None) == "steps" and interval > 0 and step % interval == 0
+
+
+def is_saving_step(args: Any, state: Any, step: int) -> bool:
+    """Whether Trainer's `DefaultFlowCallback` will save a checkpoint after optimizer step ``step``."""
+    if getattr(args, "save_strategy", None) != "steps":
+        return False
+    return (state.save_steps > 0 and step % state.save_steps == 0) or (state.max_steps > 0 and step >= state.max_steps)
+
+
+def output_dir(args: Any) -> str:
+    """``args.output_dir``, declared ``str | None``: `TrainingArguments.__post_init__` replaces None by
+    ``"trainer_output"`` (5.19-5.24), so a built `TrainingArguments` always has one."""
+    if args.output_dir is None:
+        raise UpstreamChangedError(f"TrainingArguments left `output_dir` None after __post_init__; {SUPPORTED}.")
+    return str(args.output_dir)
+
+
+# --- accelerate -------------------------------------------------------------------------------------------------
+# `AcceleratedOptimizer` keeps the wrapped optimizer in `.optimizer` and the fp16 `GradScaler` (or None) in
+# `.scaler`; `AcceleratedScheduler` keeps the wrapped scheduler in `.scheduler` (1.10.1-1.15.0). The scaler keys its
+# per-optimizer state by the optimizer inside all wrapper layers (`Accelerator.unscale_gradients`). Read by
+# attribute, so any wrapper shaped alike works; anything else is returned as it is (custom loops).
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's wrapper(s), as `Accelerator.unscale_gradients` unwraps it."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def unwrap_scheduler(scheduler: Any) -> Any:
+    """The LR scheduler inside accelerate's wrapper."""
+    return getattr(scheduler, "scheduler", scheduler)
+
+
+def grad_scaler(optimizer: Any) -> torch.amp.GradScaler | None:
+    """The grad scaler accelerate attached to ``optimizer`` (fp16 mixed precision), if any."""
+    return getattr(optimizer, "scaler", None)
+
+
+def accelerate_shared_states() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shared state of `AcceleratorState` and `PartialState`, read without creating them.
+
+    `_shared_state` is the (private) dict every instance shares, empty until one is created (1.10.1-1.15.0);
+    instantiating the classes instead would initialise accelerate as a side effect.
+    """
+    return AcceleratorState._shared_state, PartialState._shared_state
+
+
+# --- transformers TrainerState ----------------------------------------------------------------------------------
+
+
+def register_stateful_callback(state: Any, name: str, exported: dict[str, Any]) -> None:
+    """Give callback ``name`` an entry in ``state.stateful_callbacks`` if it has none.
+
+    Trainer's checkpoint save (`_save_checkpoint` → `TrainerState.stateful_callbacks`, keyed by class name,
+    5.19-5.24) raises ``KeyError`` for an `ExportableState` callback missing from a resumed state.
+    """
+    if isinstance(state.stateful_callbacks, dict):
+        state.stateful_callbacks.setdefault(name, exported)
+
+
+# --- torch ------------------------------------------------------------------------------------------------------
+# `torch._foreach_*`: one fused kernel per device and dtype over a list of tensors (torch 2.13; private but used by
+# torch.nn.utils.clip_grad_norm_ and the optimizers themselves). DTensors (FSDP2) are supported.
+foreach_norm = torch._foreach_norm
+foreach_abs = torch._foreach_abs
+foreach_mul = torch._foreach_mul
+foreach_mul_ = torch._foreach_mul_
+
+
+def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> dict[Any, torch.Tensor]:
+    """The scaler's per-device found-inf flags of ``optimizer`` for this step (empty until unscaled).
+
+    torch 2.13: `GradScaler.unscale_` stores them in `_per_optimizer_states[id(optimizer)]["found_inf_per_device"]`,
+    and `step`/`update` read them from there, so a flag written back into them is what the scaler acts on.
+    """
+    return scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+
+
+def scaler_scale(scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """The current loss scale as a device tensor, without the host sync `get_scale()` does (torch 2.13:
+    `GradScaler._get_scale_async`, None only before the first `scale()`, which Trainer calls before any step)."""
+    scale = scaler._get_scale_async()
+    if scale is None:
+        raise UpstreamChangedError(f"GradScaler has no scale tensor yet; {SUPPORTED} with torch {TORCH_VERIFIED}.")
+    return scale
+
+
+def scale_scheduler_last_lr(scheduler: Any, factor: float) -> None:
+    """Multiply an `LRScheduler`'s cached ``_last_lr`` (what `get_last_lr()` and Trainer's logged ``learning_rate``
+    return until the next ``step()``; torch 2.13) by ``factor``; a scheduler without it is left alone."""
+    if getattr(scheduler, "_last_lr", None) is not None:
+        scheduler._last_lr = [lr * factor for lr in scheduler._last_lr]
+
+
+# --- argparse ---------------------------------------------------------------------------------------------------
+
+
+def parser_destinations(parser: argparse.ArgumentParser) -> set[str]:
+    """The ``dest`` of every argument ``parser`` declares (`ArgumentParser._actions`, the list `add_argument`
+    appends to; stable across Python 3.10-3.13 and the only way to list them)."""
+    return {action.dest for action in parser._actions}

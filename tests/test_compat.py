@@ -1,0 +1,136 @@
+"""The seam to upstream internals: StabilityTrainer refuses a Trainer whose hooks changed; the rules re-derived
+from DefaultFlowCallback match it; the verified range starts at pyproject's floor."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import mlm_dataset, tiny_bert, training_args
+from transformers import Trainer, TrainerControl, TrainerState
+from transformers.trainer_callback import DefaultFlowCallback
+
+from hf_stability import StabilityTrainer
+from hf_stability._compat import (
+    ACCELERATE_VERIFIED,
+    TRANSFORMERS_VERIFIED,
+    UpstreamChangedError,
+    is_logging_step,
+    is_saving_step,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dataset(bert_tokenizer):
+    return mlm_dataset(bert_tokenizer, rows=32)
+
+
+class UpstreamWithoutGradNormCall(Trainer):
+    """A future Trainer whose training loop no longer calls `_get_grad_norm` (the pre-clip norm would vanish)."""
+
+    def _run_epoch(self, *args, **kwargs):
+        raise NotImplementedError("never reached: construction must refuse first")
+
+
+class UpstreamWithoutCallbackStateHook(Trainer):
+    """A future Trainer that dropped `_load_callback_state` (resume would stop going through the override)."""
+
+    _load_callback_state = None
+
+
+class NoPreClipNorm(StabilityTrainer):
+    """A subclass that bypasses StabilityTrainer's `_get_grad_norm`, as a Trainer that stopped calling it would."""
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return Trainer._get_grad_norm(self, model, grad_norm=grad_norm)
+
+
+SUPPORTED = re.escape(f"supports transformers {TRANSFORMERS_VERIFIED[0]} to {TRANSFORMERS_VERIFIED[1]}")
+
+
+@pytest.mark.parametrize(
+    ("upstream", "problem"),
+    [
+        (UpstreamWithoutGradNormCall, "no longer calls `_get_grad_norm`"),
+        (UpstreamWithoutCallbackStateHook, "`UpstreamWithoutCallbackStateHook._load_callback_state` is gone"),
+    ],
+)
+def test_construction_refuses_a_trainer_whose_hooks_changed(upstream, problem, tmp_path, bert_tokenizer, dataset):
+    future = type("Future", (StabilityTrainer, upstream), {})
+    with pytest.raises(UpstreamChangedError, match=f"{re.escape(problem)}.*{SUPPORTED}"):
+        future(tiny_bert(bert_tokenizer), training_args(tmp_path), train_dataset=dataset)
+
+
+def test_the_installed_trainer_passes_the_check(tmp_path, bert_tokenizer, dataset):
+    StabilityTrainer(tiny_bert(bert_tokenizer), training_args(tmp_path), train_dataset=dataset)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(spike_metric="grad_norm", max_grad_norm=1.0),
+        dict(spike_rollback=False, adaptive_clip=True, max_grad_norm=1.0),
+    ],
+    ids=["rollback", "adaptive_clip"],
+)
+def test_a_missing_pre_clip_norm_is_an_error_under_stability_trainer(settings, tmp_path, bert_tokenizer, dataset):
+    # A plain Trainer only warns (tests/callbacks); here the user was promised the pre-clip norm.
+    trainer = NoPreClipNorm(tiny_bert(bert_tokenizer), training_args(tmp_path, **settings), train_dataset=dataset)
+    with pytest.raises(UpstreamChangedError, match=f"no pre-clip gradient norm for step 1.*{SUPPORTED}"):
+        trainer.train()
+
+
+def test_logging_and_saving_steps_match_default_flow_callback(tmp_path):
+    flow = DefaultFlowCallback()
+    for first, log_strategy, logging_steps, save_strategy, save_steps in itertools.product(
+        (False, True), ("steps", "epoch", "no"), (1, 3), ("steps", "epoch", "no"), (0, 4)
+    ):
+        args = training_args(
+            tmp_path,
+            logging_first_step=first,
+            logging_strategy=log_strategy,
+            logging_steps=logging_steps,
+            save_strategy=save_strategy,
+            save_steps=max(save_steps, 1),
+        )
+        state = TrainerState(logging_steps=logging_steps, save_steps=save_steps, max_steps=10)
+        for step in range(1, 11):
+            state.global_step = step
+            control = flow.on_step_end(args, state, TrainerControl())
+            case = (first, log_strategy, logging_steps, save_strategy, save_steps, step)
+            assert is_logging_step(args, state, step) == control.should_log, case
+            assert is_saving_step(args, state, step) == control.should_save, case
+
+
+def test_the_verified_range_starts_at_the_pyproject_floor():
+    floors = dict(re.findall(r'^ *"([\w-]+)>=([\d.]+)",$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE))
+    assert floors["transformers"] == TRANSFORMERS_VERIFIED[0]
+    assert floors["accelerate"] == ACCELERATE_VERIFIED[0]
+
+
+@pytest.mark.distributed
+def test_two_ranks_print_each_warning_once(tmp_path):
+    script = ROOT / "tests" / "distributed" / "warnings_two_ranks.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    for warning in (
+        "restore_callback_states_from_checkpoint=False",  # StabilityTrainer's construction (a logger warning)
+        "Step 2 skipped (",  # SkipNonFiniteCallback's decision, the same on both ranks
+        "hidden from the logged `loss` by `logging_nan_inf_filter=True`",  # a UserWarning
+    ):
+        assert output.count(warning) == 1, (warning, output[-3000:])
