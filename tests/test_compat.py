@@ -4,14 +4,12 @@ from DefaultFlowCallback match it; the verified range starts at pyproject's floo
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import mlm_dataset, tiny_bert, training_args
 from transformers import Trainer, TrainerControl, TrainerState
 from transformers.trainer_callback import DefaultFlowCallback
 
@@ -23,6 +21,7 @@ from hf_stability._compat import (
     is_logging_step,
     is_saving_step,
 )
+from tests.testing_utils import mlm_dataset, subprocess_env, tiny_bert, training_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,11 +116,12 @@ def test_the_verified_range_starts_at_the_pyproject_floor():
 
 @pytest.mark.distributed
 def test_two_ranks_print_each_warning_once(tmp_path):
-    script = ROOT / "tests" / "distributed" / "warnings_two_ranks.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        env=env,
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "-m", "tests.distributed.warnings_two_ranks", str(tmp_path),
+        ],
+        env=subprocess_env(OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,4 +1,4 @@
-"""Launched by tests/test_compat.py: ``torchrun --nproc_per_node 2 warnings_two_ranks.py OUTPUT_DIR``.
+"""Launched by tests/test_compat.py: ``torchrun --nproc_per_node 2 -m tests.distributed.warnings_two_ranks OUTPUT_DIR``.
 
 Both ranks build a `StabilityTrainer` from plain `TrainingArguments` (a construction warning) and get a NaN
 loss at one step (a skip warning and the `logging_nan_inf_filter` UserWarning): each must be printed once.
@@ -11,10 +11,10 @@ import sys
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from helpers import PoisonActivations, bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from hf_stability import StabilityTrainer  # noqa: E402
+from tests.testing_utils import PoisonActivations, bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 
 
 def main(output_dir: str) -> None:
