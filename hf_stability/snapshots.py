@@ -38,9 +38,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hf_stability.settings import SnapshotStorage
+
 logger = logging.getLogger(__name__)
 
-STORAGES = ("cpu", "disk")
 _SNAPSHOT_FILES = {"tensors.safetensors", "structure.pt"}
 
 
@@ -224,9 +225,8 @@ class SnapshotStore:
     def __init__(self, keep: int, storage: str = "cpu", directory: str | Path | None = None) -> None:
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"`keep` must be an int >= 1, got {keep!r}.")
-        if storage not in STORAGES:
-            raise ValueError(f"`storage` must be one of {STORAGES}, got {storage!r}.")
-        if storage == "disk" and directory is None:
+        storage = SnapshotStorage.checked("storage", storage)
+        if storage == SnapshotStorage.DISK and directory is None:
             raise ValueError("`directory` is required when `storage` is 'disk'.")
         self.keep = keep
         self.storage = storage
