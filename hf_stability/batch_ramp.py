@@ -47,7 +47,7 @@ class BatchRamp:
     increment: int
     length: int
     target: int
-    unit: RampUnit = RampUnit.SAMPLES
+    unit: RampUnit | str = RampUnit.SAMPLES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "unit", RampUnit.checked("batch_ramp_unit", self.unit))

@@ -78,8 +78,11 @@ def checked_number(
 class Choice(str, enum.Enum):
     """A setting with a fixed set of string values (`enum.StrEnum` behaviour, also on Python 3.10)."""
 
-    __str__ = str.__str__
-    __format__ = str.__format__
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
 
     @classmethod
     def checked(cls, name: str, value: Any) -> Choice:

@@ -67,6 +67,7 @@ class AdaptiveClipCallback(ResumableCallback):
     """
 
     settings_class = AdaptiveClipSettings
+    settings: AdaptiveClipSettings
 
     def __init__(self, z: float | None = None, alpha: float | None = None, warmup: int | None = None) -> None:
         super().__init__(z=z, alpha=alpha, warmup=warmup)

@@ -110,6 +110,7 @@ class SpikeRollbackCallback(ResumableCallback):
     """
 
     settings_class = RollbackSettings
+    settings: RollbackSettings
 
     def __init__(
         self,

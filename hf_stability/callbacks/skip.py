@@ -172,6 +172,7 @@ class SkipNonFiniteCallback(ResumableCallback):
     """
 
     settings_class = SkipSettings
+    settings: SkipSettings
 
     def __init__(self, max_consecutive_skips: int | None = None) -> None:
         super().__init__(max_consecutive_skips=max_consecutive_skips)

@@ -83,6 +83,7 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
     """
 
     settings_class = TelemetrySettings
+    settings: TelemetrySettings
 
     def __init__(self, log_fp16_pressure: bool | None = None, log_layer_grad_norms: bool | None = None) -> None:
         super().__init__(log_fp16_pressure=log_fp16_pressure, log_layer_grad_norms=log_layer_grad_norms)
