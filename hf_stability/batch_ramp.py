@@ -33,9 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hf_stability._compat import collator_with_removed_columns, num_items_in_batch, remove_unused_columns
-from hf_stability.config import StabilityConfig
-
-RAMP_UNITS = ("samples", "steps")
+from hf_stability.settings import BatchRampSettings, RampUnit
 
 
 @dataclass(frozen=True)
@@ -50,11 +48,10 @@ class BatchRamp:
     increment: int
     length: int
     target: int
-    unit: str = "samples"
+    unit: RampUnit | str = RampUnit.SAMPLES
 
     def __post_init__(self) -> None:
-        if self.unit not in RAMP_UNITS:
-            raise ValueError(f"`batch_ramp_unit` must be one of {RAMP_UNITS}, got {self.unit!r}.")
+        object.__setattr__(self, "unit", RampUnit.checked("batch_ramp_unit", self.unit))
         if not 0 < self.start < self.target:
             raise ValueError(f"`batch_ramp_start` must be in (0, target={self.target}), got {self.start}.")
         if self.increment < 1 or (self.target - self.start) % self.increment:
@@ -72,7 +69,7 @@ class BatchRamp:
         phase: list[tuple[int, int]] = []
         consumed = 0
         while True:
-            position = consumed if self.unit == "samples" else len(phase)
+            position = consumed if self.unit == RampUnit.SAMPLES else len(phase)
             size = min(self.start + int(position // per_increment) * self.increment, self.target)
             if size == self.target:
                 return phase
@@ -173,19 +170,18 @@ class BatchRampMixin(_MixedInto):
 
     def _build_batch_ramp(self) -> None:
         args = self.args
-        if not isinstance(args, StabilityConfig) or not args.batch_ramp_start:
-            return  # plain TrainingArguments have no ramp
-        start = args.batch_ramp_start
+        ramp = BatchRampSettings.resolve({}, args)  # a plain TrainingArguments gets start 0: no ramp
+        if not ramp.start:
+            return
         micro, world = args.per_device_train_batch_size, args.world_size
         target = micro * args.gradient_accumulation_steps * world
-        for name in ("batch_ramp_start", "batch_ramp_increment"):
-            if getattr(args, name) % (micro * world):
+        for name in ("start", "increment"):
+            if getattr(ramp, name) % (micro * world):
                 raise ValueError(
-                    f"`{name}` ({getattr(args, name)}) must be a multiple of per_device_train_batch_size x world size "
-                    f"({micro} x {world}): the batch grows in whole micro-batches."
+                    f"`batch_ramp_{name}` ({getattr(ramp, name)}) must be a multiple of per_device_train_batch_size x "
+                    f"world size ({micro} x {world}): the batch grows in whole micro-batches."
                 )
-        self.batch_ramp = BatchRamp(start, args.batch_ramp_increment, args.batch_ramp_length, target,
-                                    args.batch_ramp_unit)
+        self.batch_ramp = BatchRamp(ramp.start, ramp.increment, ramp.length, target, ramp.unit)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.batch_ramp is None:

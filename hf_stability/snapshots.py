@@ -39,10 +39,10 @@ from safetensors.torch import load_file, save_file
 
 from hf_stability._compat import grad_scaler, unwrap_optimizer, unwrap_scheduler
 from hf_stability._logging import get_logger
+from hf_stability.settings import SnapshotStorage
 
 logger = get_logger(__name__, every_rank=True)  # about this rank's own snapshots
 
-STORAGES = ("cpu", "disk")
 _SNAPSHOT_FILES = {"tensors.safetensors", "structure.pt"}
 
 
@@ -227,9 +227,8 @@ class SnapshotStore:
     def __init__(self, keep: int, storage: str = "cpu", directory: str | Path | None = None) -> None:
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"`keep` must be an int >= 1, got {keep!r}.")
-        if storage not in STORAGES:
-            raise ValueError(f"`storage` must be one of {STORAGES}, got {storage!r}.")
-        if storage == "disk" and directory is None:
+        storage = SnapshotStorage.checked("storage", storage)
+        if storage == SnapshotStorage.DISK and directory is None:
             raise ValueError("`directory` is required when `storage` is 'disk'.")
         self.keep = keep
         self.storage = storage

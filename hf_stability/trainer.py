@@ -38,31 +38,18 @@ def stability_option(args: TrainingArguments, name: str) -> Any:
 def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
     """The stability callbacks ``args`` asks for, in the order they must run.
 
-    Order matters for ``on_pre_optimizer_step``: skipping decides first, so that adaptive clipping and
-    rollback see a skipped step (gradients ``None``, ``SkipRecord``) and telemetry measures only real
-    updates, after adaptive clipping.
+    Each callback reads its own settings from ``args`` (`hf_stability.settings`), so only the on/off
+    switches are looked at here. Order matters for ``on_pre_optimizer_step``: skipping decides first, so
+    that adaptive clipping and rollback see a skipped step (gradients ``None``, ``SkipRecord``) and
+    telemetry measures only real updates, after adaptive clipping.
     """
-    callbacks: list[TrainerCallback] = []
-    if stability_option(args, "skip_nonfinite"):
-        callbacks.append(SkipNonFiniteCallback(max_consecutive_skips=stability_option(args, "max_consecutive_skips")))
-    if stability_option(args, "adaptive_clip"):
-        callbacks.append(
-            AdaptiveClipCallback(
-                z=stability_option(args, "adaptive_clip_z"),
-                alpha=stability_option(args, "adaptive_clip_alpha"),
-                warmup=stability_option(args, "adaptive_clip_warmup"),
-            )
-        )
-    if stability_option(args, "spike_rollback"):
-        # Reads its spike_*/snapshot_*/rollback settings from `args` when training begins.
-        callbacks.append(SpikeRollbackCallback())
-    callbacks.append(
-        LossScaleTelemetryCallback(
-            log_fp16_pressure=stability_option(args, "log_fp16_pressure"),
-            log_layer_grad_norms=stability_option(args, "log_layer_grad_norms"),
-        )
-    )
-    return callbacks
+    switches = [
+        ("skip_nonfinite", SkipNonFiniteCallback),
+        ("adaptive_clip", AdaptiveClipCallback),
+        ("spike_rollback", SpikeRollbackCallback),
+    ]
+    callbacks: list[TrainerCallback] = [callback() for name, callback in switches if stability_option(args, name)]
+    return [*callbacks, LossScaleTelemetryCallback()]
 
 
 def _upstream_trainer(cls: type) -> type:

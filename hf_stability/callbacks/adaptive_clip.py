@@ -15,30 +15,20 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
 
 from hf_stability._compat import foreach_mul_
 from hf_stability._logging import get_logger
+from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import PreClipGradNorm, SkipRecord, completing_step, global_grad_norm, gradients
 from hf_stability.engines import refuse_for_callback
+from hf_stability.settings import AdaptiveClipSettings
 
 PREFIX = "stability/"
 
 logger = get_logger(__name__)
 
 
-def validate_adaptive_clip(z: float, alpha: float, warmup: int, names: tuple[str, str, str] = ("z", "alpha", "warmup")):
-    """Raise ValueError naming the offending setting (``names`` are the caller's names for the three)."""
-    if not (isinstance(z, (int, float)) and math.isfinite(z) and z > 0):
-        raise ValueError(f"`{names[0]}` must be a finite number > 0, got {z!r}.")
-    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
-        raise ValueError(f"`{names[1]}` must be in the open interval (0, 1), got {alpha!r}.")
-    if not (isinstance(warmup, int) and warmup >= 2):
-        raise ValueError(f"`{names[2]}` must be an int >= 2 (a deviation needs two norms), got {warmup!r}.")
-
-
-class AdaptiveClipCallback(TrainerCallback, ExportableState):
+class AdaptiveClipCallback(ResumableCallback):
     """Clip each step's gradient norm to ``mean + z·σ`` of an EMA of the recent (healthy) norms.
 
     Runs in ``on_pre_optimizer_step``, after `SkipNonFiniteCallback` has decided (gradients already unscaled
@@ -55,17 +45,21 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
       pending on device in fp16) changes neither the statistics nor the gradients.
 
     Under DDP the gradients are already all-reduced, so every rank computes the same bound and decision.
-    Statistics and the clipped-step count are exported with checkpoints (`ExportableState`). They are not
+    Statistics and the clipped-step count are exported with checkpoints (`ResumableCallback`). They are not
     part of rollback snapshots: after a rollback they keep describing the norms seen so far.
 
     Logged (``metrics()``, merged by `StabilityTrainer.log`): ``stability/zclip_bound`` (the bound the next
     step is judged against, applied only after the warm-up) and ``stability/zclip_clipped_steps``
     (cumulative number of steps rescaled).
 
+    Settings (`AdaptiveClipSettings`) left ``None`` are read from the `StabilityConfig` field in brackets when
+    the trainer's ``args`` is one, else take its default; the ones given for a resumed run win over the
+    checkpoint's.
+
     Args:
-        z: z-score threshold; a norm above ``mean + z·σ`` is clipped.
-        alpha: EMA decay of mean and variance (the weight of the past).
-        warmup: healthy steps that only build the statistics before clipping starts.
+        z: z-score threshold; a norm above ``mean + z·σ`` is clipped [``adaptive_clip_z``, 2.5].
+        alpha: EMA decay of mean and variance (the weight of the past) [``adaptive_clip_alpha``, 0.97].
+        warmup: healthy steps that only build the statistics before clipping starts [``adaptive_clip_warmup``, 25].
 
     Example:
         ```python
@@ -73,24 +67,35 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
         ```
     """
 
-    def __init__(self, z: float = 2.5, alpha: float = 0.97, warmup: int = 25) -> None:
-        validate_adaptive_clip(z, alpha, warmup)
-        self.z, self.alpha, self.warmup = float(z), float(alpha), warmup
+    settings_class = AdaptiveClipSettings
+    settings: AdaptiveClipSettings
+
+    def __init__(self, z: float | None = None, alpha: float | None = None, warmup: int | None = None) -> None:
+        super().__init__(z=z, alpha=alpha, warmup=warmup)
         # Host copies, exported with checkpoints; the live values are the device tensors below.
         self.mean, self.var, self.healthy_steps, self.clipped_steps = 0.0, 0.0, 0, 0
         self._stats: torch.Tensor | None = None  # [mean, var, healthy_steps, clipped_steps] on the gradients' device
         self._clipped_norm_warned = False
 
-    def state(self) -> dict:
+    @property
+    def z(self) -> float:
+        return self.settings.z
+
+    @property
+    def alpha(self) -> float:
+        return self.settings.alpha
+
+    @property
+    def warmup(self) -> int:
+        return self.settings.warmup
+
+    def attributes(self) -> dict:
         self._sync_to_host()
         return {
-            "args": {"z": self.z, "alpha": self.alpha, "warmup": self.warmup},
-            "attributes": {
-                "mean": self.mean,
-                "var": self.var,
-                "healthy_steps": self.healthy_steps,
-                "clipped_steps": self.clipped_steps,
-            },
+            "mean": self.mean,
+            "var": self.var,
+            "healthy_steps": self.healthy_steps,
+            "clipped_steps": self.clipped_steps,
         }
 
     def _sync_to_host(self) -> None:
@@ -98,8 +103,9 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
             mean, var, healthy, clipped = self._stats.tolist()  # checkpoint/train end only
             self.mean, self.var, self.healthy_steps, self.clipped_steps = mean, var, int(healthy), int(clipped)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_for_callback(self, args)
+        self.begin_run(args, state, model)
         self._stats = None  # rebuilt from the host values (restored from a checkpoint, or 0) at the first step
 
     def on_train_end(self, args, state, control, **kwargs):

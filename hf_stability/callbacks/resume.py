@@ -1,12 +1,19 @@
-"""What a stability callback needs to resume right, under `StabilityTrainer` and under a plain `Trainer`.
+"""How a stability callback gets its settings, and what it needs to resume right, under any `Trainer`.
 
+Settings (`ConfiguredCallback`): a keyword given to the callback's constructor wins, then the
+`StabilityConfig` field of the trainer's ``args``, then the default; one rule
+(`hf_stability.settings.ComponentSettings.resolve`) for every callback, applied when the trainer is built
+(``on_init_end``) and again when training begins.
+
+Resume (`ResumableCallback`):
 On ``resume_from_checkpoint`` Trainer replaces each `ExportableState` callback by
 ``type(cb)(**stored["args"])`` plus the stored attributes. Two things go wrong with that alone:
 
 - The stored *settings* (``args``) would silently replace the ones given for the resumed run. Here each
-  callback records its settings when its trainer is built (``on_init_end``; `StabilityTrainer` calls it
-  for the callbacks it adds) in a per-model record, and the restored copy takes them back when training
-  begins. Counters and the detector window (``attributes``) come back from the checkpoint; knobs do not.
+  callback records the keywords it was given when its trainer is built (``on_init_end``; `StabilityTrainer`
+  calls it for the callbacks it adds) in a per-model record, and the restored copy takes them back when
+  training begins and resolves them against the resumed run's ``args``. Counters and the detector window
+  (``attributes``) come back from the checkpoint; knobs do not.
 - A checkpoint written without these callbacks (a plain `Trainer`, the migration path) has no entry for
   them in ``state.stateful_callbacks``, and Trainer's next checkpoint save raises ``KeyError`` halfway,
   leaving a checkpoint without ``trainer_state.json``. The entry is added when training begins.
@@ -17,7 +24,8 @@ run starts from (`StabilityEventLog.start_run`).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import fields
+from typing import Any, ClassVar
 
 import torch
 from transformers import TrainerCallback
@@ -26,6 +34,7 @@ from transformers.trainer_callback import ExportableState
 from hf_stability._compat import register_stateful_callback
 from hf_stability.callbacks.signals import _OnePerModel
 from hf_stability.events import StabilityEventLog
+from hf_stability.settings import ComponentSettings
 
 
 class _RunSettings(_OnePerModel):
@@ -35,26 +44,53 @@ class _RunSettings(_OnePerModel):
         self.by_type: dict[type, dict[str, Any]] = {}
 
 
-class ResumableCallback(TrainerCallback, ExportableState):
-    """Base of the stateful stability callbacks: exported ``args`` are settings, ``attributes`` are state.
+class ConfiguredCallback(TrainerCallback):
+    """Base of the stability callbacks: ``settings`` resolved from the constructor keywords and the trainer's args.
 
-    Subclasses implement ``state()`` (Trainer's format) and :meth:`apply_settings`, and call
-    :meth:`begin_run` first thing in ``on_train_begin``.
+    Subclasses set ``settings_class`` and pass their keyword arguments (``None`` = not given) to
+    ``super().__init__``; explicit values are validated at once. ``configure(args)`` runs when the trainer is
+    built and subclasses call it (directly or through `ResumableCallback.begin_run`) when training begins.
     """
 
-    def apply_settings(self, settings: dict[str, Any]) -> None:
-        """Take ``settings`` (a ``state()["args"]`` of this type) in place of the current ones."""
+    settings_class: ClassVar[type[ComponentSettings]]
+
+    def __init__(self, **given: Any) -> None:
+        self._given = {setting.name: given.get(setting.name) for setting in fields(self.settings_class)}
+        self.settings = self.settings_class.resolve(self._given)
+
+    def configure(self, args: Any) -> None:
+        """Resolve the settings against ``args``: given keywords > its `StabilityConfig` fields > defaults."""
+        self.settings = self.settings_class.resolve(self._given, args)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self.configure(args)
+
+
+class ResumableCallback(ConfiguredCallback, ExportableState):
+    """Base of the stateful stability callbacks: exported ``args`` are settings, ``attributes`` are state.
+
+    Exported ``args`` are the resolved settings (what the run used); ``state()`` adds the subclass's
+    ``attributes()``. Subclasses call :meth:`begin_run` first thing in ``on_train_begin``.
+    """
+
+    def attributes(self) -> dict[str, Any]:
+        """The state a checkpoint carries (counters, statistics)."""
         raise NotImplementedError
 
+    def state(self) -> dict:
+        return {"args": self.settings.as_dict(), "attributes": self.attributes()}
+
     def on_init_end(self, args, state, control, model: torch.nn.Module | None = None, **kwargs):
+        super().on_init_end(args, state, control, **kwargs)
         if model is not None:
-            _RunSettings.for_model(model).by_type[type(self)] = dict(self.state()["args"])
+            _RunSettings.for_model(model).by_type[type(self)] = dict(self._given)
 
     def begin_run(self, args, state, model: torch.nn.Module | None) -> None:
         """Take this run's settings back after a restore, register for checkpoints, align the events file."""
         given = None if model is None else _RunSettings.for_model(model).by_type.get(type(self))
-        if given is not None and given != self.state()["args"]:
-            self.apply_settings(given)
+        if given is not None:
+            self._given = dict(given)
+        self.configure(args)
         register_stateful_callback(state, type(self).__name__, self.state())
         if state.is_world_process_zero:
             StabilityEventLog(args.output_dir).start_run(state.global_step)

@@ -47,12 +47,11 @@ from __future__ import annotations
 import math
 import re
 import shutil
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState
 
 from hf_stability._compat import scale_scheduler_last_lr, unwrap_optimizer, unwrap_scheduler
 from hf_stability._logging import get_logger
@@ -69,9 +68,9 @@ from hf_stability.callbacks.signals import (
     reduce_across_ranks,
 )
 from hf_stability.callbacks.skip import weights_nonfinite
-from hf_stability.config import SPIKE_METRICS, StabilityConfig, checked_number
 from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
+from hf_stability.settings import RollbackSettings, SnapshotStorage, SpikeMetric
 from hf_stability.snapshots import SnapshotStore, restore_training_state
 from hf_stability.spike import SpikeDetector
 
@@ -79,29 +78,12 @@ logger = get_logger(__name__)
 
 SNAPSHOT_DIRNAME = "stability_snapshots"
 
-# Constructor argument -> `StabilityConfig` field it defaults to.
-_CONFIG_FIELDS = {
-    "metric": "spike_metric",
-    "window": "spike_window",
-    "warmup": "spike_warmup",
-    "sigma": "spike_sigma",
-    "snapshot_interval": "snapshot_interval",
-    "snapshot_keep": "snapshot_keep",
-    "snapshot_storage": "snapshot_storage",
-    "lr_factor": "rollback_lr_factor",
-    "max_rollbacks": "max_rollbacks",
-    "check_interval": "spike_check_interval",
-}
-_CONFIG_DEFAULTS: dict[str, Any] = {
-    f.name: f.default for f in fields(StabilityConfig) if f.name in _CONFIG_FIELDS.values()
-}
-
-
 class SpikeRollbackCallback(ResumableCallback):
     """Detects loss (or grad-norm) spikes and rolls every rank back to the newest trusted snapshot.
 
     Works with `StabilityTrainer` and with a plain `transformers.Trainer`. Every argument left ``None`` is
-    read from the `StabilityConfig` field named in brackets when ``args`` is one, else that field's default.
+    read from the `StabilityConfig` field named in brackets when ``args`` is one, else its default
+    (`RollbackSettings`). The resolved values are ``settings``.
 
     Args:
         metric: ``"loss"`` or ``"grad_norm"`` [``spike_metric``]. Under `StabilityTrainer`, ``grad_norm`` is
@@ -128,6 +110,9 @@ class SpikeRollbackCallback(ResumableCallback):
         ```
     """
 
+    settings_class = RollbackSettings
+    settings: RollbackSettings
+
     def __init__(
         self,
         metric: str | None = None,
@@ -141,19 +126,18 @@ class SpikeRollbackCallback(ResumableCallback):
         max_rollbacks: int | None = None,
         check_interval: int | None = None,
     ) -> None:
-        self._given = {
-            "metric": metric,
-            "window": window,
-            "warmup": warmup,
-            "sigma": sigma,
-            "snapshot_interval": snapshot_interval,
-            "snapshot_keep": snapshot_keep,
-            "snapshot_storage": snapshot_storage,
-            "lr_factor": lr_factor,
-            "max_rollbacks": max_rollbacks,
-            "check_interval": check_interval,
-        }
-        self._settings = self._resolve(None)  # validates the explicit arguments now, before any training
+        super().__init__(
+            metric=metric,
+            window=window,
+            warmup=warmup,
+            sigma=sigma,
+            snapshot_interval=snapshot_interval,
+            snapshot_keep=snapshot_keep,
+            snapshot_storage=snapshot_storage,
+            lr_factor=lr_factor,
+            max_rollbacks=max_rollbacks,
+            check_interval=check_interval,
+        )
         self.rollbacks = 0
         self.lr_scale = 1.0
         self._detector: SpikeDetector | None = None
@@ -171,37 +155,12 @@ class SpikeRollbackCallback(ResumableCallback):
 
     # ---- configuration -------------------------------------------------------------------------
 
-    def _resolve(self, args: TrainingArguments | None) -> dict[str, Any]:
-        settings: dict[str, Any] = {}
-        for name, value in self._given.items():
-            if value is None:
-                config_field = _CONFIG_FIELDS[name]
-                value = getattr(args, config_field, _CONFIG_DEFAULTS[config_field])
-            settings[name] = value
-        if settings["metric"] not in SPIKE_METRICS:
-            raise ValueError(f"`metric` must be one of {SPIKE_METRICS}, got {settings['metric']!r}.")
-        for name in ("snapshot_interval", "snapshot_keep", "check_interval"):
-            settings[name] = checked_number(name, settings[name], int, minimum=1)
-        settings["max_rollbacks"] = checked_number("max_rollbacks", settings["max_rollbacks"], int, minimum=0)
-        settings["lr_factor"] = checked_number("lr_factor", settings["lr_factor"], float, 0, 1, open_minimum=True)
-        detector = SpikeDetector(settings["window"], settings["warmup"], settings["sigma"])  # raises on bad values
-        settings.update(window=detector.window, warmup=detector.warmup, sigma=detector.sigma)
-        SnapshotStore(settings["snapshot_keep"], settings["snapshot_storage"], directory=".")
-        return settings
-
-    def state(self) -> dict:
+    def attributes(self) -> dict:
         return {
-            "args": dict(self._given),
-            "attributes": {
-                "rollbacks": self.rollbacks,
-                "lr_scale": self.lr_scale,
-                "detector_window": self.detector_window if self._detector is None else self._detector.values,
-            },
+            "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,
+            "detector_window": self.detector_window if self._detector is None else self._detector.values,
         }
-
-    def apply_settings(self, settings: dict) -> None:
-        self._given = {name: settings.get(name) for name in _CONFIG_FIELDS}
-        self._settings = self._resolve(None)
 
     # ---- trainer events ------------------------------------------------------------------------
 
@@ -209,16 +168,16 @@ class SpikeRollbackCallback(ResumableCallback):
                        lr_scheduler=None, **kwargs):
         refuse_for_callback(self, args)
         self.begin_run(args, state, model)
-        self._settings = s = self._resolve(args)
-        self._detector = SpikeDetector(s["window"], s["warmup"], s["sigma"])
-        self._detector.accept(self.detector_window[-s["window"] :])
+        s = self.settings
+        self._detector = SpikeDetector(s.window, s.warmup, s.sigma)
+        self._detector.accept(self.detector_window[-s.window :])
         self.detector_window = []
         rank_dir = None
-        if s["snapshot_storage"] == "disk":
+        if s.snapshot_storage == SnapshotStorage.DISK:
             rank_dir = f"{args.output_dir}/{SNAPSHOT_DIRNAME}/rank-{args.process_index}"
         if self._store is not None:
             self._store.clear()
-        self._store = SnapshotStore(s["snapshot_keep"], s["snapshot_storage"], rank_dir)
+        self._store = SnapshotStore(s.snapshot_keep, s.snapshot_storage, rank_dir)
         self._pending = []
         self._resumed_from = state.global_step if state.global_step > 0 else None
         self._first_resumed_step = None
@@ -229,7 +188,7 @@ class SpikeRollbackCallback(ResumableCallback):
         self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self._settings["metric"] == "grad_norm":
+        if self.settings.metric == SpikeMetric.GRAD_NORM:
             norm = PreClipGradNorm.for_model(model).read(completing_step(state))
             if norm is None:
                 norm = global_grad_norm(gradients(model.parameters()))
@@ -259,7 +218,7 @@ class SpikeRollbackCallback(ResumableCallback):
         skipped = SkipRecord.for_model(model).skip_flag(step)
         if skipped is True:
             value = None
-        elif self._settings["metric"] == "loss":
+        elif self.settings.metric == SpikeMetric.LOSS:
             value = TrainingLossTap.for_model(model).read()
         else:
             value = self._grad_norm
@@ -272,7 +231,7 @@ class SpikeRollbackCallback(ResumableCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         step = state.global_step
-        snapshot_due = step % self._settings["snapshot_interval"] == 0
+        snapshot_due = step % self.settings.snapshot_interval == 0
         last_step = state.max_steps > 0 and step >= state.max_steps
         weights_bad = self._weights_bad(control, model, step)
         check_due = (
@@ -282,7 +241,7 @@ class SpikeRollbackCallback(ResumableCallback):
             or weights_bad
             or self._unjudged_checkpoint is not None  # the step after a checkpoint judges the update it holds
             or (self._resumed_from is not None and self._first_resumed_step is None)  # and the one after a resume
-            or step % self._settings["check_interval"] == 0
+            or step % self.settings.check_interval == 0
             or is_logging_step(args, state, step)
         )
         if not check_due or self._detector is None:
@@ -361,7 +320,7 @@ class SpikeRollbackCallback(ResumableCallback):
                 return step, math.nan, None, True
             if judged:
                 # A snapshot vouched for by `check_interval` healthy steps after it becomes a rollback target.
-                store.trust_through(judged[-1][0] - self._settings["check_interval"] + 1)
+                store.trust_through(judged[-1][0] - self.settings.check_interval + 1)
                 self._resumed_from = self._unjudged_checkpoint = None  # healthy losses vouch for both
             return None
         verdict = verdicts[first]
@@ -374,7 +333,7 @@ class SpikeRollbackCallback(ResumableCallback):
         store = self._running()[1]
         store.discard_untrusted()
         target = store.newest_trusted()
-        metric = self._settings["metric"]
+        metric = self.settings.metric
         # One read on this rare path tells a blown-up model from a bad batch, on every rank alike.
         nonfinite_weights = weights_nonfinite(model, state.global_step)
         if nonfinite_weights:
@@ -388,7 +347,7 @@ class SpikeRollbackCallback(ResumableCallback):
         event_fields = {"metric": metric, "value": value, "threshold": threshold, "spike_step": spike_step,
                         "nonfinite_weights": nonfinite_weights}
         events = StabilityEventLog(args.output_dir) if state.is_world_process_zero else None
-        limit = self._settings["max_rollbacks"]
+        limit = self.settings.max_rollbacks
         if self._resumed_from is not None and spike_step == self._first_resumed_step:
             # The first loss after a resume is measured on the checkpoint's own weights: rolling back to them
             # (the only trusted snapshot yet) would repeat the spike until max_rollbacks.
@@ -421,7 +380,7 @@ class SpikeRollbackCallback(ResumableCallback):
         restore_training_state(target, model, optimizer, lr_scheduler)
         removed = self._replace_unjudged_checkpoint(state, control)
         self.rollbacks += 1
-        previous_scale, self.lr_scale = self.lr_scale, self.lr_scale * self._settings["lr_factor"]
+        previous_scale, self.lr_scale = self.lr_scale, self.lr_scale * self.settings.lr_factor
         _scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / target.lr_scale)
         logger.warning(
             f"Spike rollback {self.rollbacks}/{limit}: {reason}; restored the snapshot of step {target.step} and "

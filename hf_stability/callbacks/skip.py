@@ -42,9 +42,9 @@ from hf_stability.callbacks.signals import (
     is_logging_step,
     reduce_across_ranks,
 )
-from hf_stability.config import checked_number
 from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
+from hf_stability.settings import SkipSettings
 
 logger = get_logger(__name__)
 
@@ -158,7 +158,8 @@ class SkipNonFiniteCallback(ResumableCallback):
     one-time warning, since Trainer's logged ``loss`` hides it.
 
     Args:
-        max_consecutive_skips: stop training after this many skipped steps in a row.
+        max_consecutive_skips: stop training after this many skipped steps in a row; ``None`` reads the
+            `StabilityConfig` field of the same name from the trainer's ``args`` (default 50, `SkipSettings`).
 
     Example:
         ```python
@@ -166,8 +167,11 @@ class SkipNonFiniteCallback(ResumableCallback):
         ```
     """
 
-    def __init__(self, max_consecutive_skips: int = 50) -> None:
-        self.max_consecutive_skips = checked_number("max_consecutive_skips", max_consecutive_skips, int, minimum=1)
+    settings_class = SkipSettings
+    settings: SkipSettings
+
+    def __init__(self, max_consecutive_skips: int | None = None) -> None:
+        super().__init__(max_consecutive_skips=max_consecutive_skips)
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.nonfinite_loss_steps = 0
@@ -178,19 +182,17 @@ class SkipNonFiniteCallback(ResumableCallback):
         self._weights_stop = False  # stopped for non-finite weights: no checkpoint may be written
         self._weights_reported: int | None = None
 
-    def state(self) -> dict:
-        return {
-            "args": {"max_consecutive_skips": self.max_consecutive_skips},
-            "attributes": {
-                "skipped_steps": self.skipped_steps,
-                "consecutive_skips": self.consecutive_skips,
-                "nonfinite_loss_steps": self.nonfinite_loss_steps,
-                "nonfinite_parameter_steps": self.nonfinite_parameter_steps,
-            },
-        }
+    @property
+    def max_consecutive_skips(self) -> int:
+        return self.settings.max_consecutive_skips
 
-    def apply_settings(self, settings: dict) -> None:
-        self.max_consecutive_skips = settings["max_consecutive_skips"]
+    def attributes(self) -> dict:
+        return {
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "nonfinite_loss_steps": self.nonfinite_loss_steps,
+            "nonfinite_parameter_steps": self.nonfinite_parameter_steps,
+        }
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_for_callback(self, args)

@@ -16,6 +16,7 @@ from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 from hf_stability._compat import foreach_abs, foreach_mul, scaler_scale
 from hf_stability._logging import get_logger
+from hf_stability.callbacks.resume import ConfiguredCallback
 from hf_stability.callbacks.signals import (
     active_grad_scaler,
     completing_step,
@@ -25,6 +26,7 @@ from hf_stability.callbacks.signals import (
 )
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.engines import refuse_for_callback
+from hf_stability.settings import TelemetrySettings
 
 logger = get_logger(__name__)
 
@@ -51,7 +53,7 @@ def rollback_count(callbacks: Sequence[TrainerCallback]) -> int:
     return int(getattr(callback, "rollbacks", 0)) if callback is not None else 0
 
 
-class LossScaleTelemetryCallback(TrainerCallback):
+class LossScaleTelemetryCallback(ConfiguredCallback):
     """Adds ``stability/*`` metrics to every training log entry.
 
     Logged keys: ``stability/skipped_steps`` and ``stability/nonfinite_loss_steps`` (when a
@@ -74,9 +76,9 @@ class LossScaleTelemetryCallback(TrainerCallback):
     The callback keeps no state of its own across steps (counts live in the skip and rollback
     callbacks), so it is not an `ExportableState` and survives Trainer's callback restore unchanged.
 
-    Args:
-        log_fp16_pressure: log fp16 underflow fraction and overflow headroom on logging steps.
-        log_layer_grad_norms: log the gradient norm of every parameter tensor on logging steps.
+    Args (``None``: the `StabilityConfig` field of the same name in the trainer's ``args``, else the default):
+        log_fp16_pressure: log fp16 underflow fraction and overflow headroom on logging steps (default True).
+        log_layer_grad_norms: log the gradient norm of every parameter tensor on logging steps (default False).
 
     Example:
         ```python
@@ -85,9 +87,11 @@ class LossScaleTelemetryCallback(TrainerCallback):
         ```
     """
 
-    def __init__(self, log_fp16_pressure: bool = True, log_layer_grad_norms: bool = False) -> None:
-        self.log_fp16_pressure = log_fp16_pressure
-        self.log_layer_grad_norms = log_layer_grad_norms
+    settings_class = TelemetrySettings
+    settings: TelemetrySettings
+
+    def __init__(self, log_fp16_pressure: bool | None = None, log_layer_grad_norms: bool | None = None) -> None:
+        super().__init__(log_fp16_pressure=log_fp16_pressure, log_layer_grad_norms=log_layer_grad_norms)
         self._handler: CallbackHandler | None = None
         self._optimizer: object = None
         self._measured: dict[str, torch.Tensor] = {}
@@ -112,12 +116,21 @@ class LossScaleTelemetryCallback(TrainerCallback):
         callback.bind(trainer.callback_handler)
         return callback
 
+    @property
+    def log_fp16_pressure(self) -> bool:
+        return self.settings.log_fp16_pressure
+
+    @property
+    def log_layer_grad_norms(self) -> bool:
+        return self.settings.log_layer_grad_norms
+
     def bind(self, handler: CallbackHandler) -> None:
         """Let the callback find its siblings (skip, rollback) in ``handler`` at logging time."""
         self._handler = handler
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         refuse_for_callback(self, args)
+        self.configure(args)
         self._optimizer = optimizer
         self._measured = {}
         if self._handler is None and not self._unbound_warned:
