@@ -129,7 +129,7 @@ class SkipNonFiniteCallback(ResumableCallback):
     nonfinite_parameter_steps = _Delegated()
 
     def __init__(self, max_consecutive_skips: int = 50) -> None:
-        self._health = SkipHealth(checked_number("max_consecutive_skips", max_consecutive_skips, int, minimum=1))
+        self._health = SkipHealth(int(checked_number("max_consecutive_skips", max_consecutive_skips, int, minimum=1)))
         self._queue = StepQueue()
         self._tap: TrainingLossTap | None = None
         self._device_skip: tuple[object, bool] | None = None  # (optimizer, whether it takes ``found_inf``)

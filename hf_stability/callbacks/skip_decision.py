@@ -14,6 +14,7 @@ is then dropped in one of two ways:
 from __future__ import annotations
 
 import inspect
+from typing import cast
 
 import torch
 
@@ -35,7 +36,7 @@ def innermost(optimizer: object) -> torch.optim.Optimizer:
     """The torch optimizer under accelerate's (and any other) ``.optimizer`` wrappers."""
     while hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
-    return optimizer
+    return cast(torch.optim.Optimizer, optimizer)
 
 
 def found_inf_supported(optimizer: torch.optim.Optimizer) -> bool:
@@ -56,7 +57,7 @@ def found_inf_supported(optimizer: torch.optim.Optimizer) -> bool:
 
 def set_found_inf(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
     """Have the next ``step()`` skip its update iff ``flag`` (a 0-d bool on device) is True: no host read."""
-    optimizer.found_inf = flag.float().reshape(())  # a 0-d float: the fused kernels reject shape [1]
+    optimizer.found_inf = flag.float().reshape(())  # type: ignore[attr-defined]  # 0-d: shape [1] fails
 
 
 def clear_found_inf(optimizer: torch.optim.Optimizer) -> None:
@@ -132,9 +133,16 @@ def measure_step(
         reduced=reduced,
         grad_norm=grad_norm.float().reshape(()).to(device),
         loss=None if loss is None else loss.float().reshape(()).to(device),
-        # A copy: the scaler updates its scale tensor in place after the step.
-        loss_scale=None if scaler is None else scaler._get_scale_async().float().reshape(()).to(device, copy=True),
+        loss_scale=None if scaler is None else _scale_copy(scaler, device),
     )
+
+
+def _scale_copy(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
+    """The loss scale now, as a 0-d fp32 copy: the scaler updates its scale tensor in place after the step."""
+    scale = scaler._get_scale_async()
+    if scale is None:
+        return torch.full((), float(scaler.get_scale()), device=device)
+    return scale.float().reshape(()).to(device, copy=True)
 
 
 def update_dropped(entry: QueuedStep) -> torch.Tensor:

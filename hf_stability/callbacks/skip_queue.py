@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+from transformers import TrainerState, TrainingArguments
 
 from hf_stability.callbacks.signals import is_logging_step
 
@@ -74,7 +75,7 @@ class StepQueue:
     def append(self, entry: QueuedStep) -> None:
         self._steps.append(entry)
 
-    def due(self, args: object, state: object, step: int, limit: int) -> bool:
+    def due(self, args: TrainingArguments, state: TrainerState, step: int, limit: int) -> bool:
         """Flush before logs and checkpoints read the counters, and at least every ``limit`` steps to stop in time."""
         saving = getattr(args, "save_strategy", None) == "steps" and state.save_steps > 0
         return (
@@ -94,7 +95,7 @@ class StepQueue:
             return [], None
         device = steps[0].reduced.device
         nan = torch.full((1,), math.nan, device=device)
-        columns = {name: [] for name in _PACKED}
+        columns: dict[str, list[torch.Tensor]] = {name: [] for name in _PACKED}
         for entry in steps:
             for name in _PACKED:
                 value = getattr(entry, name)
