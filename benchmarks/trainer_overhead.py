@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,10 +35,16 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 from benchmarks.timing import Stopwatch  # noqa: E402
 from hf_stability import LossScaleTelemetryCallback, StabilityTrainer  # noqa: E402
 from hf_stability.callbacks.signals import TrainingLossTap  # noqa: E402
-from tests.testing_utils import bert_tokenizer, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args  # noqa: E402
+from tests.testing_utils import (  # noqa: E402
+    bert_tokenizer,
+    counting_host_reads,
+    emulate_fp16_scaler,
+    mlm_dataset,
+    tiny_bert,
+    training_args,
+)
 
 WARMUP_STEPS = 20
-READ_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
 REGIMES = ("fp32", "bf16", "fp16")
 
 
@@ -56,30 +61,6 @@ class StepClock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.end = time.perf_counter()
-
-
-@contextlib.contextmanager
-def counting_host_reads() -> Iterator[Counter]:
-    """Counts calls of the tensor methods that copy a value to the host (a sync on an accelerator)."""
-    counts: Counter = Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in READ_METHODS}
-
-    def counted(name):
-        original = originals[name]
-
-        def wrapper(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in READ_METHODS:
-        setattr(torch.Tensor, name, counted(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 # (label, trainer class, StabilityConfig overrides): skip + telemetry alone, then the defaults (with spike rollback).

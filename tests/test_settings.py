@@ -9,7 +9,6 @@ import dataclasses
 import json
 
 import pytest
-from helpers import PoisonGradient, mlm_dataset, tiny_bert, training_args
 from transformers import Trainer, TrainingArguments
 
 from hf_stability import (
@@ -22,6 +21,7 @@ from hf_stability import (
 )
 from hf_stability.config import COMPONENT_SETTINGS
 from hf_stability.settings import RollbackSettings, SnapshotStorage, SpikeMetric
+from tests.testing_utils import PoisonGradient, mlm_dataset, tiny_bert, training_args
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,17 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from benchmarks.trainer_overhead import counting_host_reads
 from hf_stability import AdaptiveClipCallback, StabilityConfig, StabilityTrainer
 from hf_stability.callbacks.signals import completing_step, global_grad_norm, gradients
 from hf_stability.callbacks.telemetry import find_callback
-from tests.testing_utils import PoisonGradient, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
+from tests.testing_utils import (
+    PoisonGradient,
+    counting_host_reads,
+    emulate_fp16_scaler,
+    mlm_dataset,
+    tiny_bert,
+    training_args,
+)
 
 BASE_SCALE = 0.1  # ordinary steps: gradient norm ~0.2
 BURST_STEP, BURST_FACTOR = 12, 4.0  # the burst: ~0.8, below the fixed clip of 1.0

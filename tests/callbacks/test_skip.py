@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 
 from hf_stability import SkipNonFiniteCallback, StabilityTrainer, read_events
 from hf_stability.callbacks.signals import SkipRecord
+from hf_stability.callbacks.skip_decision import innermost
 from hf_stability.callbacks.telemetry import find_callback
 from tests.testing_utils import (
     NoLabelBatches,
@@ -132,6 +133,45 @@ def test_fp16_overflow_between_logging_steps_is_left_to_the_scaler_and_reported_
     assert logged == {5: 1}, "the logging step flushes before its log entry is built"
 
 
+@pytest.mark.parametrize("regime", ["fp32", "bf16"])
+def test_fused_adamw_skips_on_device_between_flushes_and_reports_at_the_flush(
+    tmp_path, bert_tokenizer, dataset, regime
+):
+    # The default optimizer (adamw_torch_fused) honours a found_inf flag: steps 3 and 4 are no flush steps, so
+    # step 3's skip happens on device and is counted when step 5 logs.
+    args = training_args(tmp_path, bf16=regime == "bf16", logging_steps=5)
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    flags, left_over = {}, []
+
+    class Observer(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            step = state.global_step + 1
+            flags[step] = (SkipRecord.for_model(model).skip_flag(step), len(read_events(tmp_path)))
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            left_over.append(hasattr(innermost(optimizer), "found_inf"))
+
+    watch = StepSnapshots([POISONED, POISONED + 1])
+    trainer.add_callback(PoisonGradient([POISONED]))
+    trainer.add_callback(watch)
+    trainer.add_callback(Observer())
+    trainer.train()
+
+    pending_flag, events_so_far = flags[POISONED + 1]
+    assert isinstance(pending_flag, torch.Tensor) and bool(pending_flag) and events_so_far == 0
+    assert flags[args.max_steps][0] is False  # the flush step is decided on the host
+    assert left_over == [False] * args.max_steps, "found_inf must not outlive its step"
+    assert_same_state(watch.before[POISONED], watch.after[POISONED])
+    assert changed_parameters(watch.before[POISONED + 1], watch.after[POISONED + 1]), "training did not go on"
+    skip = find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback)
+    assert (skip.skipped_steps, skip.consecutive_skips) == (1, 0)
+    (event,) = read_events(tmp_path)
+    assert (event["step"], event["event"], event["reason"]) == (POISONED + 1, "skip", "nonfinite_gradients")
+    assert (event["ranks"], event["loss_scale"], event["consecutive"]) == ([0], None, 1)
+    logged = {entry["step"]: entry["stability/skipped_steps"] for entry in trainer.state.log_history if "loss" in entry}
+    assert logged == {5: 1}, "the logging step flushes before its log entry is built"
+
+
 def test_fp16_overflow_queued_before_a_best_model_checkpoint_is_in_its_counters(tmp_path, bert_tokenizer, dataset):
     # save_strategy="best" saves right after the step-5 evaluation; steps 3-5 are no logging or save steps.
     args = training_args(tmp_path, fp16=True, logging_steps=100, eval_strategy="steps", eval_steps=5,
@@ -195,11 +235,27 @@ class HostReadCounter(TrainerCallback):
             setattr(torch.Tensor, name, original)
 
 
-@pytest.mark.parametrize(("regime", "expected"), [("fp16", 0), ("fp32", 1)])
-def test_host_reads_per_step_none_in_fp16_one_in_fp32(tmp_path, bert_tokenizer, dataset, regime, expected):
+@pytest.mark.parametrize(
+    ("regime", "optim", "expected"),
+    [
+        ("fp16", "adamw_torch_fused", 0),
+        ("fp32", "adamw_torch_fused", 0),
+        ("bf16", "adamw_torch_fused", 0),
+        ("fp32", "adamw_torch", 1),  # no found_inf support: the skip is decided on the host
+    ],
+)
+def test_host_reads_per_step_none_with_a_device_skip_one_on_the_host_path(
+    tmp_path, bert_tokenizer, dataset, regime, optim, expected
+):
     # Steps 1-5 are neither logging, save, check nor flush steps; step 6 (the last) flushes and checks.
     args = training_args(
-        tmp_path, fp16=regime == "fp16", logging_steps=100, snapshot_interval=100, spike_check_interval=100
+        tmp_path,
+        optim=optim,
+        fp16=regime == "fp16",
+        bf16=regime == "bf16",
+        logging_steps=100,
+        snapshot_interval=100,
+        spike_check_interval=100,
     )
     trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
     if regime == "fp16":
@@ -216,11 +272,13 @@ def test_host_reads_per_step_none_in_fp16_one_in_fp32(tmp_path, bert_tokenizer, 
     assert find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback).skipped_steps == 1
 
 
-def test_fp16_consecutive_overflows_stop_within_the_documented_bound(tmp_path, bert_tokenizer, dataset):
+@pytest.mark.parametrize("regime", ["fp16", "fp32"])
+def test_queued_consecutive_skips_stop_within_the_documented_bound(tmp_path, bert_tokenizer, dataset, regime):
+    # fp16: the grad scaler skips; fp32: the fused AdamW skips on its found_inf flag. Both queue the flags.
     limit = 3
     args = training_args(
         tmp_path,
-        fp16=True,
+        fp16=regime == "fp16",
         max_steps=20,
         logging_steps=100,
         max_consecutive_skips=limit,
@@ -228,7 +286,8 @@ def test_fp16_consecutive_overflows_stop_within_the_documented_bound(tmp_path, b
         save_steps=100,
     )
     trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
-    emulate_fp16_scaler(trainer)
+    if regime == "fp16":
+        emulate_fp16_scaler(trainer)
     trainer.add_callback(PoisonGradient(range(1, 20)))  # every step from step 2 overflows
     trainer.train()
     events = read_events(tmp_path)

@@ -1,0 +1,155 @@
+"""The skip decision of one step, on device: flags, one all-reduce, and how the update is dropped.
+
+Three checks per step (gradients, training loss, the weights the step started from) make a flag vector,
+all-reduced (max) so every rank decides alike. The update of a step with non-finite gradients or weights
+is then dropped in one of two ways:
+
+- **on device, no host read**: the grad scaler's found-inf flag (fp16; the reduced flag is written back
+  into it), or, without a scaler, the optimizer's ``found_inf`` attribute when the optimizer honours it
+  (:func:`found_inf_supported`): its step leaves parameters, state and step count bit-identical;
+- **on the host**: every gradient set to ``None`` (torch optimizers then leave parameters, state and
+  ``step`` alone), which needs the flags on the host before ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import cast
+
+import torch
+
+from hf_stability import _compat
+from hf_stability._compat import scaler_scale, unwrap_optimizer
+from hf_stability.callbacks.signals import (
+    SkipRecord,
+    global_grad_norm,
+    gradients,
+    reduce_across_ranks,
+)
+from hf_stability.callbacks.skip_queue import GRADIENTS, PARAMETERS, QueuedStep
+
+# torch optimizers whose fused step skips an update bit-exactly when given ``found_inf`` = 1, first step
+# included (checked on CPU, torch 2.13). Fused SGD honours the flag too, but a skipped first step still
+# creates its momentum buffer, so the next update differs from an unskipped run: SGD takes the host path.
+_FOUND_INF_SKIPS_EXACTLY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
+
+
+def innermost(optimizer: object) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's (and any other) ``.optimizer`` wrappers."""
+    return cast(torch.optim.Optimizer, unwrap_optimizer(optimizer))
+
+
+def found_inf_supported(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` skips the update on device when its ``found_inf`` attribute is 1.
+
+    torch marks such optimizers with ``_step_supports_amp_scaling`` (set by Adam, AdamW, SGD and Adagrad
+    with ``fused=True``; `GradScaler.step` relies on it to pass ``found_inf`` the same way: torch 2.4–2.13)
+    and reads the attribute in ``_fused_adam``/``_fused_adagrad``, which restore the step count. Older
+    optimizers taking a ``grad_scaler`` keyword instead read no attribute.
+    """
+    return (
+        isinstance(optimizer, _FOUND_INF_SKIPS_EXACTLY)
+        and getattr(optimizer, "_step_supports_amp_scaling", False)
+        and all(group.get("fused") for group in optimizer.param_groups)
+        and "grad_scaler" not in inspect.signature(optimizer.step).parameters
+    )
+
+
+def set_found_inf(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
+    """Have the next ``step()`` skip its update iff ``flag`` (a 0-d bool on device) is True: no host read."""
+    optimizer.found_inf = flag.float().reshape(())  # type: ignore[attr-defined]  # 0-d: shape [1] fails
+
+
+def clear_found_inf(optimizer: torch.optim.Optimizer) -> None:
+    """Take the flag back after the step, so no later step (nor a GradScaler's) inherits it."""
+    if hasattr(optimizer, "found_inf"):
+        del optimizer.found_inf
+
+
+def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[torch.Tensor]:
+    """The scaler's per-device found-inf tensors for this step, unscaling first if Trainer has not.
+
+    Trainer unscales through ``accelerator.clip_grad_norm_`` before ``on_pre_optimizer_step`` even
+    with ``max_grad_norm=0``; the explicit ``unscale_`` only covers custom training loops.
+    """
+    inner = innermost(optimizer)
+    found = _compat.scaler_found_inf(scaler, inner)
+    if not found:
+        scaler.unscale_(inner)
+        found = _compat.scaler_found_inf(scaler, inner)
+    return list(found.values())
+
+
+def parameters_nonfinite(model: torch.nn.Module) -> torch.Tensor:
+    """A 0-d device bool: some parameter of this rank holds NaN/Inf (one fused norm, no host read)."""
+    return ~torch.isfinite(global_grad_norm([p.detach() for p in model.parameters()]))
+
+
+def weights_nonfinite(model: torch.nn.Module, step: int) -> bool:
+    """Whether any rank's weights are non-finite at the end of ``step``: one all-reduce and one host read.
+
+    Run before a checkpoint is written (rarely enough to afford the read). The verdict is kept in
+    `SkipRecord`, so a second callback asking about the same step gets it without another read; a verdict
+    already set for ``step`` by the per-step flags is reused as is.
+    """
+    record = SkipRecord.for_model(model)
+    if record.weights_verdict is None or record.weights_verdict[0] != step:
+        bad = reduce_across_ranks(parameters_nonfinite(model).float(), "max").item() > 0
+        record.weights_verdict = (step, bad)
+    return record.weights_verdict[1]
+
+
+def measure_step(
+    step: int,
+    model: torch.nn.Module,
+    loss: torch.Tensor | None,
+    scaler: torch.amp.GradScaler | None,
+    optimizer: object,
+) -> QueuedStep:
+    """The step's flags, local and all-reduced, with its event values, all on device.
+
+    In fp16 the scaler's found-inf flag is the gradient check, and the reduced flag is written back into it so
+    every rank skips and lowers its scale alike.
+    """
+    found_inf = scaler_found_inf(scaler, optimizer) if scaler is not None else None
+    grad_norm = global_grad_norm(gradients(model.parameters()))
+    if found_inf is not None:
+        grads_bad = torch.stack([f.float().sum() for f in found_inf]).sum() > 0
+    else:
+        grads_bad = ~torch.isfinite(grad_norm)
+    device = grads_bad.device
+    no_flag = torch.zeros((), dtype=torch.bool, device=device)
+    loss_bad = ~torch.isfinite(loss).to(device) if loss is not None else no_flag
+    # The weights this step's forward used: after an update that blew them up, every later loss and gradient
+    # is non-finite, which is no bad batch.
+    params_bad = parameters_nonfinite(model).to(device)
+    local = torch.stack([grads_bad, loss_bad, params_bad]).float()
+    reduced = reduce_across_ranks(local, "max")
+    for flag in found_inf or ():
+        flag.copy_(reduced[GRADIENTS])
+    return QueuedStep(
+        step=step,
+        local=local,
+        reduced=reduced,
+        grad_norm=grad_norm.float().reshape(()).to(device),
+        loss=None if loss is None else loss.float().reshape(()).to(device),
+        loss_scale=None if scaler is None else _scale_copy(scaler, device),
+    )
+
+
+def _scale_copy(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
+    """The loss scale now, as a 0-d fp32 copy: the scaler updates its scale tensor in place after the step."""
+    scale = scaler_scale(scaler)
+    if scale is None:
+        return torch.full((), float(scaler.get_scale()), device=device)
+    return scale.float().reshape(()).to(device, copy=True)
+
+
+def update_dropped(entry: QueuedStep) -> torch.Tensor:
+    """0-d device bool: the update of ``entry``'s step must not happen (non-finite gradients or weights)."""
+    return (entry.reduced[GRADIENTS] > 0) | (entry.reduced[PARAMETERS] > 0)
+
+
+def counted_skip(entry: QueuedStep) -> torch.Tensor:
+    """0-d device bool: the step counts as skipped (non-finite gradients from finite weights: a bad batch)."""
+    return (entry.reduced[GRADIENTS] > 0) & (entry.reduced[PARAMETERS] == 0)

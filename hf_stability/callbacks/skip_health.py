@@ -1,0 +1,200 @@
+"""Health reporting of the skip callback: counters, events, warnings and stops from steps read on the host.
+
+:class:`SkipHealth` turns the steps a flush read (`hf_stability.callbacks.skip_queue.ReadStep`) into the
+counters `SkipNonFiniteCallback` exports, the ``stability_events.jsonl`` entries (``skip``,
+``nonfinite_loss``, ``nonfinite_parameters``, ``stop``), log warnings, and the consecutive-skip and
+non-finite-weights stops. It reads no tensor: everything it sees is already on the host.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import astuple
+
+import torch
+import torch.distributed as dist
+
+from hf_stability._logging import get_logger, is_main_process
+from hf_stability.callbacks.signals import SkipRecord, distributed, for_collective
+from hf_stability.callbacks.skip_queue import FLAG_NAMES, ReadStep
+from hf_stability.events import StabilityEventLog
+
+logger = get_logger(__name__)
+
+# The counters `SkipNonFiniteCallback` exports with a checkpoint.
+COUNTERS = ("skipped_steps", "consecutive_skips", "nonfinite_loss_steps", "nonfinite_parameter_steps")
+
+
+def ranks_flagged(steps: list[ReadStep], local: torch.Tensor | None) -> list[dict[str, list[int]]]:
+    """For each read step, the ranks that raised each flag (keys: the `Flags` fields).
+
+    ``local`` is this rank's ``(steps, 3)`` flags on device. A single process needs only the host copy
+    already read; several ranks exchange theirs with one all-gather and one read, on flushes that report
+    something only (every rank gets there alike: the reduced flags agree).
+    """
+    if not distributed() or dist.get_world_size() == 1 or local is None:
+        table = [[astuple(step.local) for step in steps]]
+    else:
+        work = for_collective(local)
+        gathered = [torch.zeros_like(work) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, work)
+        table = torch.stack(gathered).tolist()  # [rank][step][flag]
+    return [
+        {name: [rank for rank, rows in enumerate(table) if rows[row][flag]] for flag, name in enumerate(FLAG_NAMES)}
+        for row in range(len(steps))
+    ]
+
+
+class SkipHealth:
+    """Counters and reports of the skip callback; ``max_consecutive_skips`` skips in a row stop the run."""
+
+    def __init__(self, max_consecutive_skips: int) -> None:
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.nonfinite_loss_steps = 0
+        self.nonfinite_parameter_steps = 0
+        self.weights_stop = False  # stopped for non-finite weights: no checkpoint may be written
+        self._weights_reported: int | None = None
+        self._filter_warned = False
+
+    def begin_run(self) -> None:
+        self.weights_stop = False
+
+    def apply(self, args, state, control, steps: list[ReadStep], local: torch.Tensor | None, now: int,
+              record: SkipRecord) -> str | None:
+        """Count and report ``steps`` (read by a flush at step ``now``); the skip reason of the last one (or None).
+
+        A step whose weights were already non-finite is no skipped batch: every loss and gradient from then on is
+        non-finite whatever the data. It is reported (``"nonfinite_parameters"``) and left to spike rollback when
+        one is installed (``record.recovery``), which restores a trusted snapshot; without one, training stops at
+        once, and without a checkpoint.
+        """
+        if not steps:
+            return None
+        if any(any(astuple(step.reduced)) for step in steps):
+            ranks = ranks_flagged(steps, local)
+        else:
+            ranks = [{name: [] for name in FLAG_NAMES}] * len(steps)
+        reason = None
+        limit_reached = 0
+        weights_step = None
+        for step, flagged in zip(steps, ranks, strict=True):
+            if step.reduced.parameters:
+                self.report_parameters(args, state, step.step, flagged["parameters"], step.loss, record.recovery)
+                weights_step = step.step
+                self.consecutive_skips = 0
+                reason = None
+                continue
+            if step.reduced.loss:
+                self._warn_filter_hides_loss(args)
+                if not step.reduced.gradients:
+                    self._report_loss(args, state, step.step, flagged["loss"], step.loss)
+            if not step.reduced.gradients:
+                self.consecutive_skips = 0
+                reason = None
+                continue
+            reason = "fp16_overflow" if step.loss_scale is not None else "nonfinite_gradients"
+            self._report_skip(args, state, step, reason, flagged)
+            if self.consecutive_skips >= self.max_consecutive_skips:
+                limit_reached = max(limit_reached, self.consecutive_skips)
+        if weights_step is not None:
+            if weights_step == now:
+                record.weights_verdict = (now, True)  # the rollback of this step reads it
+            if not record.recovery:
+                self.stop_for_weights(args, state, control, now, weights_step)
+                return reason
+        if limit_reached:
+            self._stop(args, state, control, now, limit_reached)
+        return reason
+
+    def _report_skip(self, args, state, step: ReadStep, reason: str, flagged: dict[str, list[int]]) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if state.is_world_process_zero:
+            StabilityEventLog(args.output_dir).append(
+                step.step,
+                "skip",
+                reason,
+                ranks=flagged["gradients"],
+                loss_ranks=flagged["loss"],
+                loss=step.loss,
+                grad_norm=step.grad_norm,
+                loss_scale=step.loss_scale,
+                consecutive=self.consecutive_skips,
+            )
+        logger.warning(
+            "Step %d skipped (%s on ranks %s): parameters and optimizer state unchanged.",
+            step.step,
+            reason,
+            flagged["gradients"],
+        )
+
+    def _warn_filter_hides_loss(self, args) -> None:
+        """Once per run, at the first non-finite loss, say where it went if Trainer's filter hid it."""
+        if self._filter_warned or not getattr(args, "logging_nan_inf_filter", False):
+            return
+        self._filter_warned = True
+        if not is_main_process():
+            return
+        warnings.warn(
+            "A non-finite training loss was hidden from the logged `loss` by `logging_nan_inf_filter=True` (Trainer "
+            "logs the running average instead); it is counted in `stability/skipped_steps` and listed in "
+            "stability_events.jsonl. With `logging_nan_inf_filter=False` it would show, but Trainer's running loss "
+            "would then stay NaN in every later entry (it resets it by subtracting it from itself).",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    def stop_for_weights(self, args, state, control, now: int, step: int) -> None:
+        """Stop at once without a checkpoint: the weights are non-finite and nothing can restore them here."""
+        message = (
+            f"The weights were non-finite at step {step} (an earlier update blew them up; no batch is to blame) and "
+            f"no spike rollback is installed to restore a trusted snapshot: stopping at step {now} without saving a "
+            "checkpoint, so the last finite checkpoint stays the newest. Resume from it with a lower learning rate, "
+            "or enable spike rollback."
+        )
+        logger.error(message)
+        control.should_training_stop = True
+        control.should_save = False
+        self.weights_stop = True
+        if state.is_world_process_zero:
+            StabilityEventLog(args.output_dir).append(now, "stop", message, nonfinite_weights_step=step)
+
+    def _stop(self, args, state, control, step: int, consecutive: int) -> None:
+        message = (
+            f"{consecutive} consecutive steps had non-finite gradients (max_consecutive_skips="
+            f"{self.max_consecutive_skips}); stopping at step {step} and saving a checkpoint. Skipped steps change "
+            "nothing, so it holds the weights of the last update before them, checked finite; check the data around "
+            "these steps, lower the learning rate or resume from an earlier checkpoint."
+        )
+        logger.error(message)
+        control.should_training_stop = True
+        control.should_save = True
+        if state.is_world_process_zero:
+            StabilityEventLog(args.output_dir).append(step, "stop", message, consecutive=consecutive)
+
+    def _report_loss(self, args, state, step: int, ranks: list[int], loss: float | None) -> None:
+        self.nonfinite_loss_steps += 1
+        logger.warning("Step %d: non-finite training loss on ranks %s with finite gradients.", step, ranks)
+        if state.is_world_process_zero:
+            StabilityEventLog(args.output_dir).append(
+                step, "nonfinite_loss", "non-finite training loss, finite gradients", ranks=ranks, loss=loss
+            )
+
+    def report_parameters(
+        self, args, state, step: int, ranks: list[int] | None, loss: float | None, recovery: bool | None
+    ) -> None:
+        """Report non-finite weights at ``step`` once; ``recovery`` says whether spike rollback restores them.
+
+        ``ranks`` is ``None`` where only the all-reduced verdict is known (the check before a checkpoint).
+        """
+        if step == self._weights_reported:
+            return
+        self._weights_reported = step
+        self.nonfinite_parameter_steps += 1
+        action = {True: "left to spike rollback", False: "no snapshot to restore", None: "at the end of training"}
+        reason = f"non-finite weights at step {step} ({action[recovery]})"
+        logger.error("Step %d: non-finite weights on ranks %s (%s).", step, ranks, action[recovery])
+        if state.is_world_process_zero:
+            StabilityEventLog(args.output_dir).append(step, "nonfinite_parameters", reason, ranks=ranks, loss=loss)
