@@ -472,7 +472,10 @@ def test_two_ranks_roll_back_together_when_one_rank_has_nonfinite_weights(tmp_pa
     events = read_events(tmp_path)
     assert [(e["event"], e["restored_step"]) for e in events if e["event"] != "nonfinite_parameters"] == [
         ("rollback", 10)], "one rollback, written by rank 0"
-    assert events[-1]["nonfinite_weights"] and not [e for e in events if e["event"] == "skip"]
+    (rollback,) = [e for e in events if e["event"] == "rollback"]
+    assert rollback["nonfinite_weights"] and not [e for e in events if e["event"] == "skip"]
+    # The fused default optimizer keeps the flags on device: the steps from NaN weights are reported at the flush.
+    assert {tuple(e["ranks"]) for e in events if e["event"] == "nonfinite_parameters"} == {(1,)}
     rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "ranks diverged after the rollback"
     assert all(torch.isfinite(value).all() for value in rank0.values())

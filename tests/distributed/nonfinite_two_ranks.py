@@ -2,9 +2,10 @@
 ``torchrun --nproc_per_node 2 -m tests.distributed.nonfinite_two_ranks OUTPUT_DIR``.
 
 Only rank 1's weights turn NaN after the update of step 25 (an overflow inside its update). DDP averages the NaN
-gradients into both ranks, so no batch is to blame: both ranks must roll back together at step 26 to their own
-snapshot of step 10, without counting a skipped batch, and end with identical finite parameters, which each rank
-saves to ``OUTPUT_DIR/rank{N}.pt`` for the test to compare (no collective of its own: see rollback_two_ranks.py).
+gradients into both ranks, so no batch is to blame: both ranks must roll back together (at the next check, step
+30, as the fused optimizer's flags are queued on device) to their own snapshot of step 10, without counting a
+skipped batch, and end with identical finite parameters, which each rank saves to ``OUTPUT_DIR/rank{N}.pt`` for
+the test to compare (no collective of its own: see rollback_two_ranks.py).
 """
 
 from __future__ import annotations
