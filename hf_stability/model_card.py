@@ -24,8 +24,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import Trainer
 
 from hf_stability._compat import output_dir as compat_output_dir
-from hf_stability.events import read_events
-from hf_stability.report import RunRecord, gradient_health, gradient_health_lines, plot_training_curves
+from hf_stability.events import EVENTS_FILENAME, read_events
+from hf_stability.report import (
+    RunRecord,
+    gradient_health,
+    gradient_health_lines,
+    plot_training_curves,
+    superseded_event_files,
+)
 
 # The templates' single copy is the top-level `model_cards/` of the source tree (editable installs and
 # checkouts find it there); a wheel ships it inside the package (pyproject's `package-dir`).
@@ -169,7 +175,14 @@ def build_model_card(
     output_dir = Path(compat_output_dir(args))
     model_name = model_name or output_dir.name
     model_id = model_id or (args.hub_model_id if args.push_to_hub and args.hub_model_id else str(output_dir))
-    run = RunRecord(output_dir, list(trainer.state.log_history), read_events(output_dir), None)
+    run = RunRecord(
+        output_dir,
+        list(trainer.state.log_history),
+        read_events(output_dir),
+        None,
+        has_events_file=(output_dir / EVENTS_FILENAME).is_file(),
+        superseded=superseded_event_files(output_dir),
+    )
     final = _final_metrics(run.log_history)
     kind = _OBJECTIVE_CARDS.get(objective) if objective is not None else None
     pipeline_tag = pipeline_tag or (kind.pipeline_tag if kind else None)

@@ -142,8 +142,13 @@ def load_run(output_dir: str | os.PathLike) -> RunRecord:
         state_path=state_path,
         trainer_state=trainer_state,
         has_events_file=(output_dir / EVENTS_FILENAME).is_file(),
-        superseded=sorted(output_dir.glob(f"{SUPERSEDED_PREFIX}*.jsonl")),
+        superseded=superseded_event_files(output_dir),
     )
+
+
+def superseded_event_files(output_dir: Path) -> list[Path]:
+    """The event files moved aside in ``output_dir`` (earlier runs, or steps replayed after a resume), oldest first."""
+    return sorted(output_dir.glob(f"{SUPERSEDED_PREFIX}*.jsonl"))
 
 
 def _find_state(output_dir: Path) -> Path | None:
