@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 from collections.abc import Iterator, Mapping
 from types import CodeType
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,19 @@ def is_saving_step(args: Any, state: Any, step: int) -> bool:
     if getattr(args, "save_strategy", None) != "steps":
         return False
     return (state.save_steps > 0 and step % state.save_steps == 0) or (state.max_steps > 0 and step >= state.max_steps)
+
+
+def load_finished_checkpoint(trainer: Any, checkpoint: str) -> None:
+    """Load a checkpoint's weights and trainer state into ``trainer`` without training.
+
+    `Trainer.train(resume_from_checkpoint=...)` from a checkpoint that already reached ``max_steps`` runs one more
+    optimizer step (the stop is checked only after a step; transformers 5.19-5.24), so a finished run is loaded
+    with Trainer's own `_load_from_checkpoint` (weights, 5.19-5.24) and `TrainerState.load_from_json` instead.
+    """
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
 
 
 def output_dir(args: Any) -> str:

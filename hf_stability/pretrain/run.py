@@ -32,8 +32,9 @@ from transformers import (
     PreTrainedTokenizerBase,
     set_seed,
 )
+from transformers.trainer_utils import TrainOutput
 
-from hf_stability._compat import output_dir
+from hf_stability._compat import load_finished_checkpoint, output_dir
 from hf_stability._logging import get_logger
 from hf_stability.config import StabilityConfig
 from hf_stability.corpus import TokenizerKind, train_tokenizer
@@ -176,7 +177,14 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
     if ignored:
         logger.warning("PRECISION: %s. The model card records what ran.", precision)
     logger.info("Training on %d process(es), world size %d", training_args.world_size, training_args.world_size)
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None and 0 < training_args.max_steps <= _checkpoint_step(checkpoint):
+        logger.warning("%s already reached max_steps=%d: nothing left to train; writing the run's outputs from it.",
+                       checkpoint, training_args.max_steps)
+        load_finished_checkpoint(trainer, checkpoint)
+        train_result = TrainOutput(trainer.state.global_step, float("nan"), {"epoch": trainer.state.epoch or 0.0})
+    else:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", train_result.metrics)
@@ -259,6 +267,12 @@ def resolve_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
     if missing is not None:
         raise ValueError(f"`--resume_from_checkpoint` {value!r}: {missing}.")
     return value
+
+
+def _checkpoint_step(path: str) -> int:
+    """The ``global_step`` of a checkpoint `resolve_checkpoint` already found complete."""
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
+        return int(json.load(handle)["global_step"])
 
 
 def checkpoint_problem(path: str) -> str | None:

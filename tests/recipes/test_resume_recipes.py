@@ -111,3 +111,19 @@ def test_a_second_run_into_the_same_output_dir_is_a_new_run_with_its_own_record(
     card = (output_dir / "README.md").read_text()
     assert "Rollbacks after loss spikes: **0**" in card and "| 3 | rollback |" not in card
     assert aside.name in card
+
+
+def test_resuming_a_checkpoint_that_reached_max_steps_trains_no_further(finished_run, tmp_path):
+    """Trainer alone would run one step past max_steps (a kill right after the last checkpoint, then `latest`)."""
+    output_dir = tmp_path / "run"
+    shutil.copytree(finished_run, output_dir)
+    (output_dir / "trainer_state.json").unlink()  # killed before the final outputs were written
+    result = run_recipe(
+        [sys.executable], "bert", output_dir, *TINY_RUN, *SAVING, "--max_steps", "4", "--resume_from_checkpoint",
+        "latest",
+    )
+    assert "already reached max_steps=4: nothing left to train" in result.stdout + result.stderr
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
+    assert (output_dir / "README.md").is_file()
