@@ -36,7 +36,7 @@ from timing import Stopwatch  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_stability import LossScaleTelemetryCallback, StabilityTrainer  # noqa: E402
-from hf_stability.callbacks.signals import TrainingLossTap  # noqa: E402
+from hf_stability.callbacks.signals import StepSignals  # noqa: E402
 
 WARMUP_STEPS = 20
 READ_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
@@ -95,7 +95,7 @@ class StabilityClock(Stopwatch):
 
     @contextlib.contextmanager
     def watching(self, trainer: Trainer) -> Iterator[StabilityClock]:
-        patched = [(TrainingLossTap, "_hook"), (LossScaleTelemetryCallback, "collect")]
+        patched = [(StepSignals, "add_loss"), (LossScaleTelemetryCallback, "collect")]
         originals = [getattr(owner, name) for owner, name in patched]
         for owner, name in patched:
             setattr(owner, name, self.timed(getattr(owner, name)))

@@ -8,14 +8,14 @@ from typing import Any
 
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import DefaultFlowCallback
 
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
+from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
-from hf_stability.callbacks.signals import PreClipGradNorm, completing_step
+from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
-from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback, find_callback
+from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
 from hf_stability.engines import refuse_unsupported_engine
 
@@ -35,12 +35,7 @@ def stability_option(args: TrainingArguments, name: str) -> Any:
 
 
 def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
-    """The stability callbacks ``args`` asks for, in the order they must run.
-
-    Order matters for ``on_pre_optimizer_step``: skipping decides first, so that adaptive clipping and
-    rollback see a skipped step (gradients ``None``, ``SkipRecord``) and telemetry measures only real
-    updates, after adaptive clipping.
-    """
+    """The stability callbacks ``args`` asks for (they run in ``priority`` order: `hf_stability.callbacks.order`)."""
     callbacks: list[TrainerCallback] = []
     if stability_option(args, "skip_nonfinite"):
         callbacks.append(SkipNonFiniteCallback(max_consecutive_skips=stability_option(args, "max_consecutive_skips")))
@@ -71,30 +66,35 @@ class StabilityTrainer(BatchRampMixin, Trainer):
     works too and gets the `StabilityConfig` defaults for the stability fields (it keeps its own
     ``restore_callback_states_from_checkpoint=False``, so counters then do not survive a resume — a
     warning says so). The stability callbacks go right after `DefaultFlowCallback`, ahead of the
-    reporting and user callbacks; a type the caller already passed in ``callbacks`` is not added again.
+    reporting and user callbacks, in the order of their ``priority`` (`hf_stability.callbacks.order`; it also
+    holds after ``resume_from_checkpoint``, where Trainer re-creates the stateful callbacks and appends them at
+    the end); a type the caller already passed in ``callbacks`` is not added again.
+
+    The callbacks read the step's loss, pre-clip gradient norm and skip decision from one `StepSignals`
+    (``self.step_signals``), which this trainer feeds: the loss Trainer optimises (``training_step``, also with
+    ``label_smoothing_factor`` or ``compute_loss_func``) and Trainer's own gradient norm before clipping.
 
     With ``batch_ramp_start > 0`` the global batch grows step by step (`hf_stability.batch_ramp`).
 
     ``log()`` merges the ``stability/*`` metrics into every training log entry before `Trainer`
     records it, so ``log_history``, W&B and TensorBoard receive them (keys in
-    `LossScaleTelemetryCallback`). On resume, Trainer re-creates the stateful callbacks and appends
-    them at the end of the list; this trainer puts them back in their original order.
+    `LossScaleTelemetryCallback`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._build_batch_ramp()
+        # The model the callbacks receive: their look-ups of the step's signals find this trainer's.
+        self.step_signals = StepSignals.fed_by_trainer(self.callback_handler.model)
+        keep_in_priority_order(self)
         callbacks = self.callback_handler.callbacks
-        flow = find_callback(callbacks, DefaultFlowCallback)
-        position = callbacks.index(flow) + 1 if flow is not None else 0
         for callback in stability_callbacks(self.args):
             if find_callback(callbacks, type(callback)) is None:
-                callbacks.insert(position, callback)
-                position += 1
+                callbacks.append(callback)
                 # Trainer's on_init_end has run already; it records the settings a resume must keep.
                 callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
-        telemetry.bind(self.callback_handler)
+        telemetry.bind(self.callback_handler, merged_by_trainer=True)
         stability_types = (
             SkipNonFiniteCallback,
             AdaptiveClipCallback,
@@ -175,20 +175,21 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             **details,
         )
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """`Trainer.training_step`, whose loss (the one backpropagated, per micro-batch) feeds `step_signals`.
+
+        The model's own output has no loss when Trainer computes it (label smoothing, ``compute_loss_func``).
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_signals.add_loss(completing_step(self.state), loss)
+        return loss
+
     def _get_grad_norm(self, model, grad_norm=None):
-        """Trainer's gradient norm (before clipping), also shared with the callbacks through `PreClipGradNorm`.
+        """Trainer's gradient norm (before clipping), also shared with the callbacks through `step_signals`.
 
         Callbacks run after clipping and could only measure the clipped norm, blind to spikes above the clip.
-        The record is keyed by the model the callbacks receive (the callback handler's).
         """
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if grad_norm is not None:
-            PreClipGradNorm.for_model(self.callback_handler.model).record(completing_step(self.state), grad_norm)
+            self.step_signals.record_grad_norm(completing_step(self.state), grad_norm)
         return grad_norm
-
-    def _load_callback_state(self) -> None:
-        order = {}
-        for index, callback in enumerate(self.callback_handler.callbacks):
-            order.setdefault(type(callback), index)
-        super()._load_callback_state()
-        self.callback_handler.callbacks.sort(key=lambda callback: order.get(type(callback), len(order)))

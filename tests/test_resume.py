@@ -12,7 +12,7 @@ from helpers import PoisonGradient, mlm_dataset, tiny_bert, training_args
 from transformers import Trainer, TrainingArguments
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer, read_events
-from hf_stability.callbacks.telemetry import find_callback
+from hf_stability.callbacks.order import find_callback
 from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*moved.*earlier line:UserWarning")

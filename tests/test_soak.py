@@ -19,7 +19,7 @@ from rollback_faults import NanWeights, ThrowWeights
 from transformers import Trainer, TrainerCallback
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer, read_events
-from hf_stability.callbacks.telemetry import find_callback
+from hf_stability.callbacks.order import find_callback
 
 STEPS = 2000
 THROWN = (700, 1400)  # loss spikes: rolled back

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
-from hf_stability.callbacks.signals import PreClipGradNorm, SkipRecord, completing_step, global_grad_norm, gradients
+from hf_stability.callbacks.signals import StepSignals, completing_step, global_grad_norm, gradients
 from hf_stability.engines import refuse_for_callback
 
 PREFIX = "stability/"
@@ -72,6 +72,8 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
         ```
     """
 
+    priority = 300  # after the skip decision, before rollback and telemetry (hf_stability.callbacks.order)
+
     def __init__(self, z: float = 2.5, alpha: float = 0.97, warmup: int = 25) -> None:
         validate_adaptive_clip(z, alpha, warmup)
         self.z, self.alpha, self.warmup = float(z), float(alpha), warmup
@@ -114,7 +116,8 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = completing_step(state)
         grads = gradients(model.parameters())
-        skipped = SkipRecord.for_model(model).skip_flag(step)
+        signals = StepSignals.for_model(model)
+        skipped = signals.skip_flag(step)
         if not grads or skipped is True:
             return  # a skip decided on the host: nothing to clip, nothing to learn from
         norm = global_grad_norm(grads)  # what the optimizer is about to apply (after max_grad_norm)
@@ -123,7 +126,7 @@ class AdaptiveClipCallback(TrainerCallback, ExportableState):
             host = [self.mean, self.var, float(self.healthy_steps), float(self.clipped_steps)]
             self._stats = torch.tensor(host, dtype=torch.float32, device=device)
         mean, var, healthy_steps, clipped_steps = self._stats.unbind()
-        pre_clip = PreClipGradNorm.for_model(model).read(step)
+        pre_clip = signals.grad_norm(step)
         if pre_clip is None:
             self._warn_clipped_norm(args)
         raw = norm if pre_clip is None else pre_clip.detach().float().reshape(()).to(device)

@@ -17,21 +17,17 @@ run starts from (`StabilityEventLog.start_run`).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from hf_stability.callbacks.signals import _OnePerModel
 from hf_stability.events import StabilityEventLog
 
-
-class _RunSettings(_OnePerModel):
-    """The settings each callback type was given for the run training this model."""
-
-    def __init__(self) -> None:
-        self.by_type: dict[type, dict[str, Any]] = {}
+# The settings each callback type was given for the run training a model (held weakly, dropped with the model).
+_RUN_SETTINGS: weakref.WeakKeyDictionary[torch.nn.Module, dict[type, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
 class ResumableCallback(TrainerCallback, ExportableState):
@@ -47,11 +43,11 @@ class ResumableCallback(TrainerCallback, ExportableState):
 
     def on_init_end(self, args, state, control, model: torch.nn.Module | None = None, **kwargs):
         if model is not None:
-            _RunSettings.for_model(model).by_type[type(self)] = dict(self.state()["args"])
+            _RUN_SETTINGS.setdefault(model, {})[type(self)] = dict(self.state()["args"])
 
     def begin_run(self, args, state, model: torch.nn.Module | None) -> None:
         """Take this run's settings back after a restore, register for checkpoints, align the events file."""
-        given = None if model is None else _RunSettings.for_model(model).by_type.get(type(self))
+        given = None if model is None else _RUN_SETTINGS.get(model, {}).get(type(self))
         if given is not None and given != self.state()["args"]:
             self.apply_settings(given)
         if isinstance(state.stateful_callbacks, dict):

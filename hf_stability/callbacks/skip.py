@@ -29,8 +29,7 @@ import torch.distributed as dist
 
 from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
-    SkipRecord,
-    TrainingLossTap,
+    StepSignals,
     active_grad_scaler,
     completing_step,
     distributed,
@@ -90,10 +89,10 @@ def weights_nonfinite(model: torch.nn.Module, step: int) -> bool:
     """Whether any rank's weights are non-finite at the end of ``step``: one all-reduce and one host read.
 
     Run before a checkpoint is written (rarely enough to afford the read). The verdict is kept in
-    `SkipRecord`, so a second callback asking about the same step gets it without another read; a verdict
+    `StepSignals`, so a second callback asking about the same step gets it without another read; a verdict
     already set for ``step`` by the per-step flags is reused as is.
     """
-    record = SkipRecord.for_model(model)
+    record = StepSignals.for_model(model)
     if record.weights_verdict is None or record.weights_verdict[0] != step:
         bad = reduce_across_ranks(parameters_nonfinite(model).float(), "max").item() > 0
         record.weights_verdict = (step, bad)
@@ -124,7 +123,7 @@ class SkipNonFiniteCallback(ResumableCallback):
     """Skip the optimizer update of any step with a NaN/Inf gradient on any rank; report NaN losses and weights.
 
     On a skip, every gradient is set to ``None``, the decision is written to
-    :class:`~hf_stability.callbacks.signals.SkipRecord` (``SkipRecord.for_model(model).skipped(step)``),
+    :class:`~hf_stability.callbacks.signals.StepSignals` (``StepSignals.for_model(model).skipped(step)``),
     the counters below move once, and the main process appends a ``"skip"`` event to
     ``<output_dir>/stability_events.jsonl``. ``global_step`` still counts the batch and training goes on.
     After ``max_consecutive_skips`` skips in a row the run stops with a checkpoint (event ``"stop"``).
@@ -147,7 +146,7 @@ class SkipNonFiniteCallback(ResumableCallback):
     and last steps, every ``max_consecutive_skips`` steps, epoch and train end): events, counters and the stop of
     a queued overflow step come at most ``max_consecutive_skips - 1`` steps late, and its gradients are
     left in place (the scaler ignores them). On a flush step the current step is decided on the host as
-    in fp32. `SkipRecord` then holds a device flag for the step (``SkipRecord.skip_flag``).
+    in fp32. `StepSignals` then holds a device flag for the step (``StepSignals.skip_flag``).
 
     LR scheduler: Trainer steps it on skipped steps too (it only checks accelerate's flag, which the
     fused optimizer never sets), so the schedule follows ``global_step``, not the number of updates.
@@ -170,13 +169,14 @@ class SkipNonFiniteCallback(ResumableCallback):
         ```
     """
 
+    priority = 400  # runs first: the others see the decision (hf_stability.callbacks.order)
+
     def __init__(self, max_consecutive_skips: int = 50) -> None:
         self.max_consecutive_skips = checked_number("max_consecutive_skips", max_consecutive_skips, int, minimum=1)
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.nonfinite_loss_steps = 0
         self.nonfinite_parameter_steps = 0
-        self._tap: TrainingLossTap | None = None
         self._filter_warned = False
         self._queue: list[_QueuedStep] = []
         self._weights_stop = False  # stopped for non-finite weights: no checkpoint may be written
@@ -199,7 +199,7 @@ class SkipNonFiniteCallback(ResumableCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_for_callback(self, args)
         self.begin_run(args, state, model)
-        self._tap = TrainingLossTap.for_model(model)
+        StepSignals.for_model(model).open(state)
         self._queue = []
         self._weights_stop = False
 
@@ -227,7 +227,8 @@ class SkipNonFiniteCallback(ResumableCallback):
         else:
             grads_bad = ~torch.isfinite(grad_norm)
         device = grads_bad.device
-        loss = self._tap.read() if self._tap is not None else None
+        record = StepSignals.for_model(model)
+        loss = record.loss(step)
         no_flag = torch.zeros((), dtype=torch.bool, device=device)
         loss_bad = ~torch.isfinite(loss).to(device) if loss is not None else no_flag
         # The weights this step's forward used: after an update that blew them up, every later loss and gradient
@@ -252,7 +253,6 @@ class SkipNonFiniteCallback(ResumableCallback):
                 scaler is not None,
             )
         )
-        record = SkipRecord.for_model(model)
         if scaler is not None and not self._flush_due(args, state, step):
             # The scaler skips an overflowed update on its own: nothing needs the flags on the host yet.
             # Non-finite weights are no overflow to leave out: the rollback must see their loss.
@@ -274,7 +274,7 @@ class SkipNonFiniteCallback(ResumableCallback):
             or len(self._queue) >= self.max_consecutive_skips
         )
 
-    def _flush(self, args, state, control, now: int, record: SkipRecord) -> str | None:
+    def _flush(self, args, state, control, now: int, record: StepSignals) -> str | None:
         """Read the queued steps at once, count and report them; the skip reason of the last one (or None).
 
         ``now`` is the step training is at (a stop happens there). A step whose weights were already
@@ -409,7 +409,7 @@ class SkipNonFiniteCallback(ResumableCallback):
             return
         if not control.should_save or not weights_nonfinite(model, state.global_step):
             return
-        record = SkipRecord.for_model(model)
+        record = StepSignals.for_model(model)
         self._report_parameters(args, state, state.global_step, None, None, record.recovery)
         if not record.recovery:
             self._stop_for_weights(args, state, control, state.global_step, state.global_step)
@@ -419,16 +419,17 @@ class SkipNonFiniteCallback(ResumableCallback):
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         """Flush queued fp16 steps: ``save_strategy="best"`` may save right after an evaluation."""
-        self._flush(args, state, control, state.global_step, SkipRecord.for_model(model))
+        self._flush(args, state, control, state.global_step, StepSignals.for_model(model))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         """Flush queued fp16 steps, so an epoch-end checkpoint exports current counters (one read per epoch)."""
-        self._flush(args, state, control, state.global_step, SkipRecord.for_model(model))
+        self._flush(args, state, control, state.global_step, StepSignals.for_model(model))
         self._guard_checkpoint(args, state, control, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         """Flush queued fp16 steps, then report weights the last update left non-finite."""
-        record = SkipRecord.for_model(model)
+        record = StepSignals.for_model(model)
         self._flush(args, state, control, state.global_step, record)
         if not self._weights_stop and weights_nonfinite(model, state.global_step):
             self._report_parameters(args, state, state.global_step, None, None, None)
+        record.close()

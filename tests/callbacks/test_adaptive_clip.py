@@ -17,8 +17,8 @@ from helpers import PoisonGradient, emulate_fp16_scaler, mlm_dataset, tiny_bert,
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability import AdaptiveClipCallback, StabilityConfig, StabilityTrainer
+from hf_stability.callbacks.order import find_callback
 from hf_stability.callbacks.signals import completing_step, global_grad_norm, gradients
-from hf_stability.callbacks.telemetry import find_callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from trainer_overhead import counting_host_reads  # noqa: E402

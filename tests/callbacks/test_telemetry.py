@@ -20,7 +20,7 @@ from helpers import (
 from transformers import Trainer, TrainerCallback
 
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
-from hf_stability.callbacks.telemetry import find_callback
+from hf_stability.callbacks.order import find_callback
 
 STABILITY_KEYS = ("stability/skipped_steps", "stability/rollbacks", "stability/loss_scale")
 

@@ -18,7 +18,7 @@ from helpers import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noq
 from rollback_faults import NanWeights  # noqa: E402
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer  # noqa: E402
-from hf_stability.callbacks.telemetry import find_callback  # noqa: E402
+from hf_stability.callbacks.order import find_callback  # noqa: E402
 
 
 def main(output_dir: str) -> None:

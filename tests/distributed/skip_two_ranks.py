@@ -25,7 +25,7 @@ from helpers import (  # noqa: E402
 )
 
 from hf_stability import SkipNonFiniteCallback, StabilityTrainer  # noqa: E402
-from hf_stability.callbacks.telemetry import find_callback  # noqa: E402
+from hf_stability.callbacks.order import find_callback  # noqa: E402
 
 POISONED = 2
 
