@@ -2,8 +2,8 @@
 
 How a step flows through the callback:
 
-1. ``on_pre_optimizer_step`` / ``on_optimizer_step``: the step's metric (the training loss from the
-   model's forward output, or the global grad norm) is appended to a buffer **on device** — no host
+1. ``on_pre_optimizer_step`` / ``on_optimizer_step``: the step's metric (the training loss from
+   `StepSignals`, or the global grad norm) is appended to a buffer **on device** — no host
    sync. Steps that `SkipNonFiniteCallback` skipped are never judged: a host decision leaves the value
    out at once; an fp16 decision still on device (`StepSignals.skip_flag`) is buffered next to the value
    and read with it, as are fp16 overflows seen by the grad-norm metric without the skip callback.
