@@ -60,7 +60,7 @@ class _PriorityOrder(list):
         self.arrange()
 
     def arrange(self) -> None:
-        ranked = sorted((c for c in self if priority(c) is not None), key=lambda c: -priority(c))  # stable
+        ranked = sorted((c for c in self if priority(c) is not None), key=lambda c: -(priority(c) or 0))  # stable
         rest = [c for c in self if priority(c) is None]
         flow = next((index + 1 for index, c in enumerate(rest) if isinstance(c, DefaultFlowCallback)), 0)
         super().__setitem__(slice(None), rest[:flow] + ranked + rest[flow:])

@@ -103,7 +103,7 @@ class StepSignals:
     def add_loss(self, step: int, value: torch.Tensor) -> None:
         """Add one micro-batch's loss (detached, on device) to ``step``'s."""
         value = value.detach().float().mean()
-        if self._loss_step != step:
+        if self._loss_step != step or self._loss_sum is None:
             self._loss_step, self._loss_sum, self._loss_count, self._missing_loss = step, value, 1, False
         else:
             self._loss_sum, self._loss_count = self._loss_sum + value, self._loss_count + 1
