@@ -34,7 +34,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from benchmarks.timing import Stopwatch  # noqa: E402
 from hf_stability import LossScaleTelemetryCallback, StabilityTrainer  # noqa: E402
-from hf_stability.callbacks.signals import TrainingLossTap  # noqa: E402
+from hf_stability.callbacks.signals import StepSignals  # noqa: E402
 from tests.testing_utils import (  # noqa: E402
     bert_tokenizer,
     counting_host_reads,
@@ -76,7 +76,7 @@ class StabilityClock(Stopwatch):
 
     @contextlib.contextmanager
     def watching(self, trainer: Trainer) -> Iterator[StabilityClock]:
-        patched = [(TrainingLossTap, "_hook"), (LossScaleTelemetryCallback, "collect")]
+        patched = [(StepSignals, "add_loss"), (LossScaleTelemetryCallback, "collect")]
         originals = [getattr(owner, name) for owner, name in patched]
         for owner, name in patched:
             setattr(owner, name, self.timed(getattr(owner, name)))

@@ -53,15 +53,11 @@ TRAINER_HOOKS: Mapping[str, str] = {
     # `_clip_grad_norm` returned the norm *before* clipping and before `on_pre_optimizer_step`: the override shares
     # that pre-clip norm with the callbacks, which run after clipping and could only see the clipped norm.
     "_get_grad_norm": "overridden to share the pre-clip gradient norm with the callbacks",
-    # `_init_training_state` calls it on `resume_from_checkpoint`; it replaces each stored `ExportableState`
-    # callback by `type(cb)(**stored["args"])` plus the stored attributes and appends it at the end of the list
-    # (`callbacks/resume.py` relies on the same re-creation).
-    "_load_callback_state": "overridden to keep the callbacks in order after a resume",
     # `_run_epoch` fetches `gradient_accumulation_steps` items per step through it (the batch ramp's placeholders).
     "get_batch_samples": "overridden to feed the batch ramp's micro-batches",
     # `_run_epoch` calls it per micro-batch, after setting `current_gradient_accumulation_steps = len(batch_samples)`
-    # (the loss divisor when the loss is not normalised by `num_items_in_batch`).
-    "training_step": "overridden to skip the batch ramp's placeholders",
+    # (the loss divisor when the loss is not normalised by `num_items_in_batch`); its return is the loss backpropagated.
+    "training_step": "overridden to share the step's loss with the callbacks and skip the batch ramp's placeholders",
 }
 # Private helpers called as Trainer calls them (5.19-5.24: same signatures), by `BatchRampMixin.get_train_dataloader`.
 TRAINER_HELPERS = ("_remove_unused_columns", "_get_collator_with_removed_columns", "_get_num_items_in_batch")

@@ -7,16 +7,16 @@ from typing import Any
 
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import DefaultFlowCallback
 
 from hf_stability._compat import check_trainer_hooks
 from hf_stability._logging import get_logger
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
+from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
-from hf_stability.callbacks.signals import PreClipGradNorm, completing_step
+from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
-from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback, find_callback
+from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
 from hf_stability.engines import refuse_unsupported_engine
 
@@ -36,12 +36,10 @@ def stability_option(args: TrainingArguments, name: str) -> Any:
 
 
 def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
-    """The stability callbacks ``args`` asks for, in the order they must run.
+    """The stability callbacks ``args`` asks for (they run in ``priority`` order: `hf_stability.callbacks.order`).
 
     Each callback reads its own settings from ``args`` (`hf_stability.settings`), so only the on/off
-    switches are looked at here. Order matters for ``on_pre_optimizer_step``: skipping decides first, so
-    that adaptive clipping and rollback see a skipped step (gradients ``None``, ``SkipRecord``) and
-    telemetry measures only real updates, after adaptive clipping.
+    switches are looked at here.
     """
     switches = [
         ("skip_nonfinite", SkipNonFiniteCallback),
@@ -66,14 +64,19 @@ class StabilityTrainer(BatchRampMixin, Trainer):
     works too and gets the `StabilityConfig` defaults for the stability fields (it keeps its own
     ``restore_callback_states_from_checkpoint=False``, so counters then do not survive a resume — a
     warning says so). The stability callbacks go right after `DefaultFlowCallback`, ahead of the
-    reporting and user callbacks; a type the caller already passed in ``callbacks`` is not added again.
+    reporting and user callbacks, in the order of their ``priority`` (`hf_stability.callbacks.order`; it also
+    holds after ``resume_from_checkpoint``, where Trainer re-creates the stateful callbacks and appends them at
+    the end); a type the caller already passed in ``callbacks`` is not added again.
+
+    The callbacks read the step's loss, pre-clip gradient norm and skip decision from one `StepSignals`
+    (``self.step_signals``), which this trainer feeds: the loss Trainer optimises (``training_step``, also with
+    ``label_smoothing_factor`` or ``compute_loss_func``) and Trainer's own gradient norm before clipping.
 
     With ``batch_ramp_start > 0`` the global batch grows step by step (`hf_stability.batch_ramp`).
 
     ``log()`` merges the ``stability/*`` metrics into every training log entry before `Trainer`
     records it, so ``log_history``, W&B and TensorBoard receive them (keys in
-    `LossScaleTelemetryCallback`). On resume, Trainer re-creates the stateful callbacks and appends
-    them at the end of the list; this trainer puts them back in their original order.
+    `LossScaleTelemetryCallback`).
 
     Construction raises `hf_stability._compat.UpstreamChangedError` (naming the supported transformers range)
     when a `Trainer` hook it overrides is gone or no longer called by Trainer's training loop.
@@ -83,18 +86,18 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         check_trainer_hooks(_upstream_trainer(type(self)))
         super().__init__(*args, **kwargs)
         self._build_batch_ramp()
+        # The model the callbacks receive: their look-ups of the step's signals find this trainer's.
+        self.step_signals = StepSignals.fed_by_trainer(self.callback_handler.model)
+        keep_in_priority_order(self)
         callbacks = self.callback_handler.callbacks
-        flow = find_callback(callbacks, DefaultFlowCallback)
-        position = callbacks.index(flow) + 1 if flow is not None else 0
         for callback in stability_callbacks(self.args):
             if find_callback(callbacks, type(callback)) is None:
-                callbacks.insert(position, callback)
-                position += 1
+                callbacks.append(callback)
                 # Trainer's on_init_end has run already; it records the settings a resume must keep.
                 callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
         if telemetry is not None:  # always: stability_callbacks adds one unless the caller passed it
-            telemetry.bind(self.callback_handler)
+            telemetry.bind(self.callback_handler, merged_by_trainer=True)
         stability_types = (
             SkipNonFiniteCallback,
             AdaptiveClipCallback,
@@ -115,8 +118,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
 
     def train(self, *args: Any, **kwargs: Any):
         """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first."""
-        pre_clip = PreClipGradNorm.for_model(self.callback_handler.model)
-        pre_clip.shared = True  # a missing pre-clip norm is now a broken seam, not a plain Trainer
+        self.step_signals.trainer_fed = True  # a missing pre-clip norm is now a broken seam, not a plain Trainer
         try:
             return super().train(*args, **kwargs)
         except BaseException:
@@ -125,7 +127,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 rollback.on_train_end(self.args, self.state, self.control)  # clears its snapshot store
             raise
         finally:
-            pre_clip.shared = False
+            self.step_signals.trainer_fed = False
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step entry (evaluation and the final summary have other keys)
@@ -179,21 +181,22 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             **details,
         )
 
-    # The two private Trainer hooks overridden here are checked at construction (`_compat.TRAINER_HOOKS`).
+    # The private Trainer hooks overridden here are checked at construction (`_compat.TRAINER_HOOKS`).
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """`Trainer.training_step`, whose loss (the one backpropagated, per micro-batch) feeds `step_signals`.
+
+        The model's own output has no loss when Trainer computes it (label smoothing, ``compute_loss_func``).
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_signals.add_loss(completing_step(self.state), loss)
+        return loss
+
     def _get_grad_norm(self, model, grad_norm=None):
-        """Trainer's gradient norm (before clipping), also shared with the callbacks through `PreClipGradNorm`.
+        """Trainer's gradient norm (before clipping), also shared with the callbacks through `step_signals`.
 
         Callbacks run after clipping and could only measure the clipped norm, blind to spikes above the clip.
-        The record is keyed by the model the callbacks receive (the callback handler's).
         """
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if grad_norm is not None:
-            PreClipGradNorm.for_model(self.callback_handler.model).record(completing_step(self.state), grad_norm)
+            self.step_signals.record_grad_norm(completing_step(self.state), grad_norm)
         return grad_norm
-
-    def _load_callback_state(self) -> None:
-        order: dict[type, int] = {}
-        for index, callback in enumerate(self.callback_handler.callbacks):
-            order.setdefault(type(callback), index)
-        super()._load_callback_state()
-        self.callback_handler.callbacks.sort(key=lambda callback: order.get(type(callback), len(order)))

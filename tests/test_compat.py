@@ -38,10 +38,10 @@ class UpstreamWithoutGradNormCall(Trainer):
         raise NotImplementedError("never reached: construction must refuse first")
 
 
-class UpstreamWithoutCallbackStateHook(Trainer):
-    """A future Trainer that dropped `_load_callback_state` (resume would stop going through the override)."""
+class UpstreamWithoutTrainingStep(Trainer):
+    """A future Trainer that dropped `training_step` (the callbacks would lose the loss Trainer optimises)."""
 
-    _load_callback_state = None
+    training_step = None
 
 
 class NoPreClipNorm(StabilityTrainer):
@@ -58,7 +58,7 @@ SUPPORTED = re.escape(f"supports transformers {TRANSFORMERS_VERIFIED[0]} to {TRA
     ("upstream", "problem"),
     [
         (UpstreamWithoutGradNormCall, "no longer calls `_get_grad_norm`"),
-        (UpstreamWithoutCallbackStateHook, "`UpstreamWithoutCallbackStateHook._load_callback_state` is gone"),
+        (UpstreamWithoutTrainingStep, "`UpstreamWithoutTrainingStep.training_step` is gone"),
     ],
 )
 def test_construction_refuses_a_trainer_whose_hooks_changed(upstream, problem, tmp_path, bert_tokenizer, dataset):

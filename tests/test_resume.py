@@ -11,7 +11,7 @@ import pytest
 from transformers import Trainer, TrainingArguments
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer, read_events
-from hf_stability.callbacks.telemetry import find_callback
+from hf_stability.callbacks.order import find_callback
 from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX
 from tests.testing_utils import PoisonGradient, mlm_dataset, tiny_bert, training_args
 

@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer, read_events
-from hf_stability.callbacks.telemetry import find_callback
+from hf_stability.callbacks.order import find_callback
 from tests.rollback_faults import NanWeights, ThrowWeights
 from tests.testing_utils import PoisonActivations, mlm_dataset, tiny_bert, training_args
 

@@ -8,7 +8,7 @@ import pytest
 from transformers import Trainer, TrainingArguments
 
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, StabilityConfig, StabilityTrainer
-from hf_stability.callbacks.telemetry import find_callback
+from hf_stability.callbacks.order import find_callback
 from hf_stability.trainer import stability_callbacks, stability_option
 from tests.testing_utils import PoisonGradient, mlm_dataset, tiny_bert, training_args
 

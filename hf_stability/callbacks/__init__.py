@@ -4,6 +4,9 @@
 - `SpikeRollbackCallback` (``rollback.py``): on a loss/grad-norm spike, restore a healthy in-memory snapshot.
 - `AdaptiveClipCallback` (``adaptive_clip.py``): clip gradient norms above mean + z·σ of their EMA (ZClip).
 - `LossScaleTelemetryCallback` (``telemetry.py``): loss scale, skip/rollback counts, fp16 pressure via `Trainer.log`.
+
+They share the step's loss, pre-clip gradient norm and skip decision through `StepSignals` (``signals.py``) and
+run in the order of their ``priority`` (``order.py``: `keep_in_priority_order`, `find_callback`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 from hf_stability._compat import foreach_mul_
 from hf_stability._logging import get_logger
 from hf_stability.callbacks.resume import ResumableCallback
-from hf_stability.callbacks.signals import PreClipGradNorm, SkipRecord, completing_step, global_grad_norm, gradients
+from hf_stability.callbacks.signals import StepSignals, completing_step, global_grad_norm, gradients
 from hf_stability.engines import refuse_for_callback
 from hf_stability.settings import AdaptiveClipSettings
 
@@ -69,6 +69,7 @@ class AdaptiveClipCallback(ResumableCallback):
 
     settings_class = AdaptiveClipSettings
     settings: AdaptiveClipSettings
+    priority = 300  # after the skip decision, before rollback and telemetry (hf_stability.callbacks.order)
 
     def __init__(self, z: float | None = None, alpha: float | None = None, warmup: int | None = None) -> None:
         super().__init__(z=z, alpha=alpha, warmup=warmup)
@@ -121,7 +122,8 @@ class AdaptiveClipCallback(ResumableCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = completing_step(state)
         grads = gradients(model.parameters())
-        skipped = SkipRecord.for_model(model).skip_flag(step)
+        signals = StepSignals.for_model(model)
+        skipped = signals.skip_flag(step)
         if not grads or skipped is True:
             return  # a skip decided on the host: nothing to clip, nothing to learn from
         norm = global_grad_norm(grads)  # what the optimizer is about to apply (after max_grad_norm)
@@ -130,7 +132,7 @@ class AdaptiveClipCallback(ResumableCallback):
             host = [self.mean, self.var, float(self.healthy_steps), float(self.clipped_steps)]
             self._stats = torch.tensor(host, dtype=torch.float32, device=device)
         mean, var, healthy_steps, clipped_steps = self._stats.unbind()
-        pre_clip = PreClipGradNorm.for_model(model).read(step)
+        pre_clip = signals.grad_norm(step)
         if pre_clip is None:
             self._warn_clipped_norm(args)
         raw = norm if pre_clip is None else pre_clip.detach().float().reshape(()).to(device)

@@ -24,6 +24,7 @@ run starts from (`StabilityEventLog.start_run`).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import fields
 from typing import Any, ClassVar
 
@@ -32,16 +33,11 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_stability._compat import register_stateful_callback
-from hf_stability.callbacks.signals import _OnePerModel
 from hf_stability.events import StabilityEventLog
 from hf_stability.settings import ComponentSettings
 
-
-class _RunSettings(_OnePerModel):
-    """The settings each callback type was given for the run training this model."""
-
-    def __init__(self) -> None:
-        self.by_type: dict[type, dict[str, Any]] = {}
+# The settings each callback type was given for the run training a model (held weakly, dropped with the model).
+_RUN_SETTINGS: weakref.WeakKeyDictionary[torch.nn.Module, dict[type, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
 class ConfiguredCallback(TrainerCallback):
@@ -83,11 +79,11 @@ class ResumableCallback(ConfiguredCallback, ExportableState):
     def on_init_end(self, args, state, control, model: torch.nn.Module | None = None, **kwargs):
         super().on_init_end(args, state, control, **kwargs)
         if model is not None:
-            _RunSettings.for_model(model).by_type[type(self)] = dict(self._given)
+            _RUN_SETTINGS.setdefault(model, {})[type(self)] = dict(self._given)
 
     def begin_run(self, args, state, model: torch.nn.Module | None) -> None:
         """Take this run's settings back after a restore, register for checkpoints, align the events file."""
-        given = None if model is None else _RunSettings.for_model(model).by_type.get(type(self))
+        given = None if model is None else _RUN_SETTINGS.get(model, {}).get(type(self))
         if given is not None:
             self._given = dict(given)
         self.configure(args)

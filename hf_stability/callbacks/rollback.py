@@ -2,10 +2,10 @@
 
 How a step flows through the callback:
 
-1. ``on_pre_optimizer_step`` / ``on_optimizer_step``: the step's metric (the training loss from the
-   model's forward output, or the global grad norm) is appended to a buffer **on device** — no host
+1. ``on_pre_optimizer_step`` / ``on_optimizer_step``: the step's metric (the training loss from
+   `StepSignals`, or the global grad norm) is appended to a buffer **on device** — no host
    sync. Steps that `SkipNonFiniteCallback` skipped are never judged: a host decision leaves the value
-   out at once; an fp16 decision still on device (`SkipRecord.skip_flag`) is buffered next to the value
+   out at once; an fp16 decision still on device (`StepSignals.skip_flag`) is buffered next to the value
    and read with it, as are fp16 overflows seen by the grad-norm metric without the skip callback.
 2. ``on_step_end``, on *check steps* only — every `check_interval` (10) steps, every logging step (Trainer
    synchronises there anyway), every snapshot and checkpoint step, the step after a checkpoint (its loss
@@ -57,9 +57,7 @@ from hf_stability._compat import scale_scheduler_last_lr, unwrap_optimizer, unwr
 from hf_stability._logging import get_logger
 from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
-    PreClipGradNorm,
-    SkipRecord,
-    TrainingLossTap,
+    StepSignals,
     active_grad_scaler,
     completing_step,
     global_grad_norm,
@@ -112,6 +110,7 @@ class SpikeRollbackCallback(ResumableCallback):
 
     settings_class = RollbackSettings
     settings: RollbackSettings
+    priority = 200  # after skipping and adaptive clipping, before telemetry (hf_stability.callbacks.order)
 
     def __init__(
         self,
@@ -182,14 +181,13 @@ class SpikeRollbackCallback(ResumableCallback):
         self._resumed_from = state.global_step if state.global_step > 0 else None
         self._first_resumed_step = None
         self._unjudged_checkpoint = None
-        TrainingLossTap.for_model(model)  # the loss metric, and for grad_norm whether an fp16 overflow had a loss
-        SkipRecord.for_model(model).recovery = True
+        StepSignals.for_model(model).open(state).recovery = True
         # The starting state cannot hold a bad update made in this run, so it is a rollback target at once.
         self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.settings.metric == SpikeMetric.GRAD_NORM:
-            norm = PreClipGradNorm.for_model(model).read(completing_step(state))
+            norm = StepSignals.for_model(model).grad_norm(completing_step(state))
             if norm is None:
                 norm = global_grad_norm(gradients(model.parameters()))
                 self._warn_clipped_norm(args)
@@ -197,7 +195,7 @@ class SpikeRollbackCallback(ResumableCallback):
                 # An fp16 overflow is the grad scaler's business (it skips the update and lowers the scale),
                 # not a spike: flag it on device, to be dropped when the buffer is read. A non-finite loss
                 # too means non-finite weights (or a NaN batch): a spike, as in fp32.
-                loss = TrainingLossTap.for_model(model).read()
+                loss = StepSignals.for_model(model).loss(completing_step(state))
                 self._overflow = ~torch.isfinite(norm)
                 if loss is not None:
                     self._overflow &= torch.isfinite(loss).to(self._overflow.device)
@@ -215,11 +213,11 @@ class SpikeRollbackCallback(ResumableCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = completing_step(state)
-        skipped = SkipRecord.for_model(model).skip_flag(step)
+        skipped = StepSignals.for_model(model).skip_flag(step)
         if skipped is True:
             value = None
         elif self.settings.metric == SpikeMetric.LOSS:
-            value = TrainingLossTap.for_model(model).read()
+            value = StepSignals.for_model(model).loss(step)
         else:
             value = self._grad_norm
         left_out = None  # device flags, read with the value at the next check
@@ -270,12 +268,14 @@ class SpikeRollbackCallback(ResumableCallback):
         if self._store is not None:
             self._store.clear()
         if model is not None:
-            SkipRecord.for_model(model).recovery = False
+            signals = StepSignals.for_model(model)
+            signals.recovery = False
+            signals.close()
 
     @staticmethod
     def _weights_bad(control: TrainerControl, model, step: int) -> bool:
         """Non-finite weights at the end of ``step``: as the skip flags found them, or read before a checkpoint."""
-        if SkipRecord.for_model(model).weights_verdict == (step, True):
+        if StepSignals.for_model(model).weights_verdict == (step, True):
             return True
         return control.should_save and weights_nonfinite(model, step)
 

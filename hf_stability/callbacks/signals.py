@@ -1,16 +1,15 @@
 """Per-step signals the stability callbacks share, read without host synchronisation.
 
-A `TrainerCallback` sees the model and optimizer but not the step's loss or grad norm, so these
-helpers recover both on device: the loss from the model's own forward output, the norm with one
-fused ``torch._foreach_norm``. Decisions that must agree across ranks go through
-:func:`reduce_across_ranks`, one small all-reduce.
+A `TrainerCallback` sees the model and optimizer but not the step's loss or grad norm: `StepSignals`
+carries both (and the skip decision) from the trainer, or from a forward hook, to the callbacks, on device.
+The norm of the gradients as the callbacks see them takes one fused ``torch._foreach_norm``. Decisions that
+must agree across ranks go through :func:`reduce_across_ranks`, one small all-reduce.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,76 +17,177 @@ from transformers import TrainerState
 
 from hf_stability._compat import SUPPORTED, UpstreamChangedError, foreach_norm, grad_scaler
 from hf_stability._compat import is_logging_step as is_logging_step  # re-exported: its former home
+from hf_stability._logging import get_logger
 
-_Shared = TypeVar("_Shared", bound="_OnePerModel")
-
-
-class _OnePerModel:
-    """Base of the per-model objects the callbacks share: created on first use, dropped with the model."""
-
-    _instances: ClassVar[weakref.WeakKeyDictionary]
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._instances = weakref.WeakKeyDictionary()
-
-    @classmethod
-    def for_model(cls: type[_Shared], model: torch.nn.Module) -> _Shared:
-        """The instance for ``model``, so that every callback reads and writes the same one."""
-        instance = cls._instances.get(model)
-        if instance is None:
-            instance = cls._instances[model] = cls._create(model)
-        return instance
-
-    @classmethod
-    def _create(cls: type[_Shared], model: torch.nn.Module) -> _Shared:
-        return cls()
+logger = get_logger(__name__)
 
 
-class TrainingLossTap(_OnePerModel):
-    """Collects the training loss of the current optimizer step from the model's forward output.
+class StepSignals:
+    """What the stability callbacks share about the optimizer step being taken: one object per model and run.
 
-    A forward hook adds ``output.loss`` (detached, on device) for every training-mode forward; the
-    mean over the step's micro-batches is available from :meth:`read` until the next forward starts
-    a new step. Evaluation forwards (``model.training`` is False) are ignored. Models called without
-    ``labels`` return no loss, in which case :meth:`read` returns ``None``.
+    Holds the step's training loss, Trainer's pre-clip gradient norm, the skip decision and the verdict on the
+    weights, each keyed by the step it belongs to (``completing_step(state)`` until the update, then
+    ``state.global_step``), so that a value of another step is never mistaken for this one's.
 
-    Use :meth:`for_model` so that every callback shares one tap (and one hook) per model.
+    Who feeds it:
+
+    - `StabilityTrainer` registers one object for its model (:meth:`fed_by_trainer`) and feeds it the loss
+      Trainer optimises (``training_step``: also with ``label_smoothing_factor`` or ``compute_loss_func``, where
+      the model itself returns no loss) and Trainer's pre-clip gradient norm. The step's loss is the sum of
+      ``training_step``'s returns over its micro-batches, the value Trainer logs for the step. While that
+      trainer trains (:attr:`trainer_fed`), a missing pre-clip norm means Trainer stopped calling the hook:
+      :meth:`grad_norm` raises instead of returning ``None``.
+    - Under a plain `Trainer` the first :meth:`for_model` creates one fed by a forward hook on the model: the
+      mean of the model's own ``output.loss`` over the step's training-mode forwards. Trainer's pre-clip norm is
+      out of reach there (:meth:`grad_norm` returns ``None``); a loss the model does not return is reported by
+      a one-time warning when a callback asks for it.
+    - `SkipNonFiniteCallback` writes the skip decision (:meth:`mark`, :meth:`mark_pending`) and the verdict on
+      the weights; `SpikeRollbackCallback` sets :attr:`recovery` while it can restore non-finite weights.
+
+    Lifecycle: the stability callbacks call :meth:`open` in ``on_train_begin`` (the first call of a run resets
+    the values and installs the hook) and :meth:`close` in ``on_train_end`` (removes the hook). The registry
+    behind :meth:`for_model` is the package's only per-model lookup; it holds models weakly.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self._sum: torch.Tensor | None = None
-        self._count = 0
-        self._closed = False
-        self._last: torch.Tensor | None = None
-        self._handle = model.register_forward_hook(self._hook)
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
+        self._model = None if model is None else weakref.ref(model)  # a strong reference would keep its entry alive
+        self.trainer_fed = False  # True while StabilityTrainer trains with this object (it then feeds every step)
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._state: TrainerState | None = None
+        self._missing_loss_warned = False
+        self.reset()
 
     @classmethod
-    def _create(cls, model: torch.nn.Module) -> TrainingLossTap:
-        return cls(model)
+    def for_model(cls, model: torch.nn.Module) -> StepSignals:
+        """The signals of the run training ``model``: the trainer's own, else one fed by a forward hook."""
+        signals = _SIGNALS.get(model)
+        if signals is None:
+            signals = _SIGNALS[model] = cls(model)
+        return signals
+
+    @classmethod
+    def fed_by_trainer(cls, model: torch.nn.Module) -> StepSignals:
+        """A new object for ``model`` that its trainer feeds (no forward hook); later lookups return it."""
+        signals = _SIGNALS[model] = cls()
+        return signals
+
+    def reset(self) -> None:
+        """Forget every value (a new run starts)."""
+        self._loss_step: int | None = None
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self._missing_loss = False
+        self._norm_step: int | None = None
+        self._norm: torch.Tensor | None = None
+        self._skip_step: int | None = None
+        self._skip_reason: str | None = None
+        self._skip_flag: torch.Tensor | None = None
+        # The latest host verdict on the weights: ``(step, True)`` when some parameter was NaN/Inf at the end
+        # of ``step`` (all ranks agree). Such a step is no skip: its loss stays in the spike detector's view.
+        self.weights_verdict: tuple[int, bool] | None = None
+        # True while a callback (spike rollback) answers non-finite weights by restoring a trusted snapshot.
+        self.recovery = False
+
+    def open(self, state: TrainerState) -> StepSignals:
+        """Start the run of ``state`` (Trainer's `TrainerState`): reset and hook once per run, whoever calls first."""
+        if self._state is not state:
+            self.reset()
+            self._state = state
+        model = None if self._model is None else self._model()
+        if model is not None and self._handle is None:
+            self._handle = model.register_forward_hook(self._hook)
+        return self
+
+    def close(self) -> None:
+        """End the run: remove the forward hook (values stay readable)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._state = None
+
+    # ---- the step's training loss ----------------------------------------------------------------
+
+    def add_loss(self, step: int, value: torch.Tensor) -> None:
+        """Add one micro-batch's loss (detached, on device) to ``step``'s."""
+        value = value.detach().float().mean()
+        if self._loss_step != step or self._loss_sum is None:
+            self._loss_step, self._loss_sum, self._loss_count, self._missing_loss = step, value, 1, False
+        else:
+            self._loss_sum, self._loss_count = self._loss_sum + value, self._loss_count + 1
+
+    def loss(self, step: int) -> torch.Tensor | None:
+        """Training loss of ``step`` (a 0-d device tensor), or ``None`` when no training forward returned one."""
+        if self._loss_step != step or self._loss_sum is None:
+            if self._missing_loss:
+                self._warn_missing_loss()
+            return None
+        return self._loss_sum / self._loss_count if self._model is not None else self._loss_sum
 
     def _hook(self, module: torch.nn.Module, args: object, output: object) -> None:
-        if not module.training:
+        if not module.training or self._state is None:
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if not isinstance(loss, torch.Tensor):
+        if isinstance(loss, torch.Tensor):
+            self.add_loss(completing_step(self._state), loss)
+        else:
+            self._missing_loss = True
+
+    def _warn_missing_loss(self) -> None:
+        if self._missing_loss_warned:
             return
-        if self._closed:
-            self._sum, self._count, self._closed = None, 0, False
-        value = loss.detach().float().mean()
-        self._sum = value if self._sum is None else self._sum + value
-        self._count += 1
+        self._missing_loss_warned = True
+        logger.warning(
+            "The model returned no loss in training (Trainer pops the labels with `label_smoothing_factor` or "
+            "`compute_loss_func`, or a custom `compute_loss` computes it): the stability callbacks' loss checks "
+            "(spike_metric='loss', the non-finite loss report) judge nothing under this trainer. Use "
+            "StabilityTrainer, which reads the loss Trainer optimises."
+        )
 
-    def read(self) -> torch.Tensor | None:
-        """Mean training loss of the step just computed (a 0-d device tensor), or ``None``."""
-        if not self._closed:
-            self._last = None if self._sum is None else self._sum / self._count
-            self._closed = True
-        return self._last
+    # ---- Trainer's pre-clip gradient norm --------------------------------------------------------
 
-    def remove(self) -> None:
-        self._handle.remove()
-        type(self)._instances = weakref.WeakKeyDictionary({m: t for m, t in self._instances.items() if t is not self})
+    def record_grad_norm(self, step: int, value: torch.Tensor | float) -> None:
+        self._norm_step, self._norm = step, torch.as_tensor(value)
+
+    def grad_norm(self, step: int) -> torch.Tensor | None:
+        """The gradient norm of ``step`` before clipping, as Trainer logs it (0-d), or ``None`` if not shared.
+
+        Callbacks run after clipping, so with ``max_grad_norm > 0`` a norm they compute themselves is capped.
+        Trainer-fed (`StabilityTrainer`), a missing norm means Trainer did not call the hook: that raises.
+        """
+        if self._norm_step == step:
+            return self._norm
+        if self.trainer_fed:
+            raise UpstreamChangedError(
+                f"StabilityTrainer recorded no pre-clip gradient norm for step {step}: Trainer did not call "
+                f"`_get_grad_norm` (or it returned None). {SUPPORTED}."
+            )
+        return None
+
+    # ---- the skip decision -----------------------------------------------------------------------
+
+    def mark(self, step: int, reason: str | None) -> None:
+        """Record the host decision for ``step``: ``reason`` is ``None`` when the update goes ahead.
+
+        On a host skip (fp32/bf16, and fp16 flush steps) every gradient is also ``None``.
+        """
+        self._skip_step, self._skip_reason, self._skip_flag = step, reason, None
+
+    def mark_pending(self, step: int, flag: torch.Tensor, reason: str) -> None:
+        """Record a decision still on device (fp16): ``step`` is skipped for ``reason`` iff ``flag`` is True."""
+        self._skip_step, self._skip_reason, self._skip_flag = step, reason, flag
+
+    def skip_flag(self, step: int) -> torch.Tensor | bool:
+        """Whether ``step`` is skipped: a host bool, or the pending 0-d bool device tensor (no host read)."""
+        if self._skip_step != step:
+            return False
+        return self._skip_flag if self._skip_flag is not None else self._skip_reason is not None
+
+    def skipped(self, step: int) -> bool:
+        """Whether ``step`` is skipped, on the host (a pending flag costs one device-to-host read)."""
+        return bool(self.skip_flag(step))
+
+
+_SIGNALS: weakref.WeakKeyDictionary[torch.nn.Module, StepSignals] = weakref.WeakKeyDictionary()
 
 
 def gradients(parameters: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -159,78 +259,6 @@ def reduce_across_ranks(value: torch.Tensor, op: str = "max") -> torch.Tensor:
     return work.to(value.device)
 
 
-class SkipRecord(_OnePerModel):
-    """The skip decision of the latest optimizer step, shared per model by the stability callbacks.
-
-    `SkipNonFiniteCallback` writes it in ``on_pre_optimizer_step`` (before ``optimizer.step()``);
-    any later callback of the same step reads it with ``SkipRecord.for_model(model).skip_flag(step)``
-    or ``.skipped(step)``, where ``step = state.global_step + 1`` in ``on_pre_optimizer_step``/
-    ``on_optimizer_step`` and ``state.global_step`` from ``on_step_end`` on.
-
-    The decision is either on the host (:meth:`mark`: fp32/bf16, and fp16 flush steps; a skipped step
-    also leaves every gradient ``None``) or, on the other fp16 steps, a 0-d bool device tensor
-    (:meth:`mark_pending`): the grad scaler skips the update itself and nobody has read the flag yet.
-    :meth:`skip_flag` hands out either form without a host read, for callers that can keep it on
-    device; :meth:`skipped` always answers on the host (reading a pending flag: one device-to-host read).
-    """
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-        self.reason: str | None = None
-        self._flag: torch.Tensor | None = None
-        # The latest host verdict on the weights: ``(step, True)`` when some parameter was NaN/Inf at the end
-        # of ``step`` (all ranks agree). Such a step is no skip: its loss stays in the spike detector's view.
-        self.weights_verdict: tuple[int, bool] | None = None
-        # True while a callback (spike rollback) answers non-finite weights by restoring a trusted snapshot.
-        self.recovery = False
-
-    def mark(self, step: int, reason: str | None) -> None:
-        """Record the host decision for ``step``: ``reason`` is ``None`` when the update goes ahead."""
-        self.step, self.reason, self._flag = step, reason, None
-
-    def mark_pending(self, step: int, flag: torch.Tensor, reason: str) -> None:
-        """Record a decision still on device: ``step`` is skipped for ``reason`` iff ``flag`` is True."""
-        self.step, self.reason, self._flag = step, reason, flag
-
-    def skip_flag(self, step: int) -> torch.Tensor | bool:
-        """Whether ``step`` is skipped: a host bool, or the pending 0-d bool device tensor (no host read)."""
-        if self.step != step:
-            return False
-        return self._flag if self._flag is not None else self.reason is not None
-
-    def skipped(self, step: int) -> bool:
-        return bool(self.skip_flag(step))
-
-
-class PreClipGradNorm(_OnePerModel):
-    """The gradient norm of the latest step before clipping, as Trainer logs it, if the trainer shares it.
-
-    Callbacks run after clipping, so with ``max_grad_norm > 0`` a norm they compute themselves is capped
-    at the clip. `StabilityTrainer` records Trainer's own (pre-clip) norm here, keyed by step; a plain
-    `Trainer` does not, and :meth:`read` then returns ``None``. While `StabilityTrainer` trains (``shared``),
-    a missing norm means Trainer stopped calling the hook: :meth:`read` raises instead.
-    """
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-        self.value: torch.Tensor | None = None
-        self.shared = False
-
-    def record(self, step: int, value: torch.Tensor | float) -> None:
-        self.step, self.value = step, torch.as_tensor(value)
-
-    def read(self, step: int) -> torch.Tensor | None:
-        """The pre-clip norm of ``step`` (a 0-d tensor), or ``None`` when nobody recorded it."""
-        if self.step == step:
-            return self.value
-        if self.shared:
-            raise UpstreamChangedError(
-                f"StabilityTrainer recorded no pre-clip gradient norm for step {step}: Trainer did not call "
-                f"`_get_grad_norm` (or it returned None). {SUPPORTED}."
-            )
-        return None
-
-
 def active_grad_scaler(optimizer: object) -> torch.amp.GradScaler | None:
     """The enabled grad scaler of an accelerate-wrapped optimizer (fp16), else ``None``."""
     scaler = grad_scaler(optimizer)
@@ -240,3 +268,4 @@ def active_grad_scaler(optimizer: object) -> torch.amp.GradScaler | None:
 def completing_step(state: TrainerState) -> int:
     """Number the step being computed will have once done (``global_step`` is incremented after the update)."""
     return state.global_step + 1
+

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from hf_stability.callbacks.resume import ResumableCallback
-from hf_stability.callbacks.signals import SkipRecord, TrainingLossTap, active_grad_scaler, completing_step
+from hf_stability.callbacks.signals import StepSignals, active_grad_scaler, completing_step
 from hf_stability.callbacks.skip_decision import (
     clear_found_inf,
     counted_skip,
@@ -74,7 +74,7 @@ class SkipNonFiniteCallback(ResumableCallback):
     """Skip the optimizer update of any step with a NaN/Inf gradient on any rank; report NaN losses and weights.
 
     On a skip, every gradient is set to ``None``, the decision is written to
-    :class:`~hf_stability.callbacks.signals.SkipRecord` (``SkipRecord.for_model(model).skipped(step)``),
+    :class:`~hf_stability.callbacks.signals.StepSignals` (``StepSignals.for_model(model).skipped(step)``),
     the counters below move once, and the main process appends a ``"skip"`` event to
     ``<output_dir>/stability_events.jsonl``. ``global_step`` still counts the batch and training goes on.
     After ``max_consecutive_skips`` skips in a row the run stops with a checkpoint (event ``"stop"``).
@@ -98,8 +98,8 @@ class SkipNonFiniteCallback(ResumableCallback):
     last steps, every ``max_consecutive_skips`` steps, epoch and train end): events, counters and the stop of
     a queued skipped step (or of non-finite weights) come at most ``max_consecutive_skips - 1`` steps late,
     and its gradients are left in place (the optimizer ignores them). On a flush step the current step is
-    decided on the host, gradients set to ``None``. `SkipRecord` holds a device flag for a queued step
-    (``SkipRecord.skip_flag``); other optimizers decide every step on the host.
+    decided on the host, gradients set to ``None``. `StepSignals` holds a device flag for a queued step
+    (``StepSignals.skip_flag``); other optimizers decide every step on the host.
 
     LR scheduler: Trainer steps it on skipped steps too (it only checks accelerate's flag, which neither a
     device skip nor ``None`` gradients set), so the schedule follows ``global_step``, not the number of updates.
@@ -124,6 +124,7 @@ class SkipNonFiniteCallback(ResumableCallback):
 
     settings_class = SkipSettings
     settings: SkipSettings
+    priority = 400  # runs first: the others see the decision (hf_stability.callbacks.order)
 
     skipped_steps = _Delegated()
     consecutive_skips = _Delegated()
@@ -134,7 +135,6 @@ class SkipNonFiniteCallback(ResumableCallback):
         super().__init__(max_consecutive_skips=max_consecutive_skips)
         self._health = SkipHealth(self.settings.max_consecutive_skips)
         self._queue = StepQueue()
-        self._tap: TrainingLossTap | None = None
         self._device_skip: tuple[object, bool] | None = None  # (optimizer, whether it takes ``found_inf``)
         self._found_inf_set: torch.optim.Optimizer | None = None
 
@@ -149,7 +149,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         refuse_for_callback(self, args)
         self.begin_run(args, state, model)  # resolves this run's settings
         self._health.max_consecutive_skips = self.max_consecutive_skips
-        self._tap = TrainingLossTap.for_model(model)
+        StepSignals.for_model(model).open(state)
         self._queue = StepQueue()
         self._health.begin_run()
 
@@ -163,10 +163,9 @@ class SkipNonFiniteCallback(ResumableCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = completing_step(state)
         scaler = active_grad_scaler(optimizer)
-        loss = self._tap.read() if self._tap is not None else None
-        entry = measure_step(step, model, loss, scaler, optimizer)
+        record = StepSignals.for_model(model)
+        entry = measure_step(step, model, record.loss(step), scaler, optimizer)
         self._queue.append(entry)
-        record = SkipRecord.for_model(model)
         # The update can be dropped on device: by the grad scaler (fp16), or by a fused optimizer's found_inf flag.
         device_skip = None if scaler is not None else self._takes_found_inf(optimizer)
         if (scaler is not None or device_skip is not None) and not self._queue.due(
@@ -190,7 +189,7 @@ class SkipNonFiniteCallback(ResumableCallback):
             clear_found_inf(self._found_inf_set)
             self._found_inf_set = None
 
-    def _flush(self, args, state, control, now: int, record: SkipRecord) -> str | None:
+    def _flush(self, args, state, control, now: int, record: StepSignals) -> str | None:
         """Read the queued steps at once, count and report them; the skip reason of the last one (or None)."""
         steps, local = self._queue.drain()
         return self._health.apply(args, state, control, steps, local, now, record)
@@ -207,7 +206,7 @@ class SkipNonFiniteCallback(ResumableCallback):
             return
         if not control.should_save or not weights_nonfinite(model, state.global_step):
             return
-        record = SkipRecord.for_model(model)
+        record = StepSignals.for_model(model)
         self._health.report_parameters(args, state, state.global_step, None, None, record.recovery)
         if not record.recovery:
             self._health.stop_for_weights(args, state, control, state.global_step, state.global_step)
@@ -217,17 +216,18 @@ class SkipNonFiniteCallback(ResumableCallback):
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         """Flush queued steps: ``save_strategy="best"`` may save right after an evaluation."""
-        self._flush(args, state, control, state.global_step, SkipRecord.for_model(model))
+        self._flush(args, state, control, state.global_step, StepSignals.for_model(model))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         """Flush queued steps, so an epoch-end checkpoint exports current counters (one read per epoch)."""
-        self._flush(args, state, control, state.global_step, SkipRecord.for_model(model))
+        self._flush(args, state, control, state.global_step, StepSignals.for_model(model))
         self._guard_checkpoint(args, state, control, model)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Flush queued steps, then report weights the last update left non-finite."""
         self.on_optimizer_step(args, state, control)  # a step that raised may have left its flag behind
-        record = SkipRecord.for_model(model)
+        record = StepSignals.for_model(model)
         self._flush(args, state, control, state.global_step, record)
         if not self._health.weights_stop and weights_nonfinite(model, state.global_step):
             self._health.report_parameters(args, state, state.global_step, None, None, None)
+        record.close()

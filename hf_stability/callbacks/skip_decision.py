@@ -21,7 +21,7 @@ import torch
 from hf_stability import _compat
 from hf_stability._compat import scaler_scale, unwrap_optimizer
 from hf_stability.callbacks.signals import (
-    SkipRecord,
+    StepSignals,
     global_grad_norm,
     gradients,
     reduce_across_ranks,
@@ -89,10 +89,10 @@ def weights_nonfinite(model: torch.nn.Module, step: int) -> bool:
     """Whether any rank's weights are non-finite at the end of ``step``: one all-reduce and one host read.
 
     Run before a checkpoint is written (rarely enough to afford the read). The verdict is kept in
-    `SkipRecord`, so a second callback asking about the same step gets it without another read; a verdict
+    `StepSignals`, so a second callback asking about the same step gets it without another read; a verdict
     already set for ``step`` by the per-step flags is reused as is.
     """
-    record = SkipRecord.for_model(model)
+    record = StepSignals.for_model(model)
     if record.weights_verdict is None or record.weights_verdict[0] != step:
         bad = reduce_across_ranks(parameters_nonfinite(model).float(), "max").item() > 0
         record.weights_verdict = (step, bad)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from hf_stability._logging import get_logger, is_main_process
-from hf_stability.callbacks.signals import SkipRecord, distributed, for_collective
+from hf_stability.callbacks.signals import StepSignals, distributed, for_collective
 from hf_stability.callbacks.skip_queue import FLAG_NAMES, ReadStep
 from hf_stability.events import StabilityEventLog
 
@@ -62,7 +62,7 @@ class SkipHealth:
         self.weights_stop = False
 
     def apply(self, args, state, control, steps: list[ReadStep], local: torch.Tensor | None, now: int,
-              record: SkipRecord) -> str | None:
+              record: StepSignals) -> str | None:
         """Count and report ``steps`` (read by a flush at step ``now``); the skip reason of the last one (or None).
 
         A step whose weights were already non-finite is no skipped batch: every loss and gradient from then on is

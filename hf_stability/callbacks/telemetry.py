@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TypeVar
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+from transformers.trainer_callback import CallbackHandler
 
 from hf_stability._compat import foreach_abs, foreach_mul, scaler_scale
 from hf_stability._logging import get_logger
+from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.resume import ConfiguredCallback
+from hf_stability.callbacks.rollback import SpikeRollbackCallback
 from hf_stability.callbacks.signals import (
     active_grad_scaler,
     completing_step,
@@ -35,24 +36,6 @@ FP16_SMALLEST_SUBNORMAL = 2.0**-24
 PREFIX = "stability/"
 
 
-C = TypeVar("C", bound=TrainerCallback)
-
-
-def find_callback(callbacks: Sequence[TrainerCallback], callback_type: type[C]) -> C | None:
-    """The first callback of ``callback_type`` in a callback list (look-ups survive Trainer's restore)."""
-    return next((callback for callback in callbacks if isinstance(callback, callback_type)), None)
-
-
-def rollback_count(callbacks: Sequence[TrainerCallback]) -> int:
-    """Cumulative rollbacks of the `SpikeRollbackCallback` in ``callbacks``, 0 when there is none."""
-    try:
-        from hf_stability.callbacks.rollback import SpikeRollbackCallback
-    except ModuleNotFoundError:
-        return 0
-    callback = find_callback(callbacks, SpikeRollbackCallback)
-    return int(getattr(callback, "rollbacks", 0)) if callback is not None else 0
-
-
 class LossScaleTelemetryCallback(ConfiguredCallback):
     """Adds ``stability/*`` metrics to every training log entry.
 
@@ -65,10 +48,11 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
     a scaler the scale is 1, which tells how fp16 would fare. With ``log_layer_grad_norms``:
     ``stability/grad_norm/<parameter name>`` per parameter tensor.
 
-    How the metrics reach the loggers: `StabilityTrainer` merges them in its ``log()`` override, so
-    ``log_history``, W&B, TensorBoard and the console all get them. With a plain `Trainer`, call
-    ``LossScaleTelemetryCallback.attach(trainer)``: it places the callback ahead of the reporting
-    callbacks and its ``on_log`` adds the metrics to ``logs`` (which W&B/TensorBoard receive next) and to
+    How the metrics reach the loggers: `StabilityTrainer` binds the callback with ``merged_by_trainer=True``
+    and merges them in its ``log()`` override, so ``log_history``, W&B, TensorBoard and the console all get
+    them. With a plain `Trainer`, call ``LossScaleTelemetryCallback.attach(trainer)``: it keeps the stability
+    callbacks in priority order ahead of the reporting callbacks (`hf_stability.callbacks.order`) and its
+    ``on_log`` adds the metrics to ``logs`` (which W&B/TensorBoard receive next) and to
     ``state.log_history[-1]``. A callback passed as ``Trainer(callbacks=[...])`` without ``attach`` sits
     behind the reporting callbacks and does not know the other callbacks: it still fills
     ``log_history`` and the console with what it measures itself, and warns once.
@@ -89,6 +73,7 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
 
     settings_class = TelemetrySettings
     settings: TelemetrySettings
+    priority = 100  # last of the stability callbacks: measures real updates after adaptive clipping
 
     def __init__(self, log_fp16_pressure: bool | None = None, log_layer_grad_norms: bool | None = None) -> None:
         super().__init__(log_fp16_pressure=log_fp16_pressure, log_layer_grad_norms=log_layer_grad_norms)
@@ -96,23 +81,22 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
         self._optimizer: object = None
         self._measured: dict[str, torch.Tensor] = {}
         self._unbound_warned = False
+        self._merged_by_trainer = False
 
     @classmethod
     def attach(cls, trainer: Trainer, **kwargs: bool) -> LossScaleTelemetryCallback:
-        """Bind to ``trainer`` and place the callback right after `DefaultFlowCallback`, ahead of the loggers.
+        """Bind to ``trainer`` and keep its stability callbacks in priority order, ahead of the loggers.
 
-        Reuses a `LossScaleTelemetryCallback` already in the trainer (``kwargs`` then must be empty).
+        Reuses a `LossScaleTelemetryCallback` already in the trainer (``kwargs`` then must be empty). The order
+        also holds after Trainer's callback restore on ``resume_from_checkpoint``.
         """
-        callbacks = trainer.callback_handler.callbacks
-        callback = find_callback(callbacks, cls)
+        callback = find_callback(trainer.callback_handler.callbacks, cls)
         if callback is None:
             callback = cls(**kwargs)
+            trainer.callback_handler.callbacks.append(callback)
         elif kwargs:
             raise TypeError(f"`attach`: the trainer already has a {cls.__name__}; got options {sorted(kwargs)}")
-        else:
-            callbacks.remove(callback)
-        flow = find_callback(callbacks, DefaultFlowCallback)
-        callbacks.insert(callbacks.index(flow) + 1 if flow is not None else 0, callback)
+        keep_in_priority_order(trainer)
         callback.bind(trainer.callback_handler)
         return callback
 
@@ -124,9 +108,14 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
     def log_layer_grad_norms(self) -> bool:
         return self.settings.log_layer_grad_norms
 
-    def bind(self, handler: CallbackHandler) -> None:
-        """Let the callback find its siblings (skip, rollback) in ``handler`` at logging time."""
+    def bind(self, handler: CallbackHandler, merged_by_trainer: bool = False) -> None:
+        """Let the callback find its siblings (skip, rollback) in ``handler`` at logging time.
+
+        ``merged_by_trainer``: the trainer merges :meth:`collect` into its training log entries itself
+        (`StabilityTrainer.log`), so ``on_log`` adds nothing.
+        """
         self._handler = handler
+        self._merged_by_trainer = merged_by_trainer
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         refuse_for_callback(self, args)
@@ -172,7 +161,8 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
             if skip is not None:
                 metrics[f"{PREFIX}skipped_steps"] = skip.skipped_steps
                 metrics[f"{PREFIX}nonfinite_loss_steps"] = skip.nonfinite_loss_steps
-            metrics[f"{PREFIX}rollbacks"] = rollback_count(callbacks)
+            rollback = find_callback(callbacks, SpikeRollbackCallback)
+            metrics[f"{PREFIX}rollbacks"] = rollback.rollbacks if rollback is not None else 0
         device_values = dict(self._measured)
         self._measured = {}
         scaler = active_grad_scaler(self._optimizer)
@@ -186,8 +176,8 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Plain-Trainer path: add the metrics to ``logs`` and the entry Trainer already appended to history."""
-        if logs is None or "loss" not in logs or f"{PREFIX}rollbacks" in logs:
-            return  # not a training-step entry, or StabilityTrainer.log already merged the metrics
+        if logs is None or "loss" not in logs or self._merged_by_trainer:
+            return  # not a training-step entry, or StabilityTrainer.log merged the metrics
         metrics = self.collect()
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

@@ -14,8 +14,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability import AdaptiveClipCallback, StabilityConfig, StabilityTrainer
+from hf_stability.callbacks.order import find_callback
 from hf_stability.callbacks.signals import completing_step, global_grad_norm, gradients
-from hf_stability.callbacks.telemetry import find_callback
 from tests.testing_utils import (
     PoisonGradient,
     counting_host_reads,

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from transformers.optimization import Adafactor, AdafactorSchedule
 
 from hf_stability import SkipNonFiniteCallback, StabilityTrainer, read_events
-from hf_stability.callbacks.telemetry import find_callback
+from hf_stability.callbacks.order import find_callback
 from hf_stability.snapshots import SnapshotStore, restore_training_state
 from tests.rollback_faults import ThrowWeights
 from tests.testing_utils import (

@@ -32,8 +32,8 @@ from hf_stability import (
     StabilityTrainer,
     read_events,
 )
-from hf_stability.callbacks.signals import SkipRecord
-from hf_stability.callbacks.telemetry import find_callback
+from hf_stability.callbacks.order import find_callback
+from hf_stability.callbacks.signals import StepSignals
 from hf_stability.collators import DataCollatorForT5SpanCorruption
 from tests.rollback_faults import NanWeights, ThrowWeights
 from tests.testing_utils import (
@@ -249,7 +249,7 @@ def test_an_fp16_overflow_still_pending_on_device_feeds_nothing_to_the_loss_dete
 
     class Observer(TrainerCallback):
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-            flags[state.global_step + 1] = SkipRecord.for_model(model).skip_flag(state.global_step + 1)
+            flags[state.global_step + 1] = StepSignals.for_model(model).skip_flag(state.global_step + 1)
 
     def run(output_dir, callbacks):
         args = make_args(output_dir, max_steps=40, logging_steps=100, fp16=True)

@@ -13,9 +13,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from hf_stability import SkipNonFiniteCallback, StabilityTrainer, read_events
-from hf_stability.callbacks.signals import SkipRecord
+from hf_stability.callbacks.order import find_callback
+from hf_stability.callbacks.signals import StepSignals
 from hf_stability.callbacks.skip_decision import innermost
-from hf_stability.callbacks.telemetry import find_callback
 from tests.testing_utils import (
     NoLabelBatches,
     PoisonActivations,
@@ -109,7 +109,7 @@ def test_fp16_overflow_between_logging_steps_is_left_to_the_scaler_and_reported_
     class Observer(StepSnapshots):
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
             step = state.global_step + 1
-            flags[step] = (SkipRecord.for_model(model).skip_flag(step), len(read_events(tmp_path)))
+            flags[step] = (StepSignals.for_model(model).skip_flag(step), len(read_events(tmp_path)))
 
     watch = ScalerWatch([POISONED, POISONED + 1], trainer.accelerator.scaler)
     trainer.add_callback(PoisonGradient([POISONED]))
@@ -146,7 +146,7 @@ def test_fused_adamw_skips_on_device_between_flushes_and_reports_at_the_flush(
     class Observer(TrainerCallback):
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
             step = state.global_step + 1
-            flags[step] = (SkipRecord.for_model(model).skip_flag(step), len(read_events(tmp_path)))
+            flags[step] = (StepSignals.for_model(model).skip_flag(step), len(read_events(tmp_path)))
 
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
             left_over.append(hasattr(innermost(optimizer), "found_inf"))
@@ -304,14 +304,14 @@ def test_queued_consecutive_skips_stop_within_the_documented_bound(tmp_path, ber
 
 
 def test_skip_record_and_gradients_tell_later_callbacks(tmp_path, bert_tokenizer, dataset):
-    """The interface a later callback (spike rollback) relies on: no gradients and SkipRecord.skipped(step)."""
+    """The interface a later callback (spike rollback) relies on: no gradients and StepSignals.skipped(step)."""
     seen = {}
 
     class Observer(StepSnapshots):
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
             step = state.global_step + 1
             seen[step] = (
-                SkipRecord.for_model(model).skipped(step),
+                StepSignals.for_model(model).skipped(step),
                 all(p.grad is None for p in model.parameters()),
             )
 

@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_stability import read_events
-from hf_stability.callbacks.signals import SkipRecord
+from hf_stability.callbacks.signals import StepSignals
 from hf_stability.callbacks.skip_health import SkipHealth
 from hf_stability.callbacks.skip_queue import Flags, QueuedStep, StepQueue
 from tests.testing_utils import counting_host_reads
@@ -40,7 +40,7 @@ def state_for(args: TrainingArguments, max_steps: int = 100) -> TrainerState:
 
 def drain_into(health: SkipHealth, tmp_path, rows: list[QueuedStep], now: int, recovery: bool = False):
     args = arguments(tmp_path)
-    queue, control, record = StepQueue(), TrainerControl(), SkipRecord()
+    queue, control, record = StepQueue(), TrainerControl(), StepSignals()
     record.recovery = recovery
     for row in rows:
         queue.append(row)

@@ -11,7 +11,7 @@ import wandb
 from transformers import Trainer, TrainerCallback
 
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
-from hf_stability.callbacks.telemetry import find_callback
+from hf_stability.callbacks.order import find_callback
 from tests.testing_utils import (
     NoLabelBatches,
     PoisonGradient,

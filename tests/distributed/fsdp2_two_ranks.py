@@ -27,7 +27,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from transformers import TrainerControl, TrainerState, TrainingArguments, default_data_collator  # noqa: E402
 
 from hf_stability.callbacks import LossScaleTelemetryCallback, SkipNonFiniteCallback  # noqa: E402
-from hf_stability.callbacks.signals import SkipRecord, global_grad_norm, gradients  # noqa: E402
+from hf_stability.callbacks.signals import StepSignals, global_grad_norm, gradients  # noqa: E402
 from hf_stability.callbacks.telemetry import fp16_pressure  # noqa: E402
 from hf_stability.snapshots import SnapshotStore, restore_training_state  # noqa: E402
 from tests.testing_utils import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
@@ -101,7 +101,7 @@ def main(output_dir: str) -> None:
     step()  # Adam state exists from here on
     before = local_state(model, optimizer)
     step(poison=True)
-    result["skipped"] = SkipRecord.for_model(model).skipped(state.global_step)
+    result["skipped"] = StepSignals.for_model(model).skipped(state.global_step)
     result["skipped_steps"] = skip.skipped_steps
     result["unchanged_across_poisoned_step"] = identical(before, local_state(model, optimizer))
     step()

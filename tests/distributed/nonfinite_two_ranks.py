@@ -18,7 +18,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer  # noqa: E402
-from hf_stability.callbacks.telemetry import find_callback  # noqa: E402
+from hf_stability.callbacks.order import find_callback  # noqa: E402
 from tests.rollback_faults import NanWeights  # noqa: E402
 from tests.testing_utils import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 

@@ -16,7 +16,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 
 from hf_stability import SkipNonFiniteCallback, StabilityTrainer  # noqa: E402
-from hf_stability.callbacks.telemetry import find_callback  # noqa: E402
+from hf_stability.callbacks.order import find_callback  # noqa: E402
 from tests.testing_utils import (  # noqa: E402
     PoisonActivations,
     StepSnapshots,
