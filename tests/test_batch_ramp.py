@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from transformers import TrainerCallback
 from hf_stability import StabilityConfig, StabilityTrainer
 from hf_stability.batch_ramp import BatchRamp
 from tests.ramp_probe import StepRows
-from tests.testing_utils import mlm_dataset, subprocess_env, tiny_bert, training_args
+from tests.testing_utils import mlm_dataset, run_two_ranks, tiny_bert, training_args
 
 # 4 samples per micro-batch, 4 micro-batches at the target: global batch 16, reached over 24 samples from 4.
 RAMP = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "batch_ramp_start": 4,
@@ -149,12 +147,7 @@ def test_start_must_be_whole_micro_batches(tmp_path, bert_tokenizer, dataset):
 
 @pytest.mark.distributed
 def test_two_ranks_share_each_step_of_the_ramp(tmp_path):
-    module = "tests.distributed.batch_ramp_two_ranks"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(tmp_path)],
-        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks("tests.distributed.batch_ramp_two_ranks", tmp_path, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     consumed = 0
     for step, size in enumerate([8, 8, 16, 16, 16, 16], start=1):  # micro 4 x 2 ranks, +8 after 16 samples

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from hf_stability._compat import (
     is_logging_step,
     is_saving_step,
 )
-from tests.testing_utils import mlm_dataset, subprocess_env, tiny_bert, training_args
+from tests.testing_utils import mlm_dataset, run_two_ranks, tiny_bert, training_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,18 +114,7 @@ def test_the_verified_range_starts_at_the_pyproject_floor():
 
 @pytest.mark.distributed
 def test_two_ranks_print_each_warning_once(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "-m", "tests.distributed.warnings_two_ranks", str(tmp_path),
-        ],
-        env=subprocess_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    output = run_two_ranks("tests.distributed.warnings_two_ranks", tmp_path, timeout=300)
     for warning in (
         "restore_callback_states_from_checkpoint=False",  # StabilityTrainer's construction (a logger warning)
         "Step 2 skipped (",  # SkipNonFiniteCallback's decision, the same on both ranks

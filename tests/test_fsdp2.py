@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.testing_utils import subprocess_env
+from tests.testing_utils import run_two_ranks
 
 
 @pytest.mark.distributed
 def test_fsdp2_two_ranks_skip_snapshot_and_telemetry_are_global(tmp_path):
-    module = "tests.distributed.fsdp2_two_ranks"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(tmp_path)],
-        env=subprocess_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks("tests.distributed.fsdp2_two_ranks", tmp_path, timeout=300)
     for rank in (0, 1):
         outcome = torch.load(tmp_path / f"rank{rank}.pt")
         # Norms of the whole gradient, not of this rank's shard (fp32 sums in another order: a few ulps).

@@ -37,6 +37,19 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     return {**os.environ, **overrides, "PYTHONPATH": path}
 
 
+def run_two_ranks(module: str, output_dir: object, timeout: int) -> str:
+    """Run ``python -m <module> OUTPUT_DIR`` on 2 CPU ranks under torchrun; assert it succeeded, return its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(output_dir)],
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
 def tiny_bert(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 32, layers: int = 1) -> BertForMaskedLM:
     """A `BertForMaskedLM` small enough for a CPU step in a few milliseconds; same seed, same weights."""
     torch.manual_seed(seed)

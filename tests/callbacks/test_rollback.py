@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,7 +38,7 @@ from tests.testing_utils import (
     PoisonActivations,
     emulate_fp16_scaler,
     mlm_dataset,
-    subprocess_env,
+    run_two_ranks,
     tiny_bert,
     training_args,
 )
@@ -352,12 +350,7 @@ def test_bad_arguments_name_the_argument():
 
 @pytest.mark.distributed
 def test_two_ranks_roll_back_together_and_stay_identical(tmp_path):
-    module = "tests.distributed.rollback_two_ranks"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(tmp_path)],
-        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks("tests.distributed.rollback_two_ranks", tmp_path, timeout=600)
     events = read_events(tmp_path)
     assert [(e["event"], e["restored_step"]) for e in events] == [("rollback", 20)], "one event, from rank 0"
     assert "spike on another rank" in events[0]["reason"]  # only rank 1's weights were thrown
@@ -463,12 +456,7 @@ def test_a_resume_whose_first_loss_spikes_stops_at_once_naming_an_earlier_checkp
 
 @pytest.mark.distributed
 def test_two_ranks_roll_back_together_when_one_rank_has_nonfinite_weights(tmp_path):
-    module = "tests.distributed.nonfinite_two_ranks"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(tmp_path)],
-        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks("tests.distributed.nonfinite_two_ranks", tmp_path, timeout=600)
     events = read_events(tmp_path)
     assert [(e["event"], e["restored_step"]) for e in events if e["event"] != "nonfinite_parameters"] == [
         ("rollback", 10)], "one rollback, written by rank 0"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from tests.testing_utils import (
     changed_parameters,
     emulate_fp16_scaler,
     mlm_dataset,
-    subprocess_env,
+    run_two_ranks,
     tiny_bert,
     training_args,
 )
@@ -428,15 +426,7 @@ def test_max_consecutive_skips_is_validated():
 
 @pytest.mark.distributed
 def test_two_ranks_skip_together_when_one_rank_is_poisoned(tmp_path):
-    module = "tests.distributed.skip_two_ranks"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", module, str(tmp_path)],
-        env=subprocess_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks("tests.distributed.skip_two_ranks", tmp_path, timeout=240)
     final = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     for name in final[0]["parameters"]:
         assert torch.equal(final[0]["parameters"][name], final[1]["parameters"][name]), name
