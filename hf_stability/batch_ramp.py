@@ -20,8 +20,9 @@ pure function of the step number, so a resumed run continues the ramp and the st
 stopped (nothing to checkpoint), with or without ``ignore_data_skip`` (skipping is free here: the sampler
 starts at the resumed step itself when Trainer will not skip the epoch's trained batches). Only the
 ``"random"`` and ``"sequential"`` `train_sampling_strategy` fit one stream; the others (length grouping)
-are refused at construction rather than silently replaced. A Trainer epoch is ``len(dataset) // target`` steps (a pass at the target
-batch); during the ramp the stream runs behind that count, it never skips or repeats a sample of a pass.
+are refused at construction rather than silently replaced. A Trainer epoch is ``len(dataset) // target``
+steps (a pass at the target batch); during the ramp the stream runs behind that count, it never skips or
+repeats a sample of a pass.
 """
 
 from __future__ import annotations
