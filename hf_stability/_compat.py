@@ -2,7 +2,7 @@
 
 Every private name of torch, transformers and accelerate the package uses, and every rule of theirs it
 re-derives, lives here, each with the upstream behaviour relied on and the versions it was verified with
-(transformers 5.19.0-5.24.0, accelerate 1.10.1-1.15.0, torch 2.13). When an upgrade breaks one, this file is
+(`TRANSFORMERS_VERIFIED`, `ACCELERATE_VERIFIED`, `TORCH_VERIFIED` below). When an upgrade breaks one, this file is
 the place to look; `check_trainer_hooks` makes the `Trainer` seams fail loudly at construction rather than
 leave a protection silently inactive.
 
@@ -23,17 +23,60 @@ from accelerate.state import AcceleratorState, PartialState
 
 if TYPE_CHECKING:
     # The type `transformers.utils.logging.get_logger` is annotated with (a Protocol of `logging.Logger`'s methods,
-    # in the private `transformers._typing`, 5.19-5.24); at runtime it returns a `logging.Logger`.
+    # in the private `transformers._typing`, 5.19-5.25); at runtime it returns a `logging.Logger`.
     from transformers._typing import TransformersLogger as TransformersLogger
 
-# The range the seams below were verified on; the floors are pyproject.toml's (tests/test_compat.py checks).
-TRANSFORMERS_VERIFIED = ("5.19.0", "5.24.0")
-ACCELERATE_VERIFIED = ("1.10.1", "1.15.0")
+# The one home of the tested range, which README.md and docs/trainer.md cite (tests/test_compat.py checks both):
+# what CI runs the suite on. The floors are pyproject.toml's (`make test-floor`); the tops are the latest releases
+# that `make install` resolved in CI (`make test`). Raise a top when CI passes on a newer release.
+TRANSFORMERS_VERIFIED = ("5.19.0", "5.25.0")
+ACCELERATE_VERIFIED = ("1.10.1", "1.16.0")
 TORCH_VERIFIED = "2.13"
-SUPPORTED = (
-    f"hf-stability supports transformers {TRANSFORMERS_VERIFIED[0]} to {TRANSFORMERS_VERIFIED[1]} "
+TESTED_RANGE = (
+    f"transformers {TRANSFORMERS_VERIFIED[0]} to {TRANSFORMERS_VERIFIED[1]} "
     f"(accelerate {ACCELERATE_VERIFIED[0]} to {ACCELERATE_VERIFIED[1]})"
 )
+SUPPORTED = f"hf-stability supports {TESTED_RANGE}"
+_untested_warned = False
+
+
+def untested_versions(transformers_version: str, accelerate_version: str) -> str | None:
+    """One line naming each upstream version outside its tested range, or ``None`` when both are inside.
+
+    A pre-release or a version above the top is untested too: the seams below may have moved.
+    """
+    from packaging.version import Version
+
+    outside = [
+        f"{name} {version}"
+        for name, version, (low, high) in (
+            ("transformers", transformers_version, TRANSFORMERS_VERIFIED),
+            ("accelerate", accelerate_version, ACCELERATE_VERIFIED),
+        )
+        if not Version(low) <= Version(version) <= Version(high)
+    ]
+    if not outside:
+        return None
+    return (
+        f"hf-stability: running with {' and '.join(outside)}, outside the range CI tests ({TESTED_RANGE}); "
+        "the upstream hooks are still checked at construction, but report any failure."
+    )
+
+
+def warn_untested_versions() -> None:
+    """Log `untested_versions` of the installed packages once per process, on the main process only."""
+    global _untested_warned
+    if _untested_warned:
+        return
+    _untested_warned = True
+    import accelerate
+    import transformers
+
+    from hf_stability._logging import get_logger
+
+    message = untested_versions(transformers.__version__, accelerate.__version__)
+    if message is not None:
+        get_logger(__name__).warning(message)
 
 
 class UpstreamChangedError(RuntimeError):
@@ -42,7 +85,7 @@ class UpstreamChangedError(RuntimeError):
 
 # --- transformers.Trainer -------------------------------------------------------------------------------------
 
-# The methods that make up Trainer's training loop (5.19-5.24: `_inner_training_loop` calls `_init_training_state`,
+# The methods that make up Trainer's training loop (5.19-5.25: `_inner_training_loop` calls `_init_training_state`,
 # which resumes, then `_run_epoch` per epoch, which runs the steps). A hook counts as called when one of them
 # references it by name.
 TRAINING_LOOP = ("_inner_training_loop", "_init_training_state", "_run_epoch")
@@ -59,7 +102,7 @@ TRAINER_HOOKS: Mapping[str, str] = {
     # (the loss divisor when the loss is not normalised by `num_items_in_batch`); its return is the loss backpropagated.
     "training_step": "overridden to share the step's loss with the callbacks and skip the batch ramp's placeholders",
 }
-# Private helpers called as Trainer calls them (5.19-5.24: same signatures), by `BatchRampMixin.get_train_dataloader`.
+# Private helpers called as Trainer calls them (5.19-5.25: same signatures), by `BatchRampMixin.get_train_dataloader`.
 TRAINER_HELPERS = ("_remove_unused_columns", "_get_collator_with_removed_columns", "_get_num_items_in_batch")
 
 
@@ -115,7 +158,7 @@ def num_items_in_batch(trainer: Any, batches: list, device: torch.device) -> Any
 
 # --- transformers.DefaultFlowCallback's rules, re-derived -------------------------------------------------------
 # Callbacks must know *before* the optimizer step whether Trainer will log or save after it, which
-# `DefaultFlowCallback.on_step_end` decides only afterwards. Its rules (5.19-5.24): log when
+# `DefaultFlowCallback.on_step_end` decides only afterwards. Its rules (5.19-5.25): log when
 # `global_step == 1 and logging_first_step`, or `logging_strategy == "steps"` and `global_step % state.logging_steps
 # == 0`; save when `save_strategy == "steps"` and (`state.save_steps > 0` and `global_step % state.save_steps == 0`,
 # or `global_step >= state.max_steps`).
@@ -140,8 +183,8 @@ def load_finished_checkpoint(trainer: Any, checkpoint: str) -> None:
     """Load a checkpoint's weights and trainer state into ``trainer`` without training.
 
     `Trainer.train(resume_from_checkpoint=...)` from a checkpoint that already reached ``max_steps`` runs one more
-    optimizer step (the stop is checked only after a step; transformers 5.19-5.24), so a finished run is loaded
-    with Trainer's own `_load_from_checkpoint` (weights, 5.19-5.24) and `TrainerState.load_from_json` instead.
+    optimizer step (the stop is checked only after a step; transformers 5.19-5.25), so a finished run is loaded
+    with Trainer's own `_load_from_checkpoint` (weights, 5.19-5.25) and `TrainerState.load_from_json` instead.
     """
     from transformers import TrainerState
 
@@ -151,7 +194,7 @@ def load_finished_checkpoint(trainer: Any, checkpoint: str) -> None:
 
 def output_dir(args: Any) -> str:
     """``args.output_dir``, declared ``str | None``: `TrainingArguments.__post_init__` replaces None by
-    ``"trainer_output"`` (5.19-5.24), so a built `TrainingArguments` always has one."""
+    ``"trainer_output"`` (5.19-5.25), so a built `TrainingArguments` always has one."""
     if args.output_dir is None:
         raise UpstreamChangedError(f"TrainingArguments left `output_dir` None after __post_init__; {SUPPORTED}.")
     return str(args.output_dir)
@@ -159,7 +202,7 @@ def output_dir(args: Any) -> str:
 
 # --- accelerate -------------------------------------------------------------------------------------------------
 # `AcceleratedOptimizer` keeps the wrapped optimizer in `.optimizer` and the fp16 `GradScaler` (or None) in
-# `.scaler`; `AcceleratedScheduler` keeps the wrapped scheduler in `.scheduler` (1.10.1-1.15.0). The scaler keys its
+# `.scaler`; `AcceleratedScheduler` keeps the wrapped scheduler in `.scheduler` (1.10.1-1.16.0). The scaler keys its
 # per-optimizer state by the optimizer inside all wrapper layers (`Accelerator.unscale_gradients`). Read by
 # attribute, so any wrapper shaped alike works; anything else is returned as it is (custom loops).
 
@@ -184,7 +227,7 @@ def grad_scaler(optimizer: Any) -> torch.amp.GradScaler | None:
 def accelerate_shared_states() -> tuple[dict[str, Any], dict[str, Any]]:
     """The shared state of `AcceleratorState` and `PartialState`, read without creating them.
 
-    `_shared_state` is the (private) dict every instance shares, empty until one is created (1.10.1-1.15.0);
+    `_shared_state` is the (private) dict every instance shares, empty until one is created (1.10.1-1.16.0);
     instantiating the classes instead would initialise accelerate as a side effect.
     """
     return AcceleratorState._shared_state, PartialState._shared_state
@@ -197,7 +240,7 @@ def register_stateful_callback(state: Any, name: str, exported: dict[str, Any]) 
     """Give callback ``name`` an entry in ``state.stateful_callbacks`` if it has none.
 
     Trainer's checkpoint save (`_save_checkpoint` → `TrainerState.stateful_callbacks`, keyed by class name,
-    5.19-5.24) raises ``KeyError`` for an `ExportableState` callback missing from a resumed state.
+    5.19-5.25) raises ``KeyError`` for an `ExportableState` callback missing from a resumed state.
     """
     if isinstance(state.stateful_callbacks, dict):
         state.stateful_callbacks.setdefault(name, exported)

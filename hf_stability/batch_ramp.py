@@ -17,8 +17,12 @@ Data: the samples form one continuous stream, pass after pass over the dataset (
 the run's seed, or in order with ``train_sampling_strategy="sequential"``), and step ``t`` takes the next
 global batch of samples, every rank its own contiguous micro-batches. Which samples a step gets is a
 pure function of the step number, so a resumed run continues the ramp and the stream exactly where they
-stopped (nothing to checkpoint). A Trainer epoch is ``len(dataset) // target`` steps (a pass at the target
-batch); during the ramp the stream runs behind that count, it never skips or repeats a sample of a pass.
+stopped (nothing to checkpoint), with or without ``ignore_data_skip`` (skipping is free here: the sampler
+starts at the resumed step itself when Trainer will not skip the epoch's trained batches). Only the
+``"random"`` and ``"sequential"`` `train_sampling_strategy` fit one stream; the others (length grouping)
+are refused at construction rather than silently replaced. A Trainer epoch is ``len(dataset) // target``
+steps (a pass at the target batch); during the ramp the stream runs behind that count, it never skips or
+repeats a sample of a pass.
 """
 
 from __future__ import annotations
@@ -92,16 +96,20 @@ class RampBatchSampler:
     accelerate's `BatchSamplerShard` (which deals item ``i`` to rank ``i % world_size``) gives every rank
     its ``accumulation`` items in order. Placeholders (empty lists) fill the first slots during the ramp.
     ``current_step`` tells the step a new epoch iterator starts from (Trainer's ``global_step``): with
-    Trainer's epochs of ``steps_per_epoch`` steps, that fixes the epoch, also in a resumed run.
+    Trainer's epochs of ``steps_per_epoch`` steps, that fixes the epoch, also in a resumed run. Trainer skips the
+    batches a resumed epoch already trained, so an iterator starts at the epoch's first step; with
+    ``ignore_data_skip`` Trainer skips nothing, so it starts at ``current_step`` itself (else the ramp and the
+    stream would restart from the epoch's start while ``global_step`` goes on).
     """
 
     drop_last = True  # every step is complete: BatchSamplerShard must not pad or cycle
 
     def __init__(self, ramp: BatchRamp, num_samples: int, micro_batch: int, accumulation: int, world_size: int,
-                 shuffle: bool, seed: int, current_step: Callable[[], int]) -> None:
+                 shuffle: bool, seed: int, current_step: Callable[[], int], ignore_data_skip: bool = False) -> None:
         self.ramp, self.num_samples, self.micro_batch = ramp, num_samples, micro_batch
         self.accumulation, self.world_size = accumulation, world_size
         self.shuffle, self.seed, self.current_step = shuffle, seed, current_step
+        self.ignore_data_skip = ignore_data_skip
         self.steps_per_epoch = num_samples // ramp.target
         if self.steps_per_epoch < 1:
             raise ValueError(f"`train_dataset` has {num_samples} samples, fewer than one target batch ({ramp.target}).")
@@ -124,7 +132,8 @@ class RampBatchSampler:
         return indices
 
     def __iter__(self) -> Iterator[list[int]]:
-        first = self.current_step() // self.steps_per_epoch * self.steps_per_epoch
+        step = self.current_step()
+        first = step if self.ignore_data_skip else step // self.steps_per_epoch * self.steps_per_epoch
         for step in range(first, first + self.steps_per_epoch):
             consumed, size = self.ramp.at(step)
             samples = self._stream(consumed, size)
@@ -173,6 +182,11 @@ class BatchRampMixin(_MixedInto):
         ramp = BatchRampSettings.resolve({}, args)  # a plain TrainingArguments gets start 0: no ramp
         if not ramp.start:
             return
+        if args.train_sampling_strategy not in ("random", "sequential"):
+            raise ValueError(
+                f"`train_sampling_strategy={args.train_sampling_strategy!r}` cannot be combined with the batch ramp "
+                "(`batch_ramp_start`), whose steps take one stream of samples: use 'random' or 'sequential'."
+            )
         micro, world = args.per_device_train_batch_size, args.world_size
         target = micro * args.gradient_accumulation_steps * world
         for name in ("start", "increment"):
@@ -199,7 +213,7 @@ class BatchRampMixin(_MixedInto):
             self.batch_ramp, len(dataset), self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
             self.args.world_size, shuffle=self.args.train_sampling_strategy != "sequential",
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-            current_step=lambda: self.state.global_step,
+            current_step=lambda: self.state.global_step, ignore_data_skip=self.args.ignore_data_skip,
         )
         # A `datasets.Dataset` is map-style (len, getitem): all DataLoader needs, as in Trainer's own loader.
         loader = DataLoader(cast("Dataset[Any]", dataset), batch_sampler=sampler, collate_fn=RampCollator(collator),

@@ -24,7 +24,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import Trainer
 
 from hf_stability._compat import output_dir as compat_output_dir
-from hf_stability.events import EVENTS_FILENAME, read_events
+from hf_stability.event_digest import read_event_digest
+from hf_stability.events import EVENTS_FILENAME
 from hf_stability.report import (
     RunRecord,
     gradient_health,
@@ -175,13 +176,15 @@ def build_model_card(
     output_dir = Path(compat_output_dir(args))
     model_name = model_name or output_dir.name
     model_id = model_id or (args.hub_model_id if args.push_to_hub and args.hub_model_id else str(output_dir))
+    digest = read_event_digest(output_dir)
     run = RunRecord(
         output_dir,
         list(trainer.state.log_history),
-        read_events(output_dir),
+        list(digest.recent),
         None,
         has_events_file=(output_dir / EVENTS_FILENAME).is_file(),
         superseded=superseded_event_files(output_dir),
+        digest=digest,
     )
     final = _final_metrics(run.log_history)
     kind = _OBJECTIVE_CARDS.get(objective) if objective is not None else None
@@ -348,6 +351,9 @@ def _stability_section(run: RunRecord, trainer: Trainer) -> str:
         lines.append(f"- Largest logged gradient norm: {figures['max_grad_norm']:.4g}")
     lines += _gradient_health_lines(run)
     if run.events:
+        total = run.event_digest.total
+        if total > len(run.events):
+            lines += ["", f"The last {len(run.events)} of {total} events (all are in `{EVENTS_FILENAME}`):"]
         lines += ["", "| step | event | reason | restored step |", "|---|---|---|---|"]
         for event in run.events:
             lines.append(

@@ -8,6 +8,10 @@ Counts describe the run's final state, not its last logging step: a run can stop
 logging steps. They come from the events file, which holds every skip and rollback as it happened and is
 aligned with the state a resumed run starts from; without one, from the callbacks' counters stored with
 the trainer state; only then from the last logged value.
+
+The events are streamed into a bounded `EventDigest` (counts per type and reason, step range, the last few
+events in full), and the plot marks them per bin of steps once there are more than `MAX_EVENT_LINES`, so a run
+with a million events reports in seconds (docs/events.md).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from hf_stability._extras import require
-from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX, read_events
+from hf_stability.event_digest import EventDigest, read_event_digest
+from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX
 
 STATE_FILENAME = "trainer_state.json"
 # Event kind -> (callback, attribute) whose checkpointed value counts it.
@@ -44,11 +49,24 @@ EXPLODING_RATIO = 1e4
 # The heat map names each layer up to this many rows, each block beyond; inches of figure per layer row.
 _NAMED_LAYER_ROWS = 48
 _HEAT_MAP_ROW_INCHES = 0.11
+# Up to this many skips (or rollbacks) are drawn one line each; more are drawn as counts per bin of steps
+# (EVENT_BINS bins at most), which stays readable and fast for any number of events.
+MAX_EVENT_LINES = 50
+EVENT_BINS = 200
+# Extra fields of a listed event are shown up to this many characters.
+_EVENT_DETAIL_CHARS = 160
+_LISTED_KEYS = ("step", "event", "reason", "restored_step", "time")
+# The summary lists the event/reason groups with the most events, up to this many.
+_LISTED_REASON_GROUPS = 10
 
 
 @dataclass
 class RunRecord:
-    """What a run left on disk: the Trainer's logged history and the stability events."""
+    """What a run left on disk: the Trainer's logged history and the stability events.
+
+    ``events`` are the most recent events in full (all of them when built from a list), ``digest`` the counts
+    over every event (built from ``events`` when not given).
+    """
 
     output_dir: Path
     log_history: list[dict[str, Any]]
@@ -58,6 +76,16 @@ class RunRecord:
     has_events_file: bool = False
     # Events moved aside (an earlier run in this directory, or steps replayed after a resume), oldest first.
     superseded: list[Path] = field(default_factory=list)
+    digest: EventDigest | None = None
+
+    def __post_init__(self) -> None:
+        if self.digest is None:
+            self.digest = EventDigest.of(self.events)
+
+    @property
+    def event_digest(self) -> EventDigest:
+        assert self.digest is not None  # set by __post_init__
+        return self.digest
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` of every finite logged value of ``key``."""
@@ -68,13 +96,10 @@ class RunRecord:
                 points.append((int(entry["step"]), float(value)))
         return points
 
-    def events_of(self, kind: str) -> list[dict[str, Any]]:
-        return [event for event in self.events if event.get("event") == kind]
-
     def counter(self, key: str, kind: str) -> int:
         """Final count of ``kind`` events: the events file, else the stored callback counter, else the last log."""
         if self.has_events_file:
-            return len(self.events_of(kind))
+            return self.event_digest.count(kind)
         stored = _STORED_COUNTERS.get(kind)
         callbacks = self.trainer_state.get("stateful_callbacks") or {}
         if stored is not None and isinstance(callbacks.get(stored[0]), dict):
@@ -97,10 +122,10 @@ class RunRecord:
         scales = [value for _, value in self.series("stability/loss_scale")]
         grad_norms = [value for _, value in self.series("grad_norm")]
         eval_losses = self.series("eval_loss")
-        stops = self.events_of("stop")
+        stop = self.event_digest.last_stop
         return {
             "steps": self.global_step,
-            "stopped": stops[-1]["reason"] if stops else None,
+            "stopped": stop["reason"] if stop else None,
             "first_loss": losses[0][1] if losses else None,
             "last_loss": losses[-1][1] if losses else None,
             "min_loss": min((value for _, value in losses), default=None),
@@ -121,7 +146,7 @@ def load_run(output_dir: str | os.PathLike) -> RunRecord:
     if not output_dir.is_dir():
         raise ValueError(f"`output_dir` {str(output_dir)!r} is not a directory.")
     state_path = _find_state(output_dir)
-    events = read_events(output_dir)
+    digest = read_event_digest(output_dir)
     if state_path is None and not (output_dir / EVENTS_FILENAME).exists():
         raise ValueError(
             f"`output_dir` {str(output_dir)!r} holds no {STATE_FILENAME} (nor a checkpoint with one) and no "
@@ -138,11 +163,12 @@ def load_run(output_dir: str | os.PathLike) -> RunRecord:
     return RunRecord(
         output_dir=output_dir,
         log_history=trainer_state.get("log_history", []),
-        events=events,
+        events=list(digest.recent),
         state_path=state_path,
         trainer_state=trainer_state,
         has_events_file=(output_dir / EVENTS_FILENAME).is_file(),
         superseded=superseded_event_files(output_dir),
+        digest=digest,
     )
 
 
@@ -181,12 +207,7 @@ def format_summary(run: RunRecord) -> str:
     lines.append(f"  rollbacks: {figures['rollbacks']}")
     if figures["loss_scale_min"] is not None:
         lines.append(f"  loss scale: {figures['loss_scale_min']:g} .. {figures['loss_scale_max']:g}")
-    lines.append(f"  events ({len(run.events)}):")
-    for event in run.events:
-        detail = f" -> restored step {event['restored_step']}" if "restored_step" in event else ""
-        lines.append(f"    step {event['step']}: {event['event']} ({event['reason']}){detail}")
-    if not run.events:
-        lines.append("    none")
+    lines += event_summary_lines(run.event_digest)
     if run.superseded:
         lines.append(f"  earlier events moved aside (not counted here): {', '.join(p.name for p in run.superseded)}")
     health = gradient_health(run)
@@ -194,6 +215,33 @@ def format_summary(run: RunRecord) -> str:
         headline, *outliers = gradient_health_lines(health)
         lines += [f"  {headline}", *(f"    {line}" for line in outliers)]
     return "\n".join(lines)
+
+
+def event_summary_lines(digest: EventDigest) -> list[str]:
+    """Counts per event type and reason, the step range, then the most recent events (a capped listing)."""
+    damaged = f"; {digest.damaged_lines} damaged line(s) skipped" if digest.damaged_lines else ""
+    if not digest.total:
+        return [f"  events: none{damaged}"]
+    lines = [f"  events: {digest.total}, steps {digest.first_step} .. {digest.last_step}{damaged}"]
+    groups = digest.counts.most_common()
+    lines += [f"    {kind} ({reason}): {count}" for (kind, reason), count in groups[:_LISTED_REASON_GROUPS]]
+    if len(groups) > _LISTED_REASON_GROUPS:
+        rest = groups[_LISTED_REASON_GROUPS:]
+        lines.append(f"    ... {len(rest)} more event/reason group(s), {sum(count for _, count in rest)} event(s)")
+    shown = len(digest.recent)
+    of_all = f" of {digest.total} (all are in {EVENTS_FILENAME})" if shown < digest.total else ""
+    lines.append(f"  last {shown} event(s){of_all}:")
+    for event in digest.recent:
+        lines.append(f"    {event_line(event)}")
+    return lines
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """``step S: event (reason) -> restored step R`` and the event's other fields, cut to a readable length."""
+    detail = f" -> restored step {event['restored_step']}" if "restored_step" in event else ""
+    extra = {key: value for key, value in event.items() if key not in _LISTED_KEYS}
+    text = json.dumps(extra, default=str)[:_EVENT_DETAIL_CHARS] if extra else ""
+    return f"step {event['step']}: {event['event']} ({event['reason']}){detail}" + (f" {text}" if text else "")
 
 
 @dataclass(frozen=True)
@@ -471,19 +519,36 @@ def _xy(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
 
 
 def _mark_events(axis: Any, run: RunRecord) -> None:
-    for index, event in enumerate(run.events_of("skip")):
-        axis.axvline(
-            event["step"], color="tab:red", linestyle=":", linewidth=1, label="skipped step" if index == 0 else None
-        )
-    for index, event in enumerate(run.events_of("rollback")):
-        axis.axvline(
-            event["step"], color="black", linestyle="--", linewidth=1, label="rollback" if index == 0 else None
-        )
-        if "restored_step" in event:
-            axis.axvspan(
-                event["restored_step"],
-                event["step"],
-                color="grey",
-                alpha=0.15,
-                label="rolled back span" if index == 0 else None,
-            )
+    """A line per skip and rollback (and the span a rollback went back over), or counts per bin when many."""
+    steps = run.event_digest.steps
+    marks = (("skip", "tab:red", ":", "skipped step"), ("rollback", "black", "--", "rollback"))
+    for kind, colour, style, label in marks:
+        if len(steps[kind]) > MAX_EVENT_LINES:
+            _mark_event_bins(axis, steps[kind], colour, label, from_top=kind == "rollback")
+            continue
+        for index, step in enumerate(steps[kind]):
+            axis.axvline(step, color=colour, linestyle=style, linewidth=1, label=label if index == 0 else None)
+    if len(steps["rollback"]) <= MAX_EVENT_LINES:
+        pairs = zip(steps["rollback"], steps["restored_step"], strict=True)
+        spans = [(restored, step) for step, restored in pairs if restored >= 0]
+        for index, (restored, step) in enumerate(spans):
+            axis.axvspan(restored, step, color="grey", alpha=0.15, label="rolled back span" if index == 0 else None)
+
+
+def _mark_event_bins(axis: Any, steps: Any, colour: str, label: str, from_top: bool) -> None:
+    """Bars up to a quarter of the panel's height counting the events per bin of steps (`EVENT_BINS` at most),
+    from the bottom edge, or hanging from the top edge (``from_top``) so that two kinds do not hide each other."""
+    import numpy as np
+
+    values = np.frombuffer(steps, dtype=np.int64)
+    low, high = int(values.min()), int(values.max()) + 1
+    counts, edges = np.histogram(values, bins=min(EVENT_BINS, high - low), range=(low, high))
+    top = counts.max()
+    first = True
+    for count, left, right in zip(counts, edges[:-1], edges[1:], strict=True):
+        if count:
+            height = 0.25 * count / top
+            axis.axvspan(left, right, ymin=1 - height if from_top else 0, ymax=1 if from_top else height,
+                         color=colour, alpha=0.6, linewidth=0,
+                         label=f"{label}s per bin ({len(values)} in all, highest bar {top})" if first else None)
+            first = False

@@ -1,9 +1,14 @@
 """Loss/grad-norm spike detector: mean + `sigma` standard deviations over a window of healthy values.
 
-This is the rule OLMo-core and Levanter use (mean + 6σ over the last 128 steps), made robust in three
+This is the rule OLMo-core and Levanter use (mean + 6σ over the last 128 steps), made robust in four
 ways: a spike never enters the window (so one spike cannot raise the bar for the next), non-finite
-values are always spikes (except on steps the caller marks as skipped), and the deviation has a small
-floor relative to the mean so a near-constant signal does not turn noise in the last digits into alarms.
+values are always spikes (except on steps the caller marks as skipped), the deviation has a small
+floor relative to the mean so a near-constant signal does not turn noise in the last digits into alarms,
+and the mean and σ leave out window values far above the window's median (`OUTLIER_SIGMA_FACTOR`). The
+last one matters during warm-up, where no value can be a spike: one finite outlier (a loss of 1e29) would
+otherwise join the window and lift the threshold to ~4e29 for the next ``window`` steps, so that a later
+20x spike went unnoticed. Median and MAD do not move with one outlier; on a healthy signal nothing is that
+far out, so the threshold is the plain mean + σ·std.
 
 The detector is plain host-side arithmetic on Python floats; the callback buffers the per-step values on
 device and hands them over in batches (see `hf_stability.callbacks.rollback`), so judging costs no extra
@@ -13,6 +18,7 @@ host synchronisation per step.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -21,6 +27,10 @@ from hf_stability.config import checked_number
 # A deviation below this fraction of |mean| is treated as this fraction: float noise on a flat signal
 # is not a spike, while any real spike (orders of magnitude above 6 x 0.1 % of the mean) still is.
 MIN_RELATIVE_STD = 1e-3
+# Window values above median + OUTLIER_SIGMA_FACTOR x sigma robust deviations (1.4826 x MAD, the std of a
+# Gaussian) stay out of the mean and std: 12 robust σ at the default 6σ, far beyond any healthy value.
+OUTLIER_SIGMA_FACTOR = 2.0
+MAD_TO_STD = 1.4826
 
 
 @dataclass(frozen=True)
@@ -63,10 +73,24 @@ class SpikeDetector:
         count = len(self._values)
         if count < max(self.warmup, 2):
             return None
-        mean = math.fsum(self._values) / count
-        variance = math.fsum((v - mean) ** 2 for v in self._values) / (count - 1)
+        values = self._without_outliers()
+        count = len(values)
+        mean = math.fsum(values) / count
+        variance = math.fsum((v - mean) ** 2 for v in values) / (count - 1)
         std = max(math.sqrt(variance), MIN_RELATIVE_STD * abs(mean))
         return mean + self.sigma * std
+
+    def _without_outliers(self) -> list[float]:
+        """The window without values far above its median (see the module docstring); at least half remain."""
+        values = sorted(self._values)
+        median = statistics.median(values)
+        mad = statistics.median(abs(v - median) for v in values)
+        scale = max(MAD_TO_STD * mad, MIN_RELATIVE_STD * abs(median))
+        if scale == 0:  # an all-zero window has no scale to judge by
+            return values
+        bound = median + OUTLIER_SIGMA_FACTOR * self.sigma * scale
+        kept = [v for v in values if v <= bound]
+        return kept if len(kept) >= 2 else values
 
     def scan(self, values: list[float]) -> tuple[int, list[Verdict]]:
         """Judge ``values`` in order, as if each healthy one joined the window, without recording any.

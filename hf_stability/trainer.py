@@ -8,7 +8,7 @@ from typing import Any
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_stability._compat import check_trainer_hooks
+from hf_stability._compat import check_trainer_hooks, warn_untested_versions
 from hf_stability._logging import get_logger
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
@@ -84,6 +84,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_trainer_hooks(_upstream_trainer(type(self)))
+        warn_untested_versions()
         super().__init__(*args, **kwargs)
         self._build_batch_ramp()
         # The model the callbacks receive: their look-ups of the step's signals find this trainer's.

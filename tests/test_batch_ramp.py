@@ -108,7 +108,9 @@ def test_a_ramp_step_has_the_gradient_of_its_samples(tmp_path, bert_tokenizer, d
 
 
 @pytest.mark.slow
-def test_a_resumed_run_continues_the_ramp_where_it_stopped(tmp_path, bert_tokenizer, dataset):
+@pytest.mark.parametrize("ignore_data_skip", [False, True])
+def test_a_resumed_run_continues_the_ramp_where_it_stopped(tmp_path, bert_tokenizer, dataset, ignore_data_skip):
+    """With ``ignore_data_skip`` Trainer skips no batch of the resumed epoch: the ramp must not restart at 4."""
     whole, whole_rows = ramp_trainer(tmp_path / "whole", bert_tokenizer, dataset)
     whole.train()
 
@@ -119,7 +121,7 @@ def test_a_resumed_run_continues_the_ramp_where_it_stopped(tmp_path, bert_tokeni
     first, _ = ramp_trainer(tmp_path / "run", bert_tokenizer, dataset, save_strategy="steps", save_steps=3)
     first.add_callback(StopAt())
     first.train()
-    resumed, resumed_rows = ramp_trainer(tmp_path / "run", bert_tokenizer, dataset)
+    resumed, resumed_rows = ramp_trainer(tmp_path / "run", bert_tokenizer, dataset, ignore_data_skip=ignore_data_skip)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
     assert sorted(resumed_rows.rows) == list(range(4, 11))
     for step in range(4, 11):
@@ -137,6 +139,13 @@ def test_ramp_settings_are_validated(tmp_path):
         StabilityConfig(str(tmp_path), **{**RAMP, "batch_ramp_length": 0})
     with pytest.raises(ValueError, match="batch_ramp_unit"):
         StabilityConfig(str(tmp_path), batch_ramp_unit="tokens")
+
+
+@pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
+def test_length_grouping_is_refused_not_silently_dropped(tmp_path, bert_tokenizer, dataset, strategy):
+    args = training_args(tmp_path, **{**RAMP, "train_sampling_strategy": strategy})
+    with pytest.raises(ValueError, match=f"`train_sampling_strategy={strategy!r}` cannot be combined with the batch"):
+        StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
 
 
 def test_start_must_be_whole_micro_batches(tmp_path, bert_tokenizer, dataset):

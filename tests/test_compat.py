@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 from pathlib import Path
 
+import accelerate
 import pytest
+import transformers
 from transformers import Trainer, TrainerControl, TrainerState
 from transformers.trainer_callback import DefaultFlowCallback
 
 from hf_stability import StabilityTrainer
+from hf_stability import _compat as compat
 from hf_stability._compat import (
     ACCELERATE_VERIFIED,
     TRANSFORMERS_VERIFIED,
     UpstreamChangedError,
     is_logging_step,
     is_saving_step,
+    untested_versions,
 )
 from tests.testing_utils import mlm_dataset, run_two_ranks, tiny_bert, training_args
 
@@ -110,6 +115,51 @@ def test_the_verified_range_starts_at_the_pyproject_floor():
     floors = dict(re.findall(r'^ *"([\w-]+)>=([\d.]+)",$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE))
     assert floors["transformers"] == TRANSFORMERS_VERIFIED[0]
     assert floors["accelerate"] == ACCELERATE_VERIFIED[0]
+
+
+@pytest.mark.parametrize(
+    ("transformers_version", "accelerate_version", "named"),
+    [
+        ("5.26.0", ACCELERATE_VERIFIED[1], ["transformers 5.26.0"]),
+        ("5.18.2", ACCELERATE_VERIFIED[0], ["transformers 5.18.2"]),
+        ("5.26.0.dev0", "1.17.0", ["transformers 5.26.0.dev0", "accelerate 1.17.0"]),
+    ],
+)
+def test_a_version_outside_the_tested_range_is_named_in_one_line(transformers_version, accelerate_version, named):
+    message = untested_versions(transformers_version, accelerate_version)
+    assert message is not None and "\n" not in message
+    assert all(name in message for name in named)
+    assert f"transformers {TRANSFORMERS_VERIFIED[0]} to {TRANSFORMERS_VERIFIED[1]}" in message
+
+
+def test_the_installed_versions_are_tested_and_construction_warns_nothing(tmp_path, bert_tokenizer, dataset, caplog):
+    """CI installs the latest releases (`make install`): the range's top must be what it runs, or this fails."""
+    assert untested_versions(transformers.__version__, accelerate.__version__) is None
+    compat._untested_warned = False  # a process warns once: let this trainer be the first
+    with caplog.at_level("WARNING", logger="hf_stability"):
+        StabilityTrainer(tiny_bert(bert_tokenizer), training_args(tmp_path), train_dataset=dataset)
+    assert compat._untested_warned and "outside the range CI tests" not in caplog.text
+
+
+def test_an_untested_transformers_is_warned_once_per_process(tmp_path, bert_tokenizer, dataset, caplog, monkeypatch):
+    # The release after the tested range, on the module a fresh `import transformers` returns (as `_compat` does).
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.26.0")
+    monkeypatch.setattr(compat, "_untested_warned", False)
+    with caplog.at_level("WARNING", logger="hf_stability"):
+        for _ in range(2):
+            StabilityTrainer(tiny_bert(bert_tokenizer), training_args(tmp_path), train_dataset=dataset)
+    assert caplog.text.count("running with transformers 5.26.0, outside the range CI tests") == 1
+
+
+def test_readme_and_docs_cite_the_one_tested_range():
+    """The range lives in `_compat`; the docs state it, and no other transformers/accelerate version."""
+    for document in ("README.md", "docs/trainer.md"):
+        text = (ROOT / document).read_text()
+        assert f"`transformers` {TRANSFORMERS_VERIFIED[0]}" in text and TRANSFORMERS_VERIFIED[1] in text, document
+        assert f"`accelerate` {ACCELERATE_VERIFIED[0]} to {ACCELERATE_VERIFIED[1]}" in text, document
+        assert "TRANSFORMERS_VERIFIED" in text, document
+        assert set(re.findall(r"\b5\.\d+\.\d+\b", text)) <= set(TRANSFORMERS_VERIFIED), document
+        assert set(re.findall(r"`accelerate` (1\.\d+\.\d+)", text)) <= set(ACCELERATE_VERIFIED), document
 
 
 @pytest.mark.distributed

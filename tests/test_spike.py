@@ -90,3 +90,18 @@ def test_flat_signal_uses_the_relative_deviation_floor():
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SpikeDetector(**kwargs)
+
+
+def test_a_huge_finite_outlier_during_warmup_does_not_hide_a_later_spike():
+    """Warm-up cannot call a finite value a spike, so a 1e29 loss joins the window; it must not lift the bar."""
+    rng = np.random.default_rng(2)
+    detector = SpikeDetector(window=64, warmup=16, sigma=6.0)
+    healthy = list(7.0 + 0.05 * rng.standard_normal(32))
+    index, _ = detector.scan(healthy[:4] + [1e29] + healthy[4:])
+    assert index == 33  # warm-up: the outlier is accepted, as no finite value can be a spike yet
+    detector.accept(healthy[:4] + [1e29] + healthy[4:])
+    assert 1e29 in detector.values
+    # Without leaving the outlier out of the mean/std the threshold is ~4e29 (mean 3e27 + 6 x 1.2e28).
+    assert detector.threshold() == pytest.approx(statistics.mean(healthy) + 6.0 * statistics.stdev(healthy))
+    index, verdicts = detector.scan([7.0, 140.0])  # a 20x spike
+    assert index == 1 and verdicts[1].spike

@@ -290,6 +290,16 @@ def checkpoint_problem(path: str) -> str | None:
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         return "trainer_state.json has no global_step"
     names = os.listdir(path)
+    # The tokenizer, model config and generation config are read back from the same directory: a damaged one
+    # (empty, cut off) would end in a raw JSONDecodeError from inside transformers after the run has started.
+    for name in sorted(name for name in names if name.endswith(".json") and name != "trainer_state.json"):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as handle:
+                content = json.load(handle)
+        except (ValueError, UnicodeDecodeError) as error:
+            return f"{name} is not valid JSON (empty or cut off mid-write?): {error}"
+        if not isinstance(content, dict):
+            return f"{name} is not a JSON object"
     if not any(name in WEIGHT_FILES or name.startswith(("pytorch_model_fsdp", "global_step")) for name in names):
         return f"no model weights (none of {', '.join(WEIGHT_FILES)})"
     return None

@@ -311,6 +311,36 @@ def test_resume_restores_the_detector_window_so_a_spike_right_after_it_rolls_bac
     assert [(e["event"], e["spike_step"], e["restored_step"]) for e in read_events(tmp_path)] == [("rollback", 46, 40)]
 
 
+class LossReadings(StabilityTrainer):
+    """Adds ``offsets[step]`` (a constant, so the gradient is untouched) to the training loss of ``step``.
+
+    A finite outlier reading or a spiking loss, as the detector sees it, without changing what is trained.
+    """
+
+    offsets: dict[int, float] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        step = self.state.global_step + 1
+        if model.training and step in self.offsets:
+            loss = loss + self.offsets[step](loss.detach())
+        return (loss, *result[1:]) if return_outputs else loss
+
+
+def test_a_huge_finite_loss_during_warmup_does_not_hide_a_later_20x_spike(bert_tokenizer, dataset, tmp_path):
+    """Step 4's loss reads 1e29 while the detector warms up (16 values); step 30's loss is 20x the healthy one."""
+    trainer = LossReadings(tiny_bert(bert_tokenizer), make_args(tmp_path, StabilityConfig, max_steps=34,
+                           logging_steps=1, snapshot_interval=10, spike_window=32, spike_warmup=16),
+                           train_dataset=dataset)
+    trainer.offsets = {4: lambda loss: 1e29 - loss, 30: lambda loss: 19 * loss}
+    trainer.train()
+    assert [entry["loss"] for entry in trainer.state.log_history if entry.get("step") == 4] == [pytest.approx(1e29)]
+    (event,) = read_events(tmp_path)
+    assert (event["event"], event["spike_step"]) == ("rollback", 30) and event["restored_step"] < 30
+    assert event["threshold"] < 20  # the bar stays near the healthy loss (~7), not ~4e29
+
+
 @pytest.mark.parametrize(
     ("save", "thrown", "saved_at"),
     [

@@ -65,6 +65,8 @@ def test_latest_skips_an_incomplete_checkpoint_and_resumes_offline(finished_run,
         ("no_state", "trainer_state.json is missing"),
         ("torn_state", "trainer_state.json is not valid JSON"),
         ("no_weights", "no model weights"),
+        ("empty_tokenizer_config", "tokenizer_config.json is not valid JSON"),
+        ("list_config", "config.json is not a JSON object"),
     ],
 )
 def test_a_bad_checkpoint_path_is_one_line_naming_it_before_anything_loads(
@@ -80,6 +82,10 @@ def test_a_bad_checkpoint_path_is_one_line_naming_it_before_anything_loads(
         (checkpoint / "trainer_state.json").write_text('{"global_step": 2, "log_hi')
     elif damage == "no_weights":
         (checkpoint / "model.safetensors").unlink()
+    elif damage == "empty_tokenizer_config":  # an explicit path, not only `latest`, is checked before it loads
+        (checkpoint / "tokenizer_config.json").write_text("")
+    elif damage == "list_config":
+        (checkpoint / "config.json").write_text("[]")
     with pytest.raises(SystemExit) as raised:  # the recipe's one-line error, exit status 2
         bert_main(output_dir, "--resume_from_checkpoint", str(checkpoint))
     message = capsys.readouterr().err.strip()
