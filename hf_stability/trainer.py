@@ -13,6 +13,7 @@ from hf_stability._logging import get_logger
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
+from hf_stability.callbacks.resume import end_run
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
 from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
@@ -117,7 +118,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             )
 
     def train(self, *args: Any, **kwargs: Any):
-        """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first."""
+        """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first, held
+        events are written and the output directory's run lock is released."""
         self.step_signals.trainer_fed = True  # a missing pre-clip norm is now a broken seam, not a plain Trainer
         try:
             return super().train(*args, **kwargs)
@@ -125,6 +127,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             rollback = find_callback(self.callback_handler.callbacks, SpikeRollbackCallback)
             if rollback is not None:
                 rollback.on_train_end(self.args, self.state, self.control)  # clears its snapshot store
+            end_run(self.args, self.state)
             raise
         finally:
             self.step_signals.trainer_fed = False

@@ -111,6 +111,7 @@ class AdaptiveClipCallback(ResumableCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._sync_to_host()
+        super().on_train_end(args, state, control, **kwargs)
 
     def bound(self, stats: torch.Tensor | None = None) -> torch.Tensor:
         """``mean + z·σ`` of the current statistics (a 0-d tensor)."""

@@ -18,8 +18,10 @@ On ``resume_from_checkpoint`` Trainer replaces each `ExportableState` callback b
   them in ``state.stateful_callbacks``, and Trainer's next checkpoint save raises ``KeyError`` halfway,
   leaving a checkpoint without ``trainer_state.json``. The entry is added when training begins.
 
-When training begins, the main process also brings ``stability_events.jsonl`` in line with the state the
-run starts from (`StabilityEventLog.start_run`).
+When training begins, the main process takes the output directory's run lock (`hf_stability.run_lock`: a
+second run into it is refused), then brings ``stability_events.jsonl`` in line with the state the run starts
+from (`StabilityEventLog.start_run`). When training ends (`end_run`), events held in memory after a failed
+write are written and the lock is released.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from transformers.trainer_callback import ExportableState
 
 from hf_stability._compat import register_stateful_callback
 from hf_stability.events import StabilityEventLog
+from hf_stability.run_lock import acquire_run_lock, release_run_lock
 from hf_stability.settings import ComponentSettings
 
 # The settings each callback type was given for the run training a model (held weakly, dropped with the model).
@@ -89,4 +92,15 @@ class ResumableCallback(ConfiguredCallback, ExportableState):
         self.configure(args)
         register_stateful_callback(state, type(self).__name__, self.state())
         if state.is_world_process_zero:
+            acquire_run_lock(args.output_dir)  # before any file of the output directory is touched
             StabilityEventLog(args.output_dir).start_run(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        end_run(args, state)
+
+
+def end_run(args: Any, state: Any) -> None:
+    """At the end of training (or when it raises): write held events, release the output directory's lock."""
+    if state.is_world_process_zero:
+        StabilityEventLog(args.output_dir).flush()
+        release_run_lock(args.output_dir)

@@ -271,6 +271,7 @@ class SpikeRollbackCallback(ResumableCallback):
             signals = StepSignals.for_model(model)
             signals.recovery = False
             signals.close()
+        super().on_train_end(args, state, control, model=model, **kwargs)
 
     @staticmethod
     def _weights_bad(control: TrainerControl, model, step: int) -> bool:

@@ -231,3 +231,4 @@ class SkipNonFiniteCallback(ResumableCallback):
         if not self._health.weights_stop and weights_nonfinite(model, state.global_step):
             self._health.report_parameters(args, state, state.global_step, None, None, None)
         record.close()
+        super().on_train_end(args, state, control, **kwargs)
