@@ -11,6 +11,12 @@ Guarantees:
   supersedes every earlier event, and a torn or corrupt line is removed before anything is appended.
   Nothing is deleted: removed lines are moved, verbatim, to a sibling file
   ``stability_events.superseded-<UTC time>.jsonl``, and a warning names it.
+- A side file never stops training: when a write fails (full disk, quota, file-size limit) the events are
+  kept in this process's memory, a warning says so once per file, and the held events are written, in
+  order and before anything newer, at the next append or at the end of training (`StabilityEventLog.flush`).
+  Until then :func:`read_events` in the same process returns them after the file's, so the report and the
+  model card written at the end of training still see every event. A failed write leaves no torn line: the
+  file is cut back to where it was.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ from typing import Any
 EVENTS_FILENAME = "stability_events.jsonl"
 SUPERSEDED_PREFIX = "stability_events.superseded-"
 REQUIRED_KEYS = ("step", "event", "reason")
+
+# Per events file (resolved path): the JSON lines this process could not write yet, oldest first.
+_HELD: dict[Path, list[str]] = {}
+# Events files whose write failure was already warned about (once per file and process).
+_WARNED: set[Path] = set()
 
 
 def _json_safe(value: Any) -> Any:
@@ -68,12 +79,39 @@ class StabilityEventLog:
         self.path = Path(output_dir) / EVENTS_FILENAME
 
     def append(self, step: int, event: str, reason: str, **fields: Any) -> dict[str, Any]:
+        """Append one event (after any held ones); a failed write holds it in memory instead of raising."""
         record = {"step": int(step), "event": event, "reason": reason, "time": time.time(), **fields}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
-            handle.flush()
+        _HELD.setdefault(self.path.resolve(), []).append(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+        self.flush()
         return record
+
+    def flush(self) -> bool:
+        """Write the events held after failed writes; True when none is left held (warned once per file if not)."""
+        key = self.path.resolve()
+        held = _HELD.get(key)
+        if not held:
+            return True
+        data = "".join(held).encode("utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _append_whole(self.path, data)
+        except OSError as error:
+            if key not in _WARNED:
+                _WARNED.add(key)
+                warnings.warn(
+                    f"{self.path}: could not write stability events ({error}); training goes on and the counters "
+                    f"are kept. {len(held)} event(s) are held in memory and written at the next event or at the end "
+                    "of training once the file can be written.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return False
+        if key in _WARNED:
+            _WARNED.discard(key)
+            warnings.warn(f"{self.path}: writable again; wrote {len(held)} pending event(s).", UserWarning,
+                          stacklevel=3)
+        del _HELD[key]
+        return True
 
     def start_run(self, step: int) -> Path | None:
         """Keep only the events of steps up to ``step``, the step training starts from; move the rest aside.
@@ -82,6 +120,7 @@ class StabilityEventLog:
         step on resume. Torn and corrupt lines are moved aside too. Returns the file the removed lines went
         to, or ``None`` when the file already agreed (it is then left untouched).
         """
+        self.flush()
         if not self.path.is_file():
             return None
         kept: list[str] = []
@@ -99,10 +138,21 @@ class StabilityEventLog:
         while aside.exists():
             number += 1
             aside = self.path.with_name(f"{SUPERSEDED_PREFIX}{stamp}-{number}.jsonl")
-        aside.write_text("".join(line + "\n" for line in moved), encoding="utf-8", errors="surrogateescape")
         partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8", errors="surrogateescape")
-        os.replace(partial, self.path)
+        try:
+            aside.write_text("".join(line + "\n" for line in moved), encoding="utf-8", errors="surrogateescape")
+            partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8", errors="surrogateescape")
+            os.replace(partial, self.path)
+        except OSError as error:  # the file stays as it was: the report then sees the superseded events too
+            aside.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
+            warnings.warn(
+                f"{self.path}: could not move {len(moved)} superseded line(s) aside ({error}); the file is left as "
+                "it was and training goes on.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return None
         why = (
             "a new run starts in this output directory"
             if step == 0
@@ -116,17 +166,35 @@ class StabilityEventLog:
         return aside
 
 
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` entirely or not at all: a failed write is cut back, leaving no torn line."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            os.ftruncate(fd, start)  # shrinking is allowed past a file-size limit and on a full disk
+            raise
+    finally:
+        os.close(fd)
+
+
 def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a ``stability_events.jsonl`` file, or the one inside a run's output directory.
 
     A missing file means no events. A torn last line (a crash mid-write) or a corrupt line anywhere
     is skipped with a warning naming the line: a damaged file never aborts training or a report.
+    Events this process holds in memory after a failed write come last, as they will be written.
     """
     path = Path(path)
     if path.is_dir():
         path = path / EVENTS_FILENAME
+    held = [record for line in _HELD.get(path.resolve(), []) if (record := _parse(line)) is not None]
     if not path.exists():
-        return []
+        return held
     events = []
     text = path.read_text(encoding="utf-8", errors="replace")  # a binary line is one corrupt line, not an abort
     for number, line, complete in _lines(text):
@@ -136,4 +204,4 @@ def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
             warnings.warn(f"{path}: skipping {kind} {number}: {line[:80]!r}", UserWarning, stacklevel=2)
             continue
         events.append(record)
-    return events
+    return events + held

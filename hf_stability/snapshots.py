@@ -13,6 +13,13 @@ so later kernels cannot overwrite the source before it is read, and a restore is
 scaler, python/numpy RNG, the optimizer's structure) with `torch.save`, because safetensors holds only
 tensors.
 
+Reading a snapshot back never runs code: the structure holds only plain data (dicts, lists, tuples, numbers,
+strings, tensors; a tensor stored in the safetensors file is a ``{"__hf_stability_tensor__": key}`` entry)
+and is loaded with ``torch.load(weights_only=True)``. Whoever can write into ``stability_snapshots/`` (a
+shared output directory) cannot make a rollback execute a pickle: a file that is not plain data is refused
+(`UnsafeSnapshotError`) before anything is restored. State that is not plain data (e.g. a user scheduler
+holding a custom object) is refused at the first ``disk`` snapshot, when training begins.
+
 A snapshot is protection, not a result: on ``disk``, a write that fails (full disk, quota, file-size limit)
 never aborts training. The partial snapshot is removed with a warning, the older snapshots stay valid, and
 training goes on. Free space is checked against the snapshot size at the first write (a warning when fewer
@@ -25,6 +32,8 @@ Nothing the store did not write is ever removed.
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 import random
 import shutil
 import weakref
@@ -44,6 +53,11 @@ from hf_stability.settings import SnapshotStorage
 logger = get_logger(__name__, every_rank=True)  # about this rank's own snapshots
 
 _SNAPSHOT_FILES = {"tensors.safetensors", "structure.pt"}
+_SLOT_KEY = "__hf_stability_tensor__"  # how a `_TensorSlot` is written to ``structure.pt``
+
+
+class UnsafeSnapshotError(ValueError):
+    """A snapshot file (or the state to write into one) is not plain data: loading it could run code."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +142,64 @@ def _host_copy(source: dict[str, torch.Tensor], reuse: dict[str, torch.Tensor] |
     return copies
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` with each `_TensorSlot` as a one-key dict: a structure `torch.load(weights_only=True)` reads."""
+    if isinstance(obj, _TensorSlot):
+        return {_SLOT_KEY: obj.key}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _from_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if obj.keys() == {_SLOT_KEY}:
+            return _TensorSlot(obj[_SLOT_KEY])
+        return {k: _from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_plain(v) for v in obj)
+    return obj
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """The one line of torch's ``weights_only`` refusal that says what was refused (it also suggests unsafe loads)."""
+    text = " ".join(str(error).split())
+    reason = text.partition("WeightsUnpickler error:")[2] or text
+    return reason.split(" Please use")[0].split(" Check the documentation")[0].strip()
+
+
+def _plain_bytes(structure: dict[str, Any]) -> bytes:
+    """``structure`` serialised as plain data, checked to load with ``weights_only=True`` (`UnsafeSnapshotError`)."""
+    buffer = io.BytesIO()
+    torch.save(_plain(structure), buffer)
+    data = buffer.getvalue()
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeSnapshotError(
+            "The training state holds a value that is not plain data (dicts, lists, numbers, strings, tensors), so "
+            f"a disk snapshot could not be read back safely ({_unpickler_reason(error)}). Use snapshot_storage='cpu'."
+        ) from None
+    return data
+
+
+def _load_structure(path: Path) -> dict[str, Any]:
+    """Read ``structure.pt`` as plain data only; a file that would run code or is damaged is refused."""
+    try:
+        return _from_plain(torch.load(path, weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise UnsafeSnapshotError(
+            f"{path}: refusing to load this rollback snapshot: it is not plain data written by hf-stability (replaced "
+            f"or damaged; loading it could run code): {_unpickler_reason(error)}"
+        ) from None
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    numpy_state = (kind, np.asarray(keys).tolist(), position, has_gauss, cached)  # plain ints, no numpy object
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -197,7 +267,7 @@ def restore_training_state(snapshot: Snapshot, model: torch.nn.Module, optimizer
     tensors = snapshot.tensors
     if tensors is None:
         tensors = load_file(_disk_path(snapshot) / "tensors.safetensors")
-    structure = snapshot.structure or torch.load(_disk_path(snapshot) / "structure.pt", weights_only=False)
+    structure = snapshot.structure or _load_structure(_disk_path(snapshot) / "structure.pt")
     live, _ = _model_tensors(model)
     missing = live.keys() - {k[len("model.") :] for k in tensors if k.startswith("model.")}
     if missing:
@@ -270,6 +340,7 @@ class SnapshotStore:
             self._check_free_space(directory, snapshot.nbytes)
             self._finalizer = weakref.finalize(self, _remove_written, self._written, directory)
         snapshot.path = path = directory / f"step-{snapshot.step}"
+        plain = _plain_bytes(structure)  # not plain data: refused here, before any file is written
         try:
             path.mkdir(parents=True)
             self._written.add(path)
@@ -278,8 +349,8 @@ class SnapshotStore:
             # safetensors refuses views into shared or non-contiguous storage, so hand it compact copies.
             save_file({k: t.detach().to("cpu").contiguous().clone() for k, t in live.items()},
                       str(path / "tensors.safetensors"))
-            torch.save(structure, path / "structure.pt")
-        except (OSError, SafetensorError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+            (path / "structure.pt").write_bytes(plain)
+        except (OSError, SafetensorError) as error:
             if path in self._written:
                 self._written.discard(path)
                 shutil.rmtree(path, ignore_errors=True)

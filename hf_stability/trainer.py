@@ -8,11 +8,12 @@ from typing import Any
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_stability._compat import check_trainer_hooks, warn_untested_versions
+from hf_stability._compat import check_trainer_hooks, output_dir, warn_untested_versions
 from hf_stability._logging import get_logger
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
+from hf_stability.callbacks.resume import check_stored_state, end_run, resume_checkpoint
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
 from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
@@ -117,15 +118,23 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 "rollback counters restart from 0 after resume_from_checkpoint. Use StabilityConfig or set it True."
             )
 
-    def train(self, *args: Any, **kwargs: Any):
-        """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`, after checking the stability state stored in the checkpoint resumed from.
+
+        When it raises, the rollback snapshots (up to GBs on disk) are removed first, held events are written and
+        the output directory's run lock is released.
+        """
+        checkpoint = resume_checkpoint(resume_from_checkpoint, output_dir(self.args))
+        if checkpoint is not None and self.args.restore_callback_states_from_checkpoint:
+            check_stored_state(checkpoint, self.callback_handler.callbacks)
         self.step_signals.trainer_fed = True  # a missing pre-clip norm is now a broken seam, not a plain Trainer
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
             rollback = find_callback(self.callback_handler.callbacks, SpikeRollbackCallback)
             if rollback is not None:
                 rollback.on_train_end(self.args, self.state, self.control)  # clears its snapshot store
+            end_run(self.args, self.state)
             raise
         finally:
             self.step_signals.trainer_fed = False

@@ -18,7 +18,7 @@ import torch
 
 from hf_stability._compat import foreach_mul_
 from hf_stability._logging import get_logger
-from hf_stability.callbacks.resume import ResumableCallback
+from hf_stability.callbacks.resume import ResumableCallback, stored_count, stored_number
 from hf_stability.callbacks.signals import StepSignals, completing_step, global_grad_norm, gradients
 from hf_stability.engines import refuse_for_callback
 from hf_stability.settings import AdaptiveClipSettings
@@ -70,6 +70,9 @@ class AdaptiveClipCallback(ResumableCallback):
     settings_class = AdaptiveClipSettings
     settings: AdaptiveClipSettings
     priority = 300  # after the skip decision, before rollback and telemetry (hf_stability.callbacks.order)
+    stored_attributes = {
+        "mean": stored_number, "var": stored_number, "healthy_steps": stored_count, "clipped_steps": stored_count
+    }
 
     def __init__(self, z: float | None = None, alpha: float | None = None, warmup: int | None = None) -> None:
         super().__init__(z=z, alpha=alpha, warmup=warmup)
@@ -111,6 +114,7 @@ class AdaptiveClipCallback(ResumableCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._sync_to_host()
+        super().on_train_end(args, state, control, **kwargs)
 
     def bound(self, stats: torch.Tensor | None = None) -> torch.Tensor:
         """``mean + z·σ`` of the current statistics (a 0-d tensor)."""

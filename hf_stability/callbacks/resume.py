@@ -18,23 +18,65 @@ On ``resume_from_checkpoint`` Trainer replaces each `ExportableState` callback b
   them in ``state.stateful_callbacks``, and Trainer's next checkpoint save raises ``KeyError`` halfway,
   leaving a checkpoint without ``trainer_state.json``. The entry is added when training begins.
 
-When training begins, the main process also brings ``stability_events.jsonl`` in line with the state the
-run starts from (`StabilityEventLog.start_run`).
+When training begins, the main process takes the output directory's run lock (`hf_stability.run_lock`: a
+second run into it is refused), then brings ``stability_events.jsonl`` in line with the state the run starts
+from (`StabilityEventLog.start_run`). When training ends (`end_run`), events held in memory after a failed
+write are written and the lock is released.
+
+Stored state from another hf-stability version is checked, not trusted (`check_stored_state`): an unknown
+setting or attribute, a setting out of range, a zero ``lr_scale`` or a count that is not an integer stops the
+resume in one line naming the checkpoint and the field, instead of a ``TypeError`` inside Trainer's restore or a
+crash at the first rollback. `StabilityTrainer` checks the checkpoint before Trainer reads it; under a plain
+`Trainer` the restored attributes are checked when training begins.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import get_last_checkpoint
 
 from hf_stability._compat import register_stateful_callback
 from hf_stability.events import StabilityEventLog
+from hf_stability.run_lock import acquire_run_lock, release_run_lock
 from hf_stability.settings import ComponentSettings
+
+# A check of one stored attribute: the problem with ``value`` in words, or None when it is fine.
+AttributeCheck = Callable[[Any], "str | None"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def stored_count(value: Any) -> str | None:
+    """A counter: an integer >= 0 (JSON keeps ints as ints, so 2.5 or "2" was not written by a counter)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if ok else f"must be an integer >= 0, got {value!r}"
+
+
+def stored_number(value: Any) -> str | None:
+    return None if _is_number(value) else f"must be a finite number, got {value!r}"
+
+
+def stored_scale(value: Any) -> str | None:
+    """A factor the learning rate was multiplied by: in (0, 1] (a rollback divides by it)."""
+    return None if _is_number(value) and 0 < value <= 1 else f"must be a number in (0, 1], got {value!r}"
+
+
+def stored_numbers(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(_is_number(v) for v in value)
+    return None if ok else f"must be a list of finite numbers, got {str(value)[:80]}"
 
 # The settings each callback type was given for the run training a model (held weakly, dropped with the model).
 _RUN_SETTINGS: weakref.WeakKeyDictionary[torch.nn.Module, dict[type, dict[str, Any]]] = weakref.WeakKeyDictionary()
@@ -69,9 +111,40 @@ class ResumableCallback(ConfiguredCallback, ExportableState):
     ``attributes()``. Subclasses call :meth:`begin_run` first thing in ``on_train_begin``.
     """
 
+    # Every attribute `attributes` exports, with the check its stored value must pass on resume.
+    stored_attributes: ClassVar[Mapping[str, AttributeCheck]]
+
     def attributes(self) -> dict[str, Any]:
         """The state a checkpoint carries (counters, statistics)."""
         raise NotImplementedError
+
+    @classmethod
+    def stored_problem(cls, stored: Any) -> str | None:
+        """What is wrong with one stored ``{"args": ..., "attributes": ...}`` entry of this class, or None.
+
+        The problem names the field, e.g. ``attributes.lr_scale must be a number in (0, 1], got 0``.
+        """
+        if not isinstance(stored, dict):
+            return f"the entry must be an object, got {stored!r}"
+        args, attributes = stored.get("args", {}), stored.get("attributes", {})
+        if not isinstance(args, dict) or not isinstance(attributes, dict):
+            return "`args` and `attributes` must be objects"
+        names = {setting.name for setting in fields(cls.settings_class)}
+        for key in args:
+            if key not in names:
+                return f"args.{key} is not a setting of this hf-stability version (known: {sorted(names)})"
+        try:
+            cls.settings_class(**args)
+        except (ValueError, TypeError) as error:
+            return f"args: {str(error).rstrip('.')}"
+        for key, value in attributes.items():
+            check = cls.stored_attributes.get(key)
+            if check is None:
+                return f"attributes.{key} is not an attribute of this hf-stability version"
+            problem = check(value)
+            if problem is not None:
+                return f"attributes.{key} {problem}"
+        return None
 
     def state(self) -> dict:
         return {"args": self.settings.as_dict(), "attributes": self.attributes()}
@@ -87,6 +160,52 @@ class ResumableCallback(ConfiguredCallback, ExportableState):
         if given is not None:
             self._given = dict(given)
         self.configure(args)
+        problem = type(self).stored_problem({"attributes": self.attributes()})
+        if problem is not None:  # restored by a plain Trainer, which `check_stored_state` did not see first
+            checkpoint = getattr(args, "resume_from_checkpoint", None) or f"the checkpoint of step {state.global_step}"
+            raise ValueError(f"{checkpoint}: stored state of {type(self).__name__}: {problem}.")
         register_stateful_callback(state, type(self).__name__, self.state())
         if state.is_world_process_zero:
+            acquire_run_lock(args.output_dir)  # before any file of the output directory is touched
             StabilityEventLog(args.output_dir).start_run(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        end_run(args, state)
+
+
+def end_run(args: Any, state: Any) -> None:
+    """At the end of training (or when it raises): write held events, release the output directory's lock."""
+    if state.is_world_process_zero:
+        StabilityEventLog(args.output_dir).flush()
+        release_run_lock(args.output_dir)
+
+
+def check_stored_state(checkpoint: str | os.PathLike, callbacks: Iterable[TrainerCallback]) -> None:
+    """Refuse, in one line naming the checkpoint and the field, stored state ``callbacks`` could not resume from.
+
+    Reads ``<checkpoint>/trainer_state.json``; a file that cannot be read is left to Trainer, which names it.
+    """
+    path = Path(checkpoint) / "trainer_state.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8")).get("stateful_callbacks") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    for callback in callbacks:
+        if not isinstance(callback, ResumableCallback) or type(callback).__name__ not in stored:
+            continue
+        name = type(callback).__name__
+        entries = stored[name] if isinstance(stored[name], list) else [stored[name]]
+        for entry in entries:
+            problem = type(callback).stored_problem(entry)
+            if problem is not None:
+                raise ValueError(
+                    f"{path}: stateful_callbacks.{name}: {problem} (written by another hf-stability version?); "
+                    "cannot resume from this checkpoint."
+                )
+
+
+def resume_checkpoint(resume_from_checkpoint: Any, output_dir: str) -> str | None:
+    """The checkpoint `Trainer.train(resume_from_checkpoint=...)` resumes from (True: the newest in ``output_dir``)."""
+    if isinstance(resume_from_checkpoint, bool):
+        return get_last_checkpoint(output_dir) if resume_from_checkpoint else None
+    return None if resume_from_checkpoint is None else str(resume_from_checkpoint)

@@ -55,7 +55,7 @@ from transformers import TrainerControl, TrainerState
 
 from hf_stability._compat import scale_scheduler_last_lr, unwrap_optimizer, unwrap_scheduler
 from hf_stability._logging import get_logger
-from hf_stability.callbacks.resume import ResumableCallback
+from hf_stability.callbacks.resume import ResumableCallback, stored_count, stored_numbers, stored_scale
 from hf_stability.callbacks.signals import (
     StepSignals,
     active_grad_scaler,
@@ -111,6 +111,7 @@ class SpikeRollbackCallback(ResumableCallback):
     settings_class = RollbackSettings
     settings: RollbackSettings
     priority = 200  # after skipping and adaptive clipping, before telemetry (hf_stability.callbacks.order)
+    stored_attributes = {"rollbacks": stored_count, "lr_scale": stored_scale, "detector_window": stored_numbers}
 
     def __init__(
         self,
@@ -271,6 +272,7 @@ class SpikeRollbackCallback(ResumableCallback):
             signals = StepSignals.for_model(model)
             signals.recovery = False
             signals.close()
+        super().on_train_end(args, state, control, model=model, **kwargs)
 
     @staticmethod
     def _weights_bad(control: TrainerControl, model, step: int) -> bool:

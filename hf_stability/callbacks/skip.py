@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_stability.callbacks.resume import ResumableCallback
+from hf_stability.callbacks.resume import ResumableCallback, stored_count
 from hf_stability.callbacks.signals import StepSignals, active_grad_scaler, completing_step
 from hf_stability.callbacks.skip_decision import (
     clear_found_inf,
@@ -126,6 +126,7 @@ class SkipNonFiniteCallback(ResumableCallback):
     settings: SkipSettings
     priority = 400  # runs first: the others see the decision (hf_stability.callbacks.order)
 
+    stored_attributes = {name: stored_count for name in COUNTERS}
     skipped_steps = _Delegated()
     consecutive_skips = _Delegated()
     nonfinite_loss_steps = _Delegated()
@@ -231,3 +232,4 @@ class SkipNonFiniteCallback(ResumableCallback):
         if not self._health.weights_stop and weights_nonfinite(model, state.global_step):
             self._health.report_parameters(args, state, state.global_step, None, None, None)
         record.close()
+        super().on_train_end(args, state, control, **kwargs)
