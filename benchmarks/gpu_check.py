@@ -1,21 +1,29 @@
 """GPU validation: one command, one table, for everything CPU runs cannot show.
 
-Run on one CUDA GPU (under 5 minutes): ``python benchmarks/gpu_check.py``. On CPU,
+Run on one CUDA GPU (sized to take well under 8 minutes on an H100/H200; not yet timed on one):
+``python benchmarks/gpu_check.py``. On CPU,
 ``python benchmarks/gpu_check.py --device cpu --small`` runs the rows that can run there (fp16 through an
-emulated CPU GradScaler) with small models and marks the others "needs CUDA"; CI runs that mode.
+emulated CPU GradScaler, host reads in place of CUDA syncs) with small models and marks the others "needs
+CUDA"; CI runs that mode.
+
+Each check runs isolated: one that raises, or an FSDP2 child that hangs or dies, gives FAIL rows with the
+traceback in the JSON (``error``) and the table goes on. The JSON is rewritten after every check.
 
 Rows:
-- fp16: a real GradScaler with the default fused AdamW and a poisoned batch (NaN activations): the step is
-  skipped bit-exactly (parameters and optimizer state), counted once, and the loss scale halves;
-- bf16 autocast: the same poisoned batch is skipped bit-exactly;
+- device: the GPU's name and the versions that ran;
+- fp16: a real GradScaler with the default fused AdamW and a poisoned batch (NaN activations) on an ordinary
+  (non-logging) step, so the skip is the on-device one: the step is skipped bit-exactly (parameters and
+  optimizer state), counted once, and the loss scale halves;
+- bf16 autocast: the same poisoned batch is skipped bit-exactly, on device;
 - rollback: a snapshot of a ~125M-parameter BART with AdamW state, restored after two updates, is bit-exact,
   and its host buffers are pinned (CUDA);
 - snapshot capture/restore time against the device<->host copy floor of the same bytes, measured in the same
   run (target <= 2x);
 - Trainer + FSDP2 (world size 1, NCCL) with the stability callbacks skips a poisoned batch bit-exactly, and a
   CPU tensor handed to the callbacks' all-reduce reaches NCCL (which takes CUDA tensors only);
-- synchronising CUDA calls per ordinary (non-logging) training step, counted with
-  ``torch.cuda.set_sync_debug_mode``, for fp32, bf16 and fp16, Trainer against StabilityTrainer;
+- synchronising CUDA calls per ordinary training step (no logging, save, evaluation, epoch end, skip-queue
+  flush, spike check or snapshot), counted step by step with ``torch.cuda.set_sync_debug_mode``, for fp32,
+  bf16 and fp16, Trainer against StabilityTrainer: 0 added in every precision;
 - StabilityTrainer against Trainer steps/s on a ~125M BART in bf16 (target <= 1% overhead).
 
 ``--json PATH`` also writes the rows as JSON. Exit status 1 when a check fails.
@@ -33,14 +41,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.testing_utils
 
+import accelerate  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
@@ -53,6 +64,7 @@ from hf_stability.snapshots import SnapshotStore, restore_training_state  # noqa
 from tests.testing_utils import (  # noqa: E402
     PoisonActivations,
     bert_tokenizer,
+    counting_host_reads,
     emulate_fp16_scaler,
     mlm_dataset,
     tiny_bert,
@@ -61,6 +73,8 @@ from tests.testing_utils import (  # noqa: E402
 
 NEEDS_CUDA = "needs CUDA"
 POISONED_STEP = 3  # global_step before the poisoned step
+RARELY = 1000  # a logging interval no run here reaches: the poisoned and counted steps are ordinary ones
+FSDP2_TIMEOUT_S = 180.0  # the FSDP2 child takes well under a minute; a hung NCCL init must not eat the session
 
 
 @dataclass
@@ -69,6 +83,54 @@ class Row:
     result: str
     target: str
     status: str  # PASS, FAIL, INFO or NEEDS_CUDA
+    error: str = ""  # the traceback of a check that raised (or of the FSDP2 child)
+    data: dict[str, Any] = field(default_factory=dict)  # figures behind the result, for the JSON
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One row's name and target: what a failed check still reports."""
+
+    check: str
+    target: str
+
+    def row(self, result: str, status: str, **extra: Any) -> Row:
+        return Row(self.check, result, self.target, status, **extra)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A check and the rows it gives, in order."""
+
+    specs: tuple[Spec, ...]
+    run: Callable[[], list[Row]]
+
+
+DEVICE = Spec("device", "-")
+FP16 = Spec("fp16 GradScaler + default fused AdamW + poisoned batch on an ordinary step",
+            "bit-exact, 1 skip, scale halved")
+BF16 = Spec("bf16 autocast + poisoned batch on an ordinary step", "bit-exact, 1 skip")
+RESTORE = Spec("rollback restore through pinned host buffers", "bit-exact, pinned")
+SNAPSHOT_TIME = Spec("snapshot time vs device<->host floor", "<= 2x")
+FSDP2 = Spec("Trainer + FSDP2 (world size 1) + callbacks, poisoned batch", "fsdp2, bit-exact, 1 skip")
+NCCL = Spec("CPU tensor into the NCCL all-reduce", "reduced on CUDA")
+SYNCS = Spec("synchronising CUDA calls per ordinary step (Trainer -> StabilityTrainer)",
+             "0 added (fp32, bf16, fp16)")
+OVERHEAD = Spec("StabilityTrainer vs Trainer steps/s", "<= 1% overhead")
+
+
+def failed(specs: tuple[Spec, ...], trace: str) -> list[Row]:
+    """One FAIL row per spec, its result the last line of ``trace`` and the whole of it in ``error``."""
+    summary = next((line for line in reversed(trace.strip().splitlines()) if line.strip()), "no output")
+    return [spec.row(summary.strip()[:200], "FAIL", error=trace) for spec in specs]
+
+
+def run_isolated(check: Check) -> list[Row]:
+    """The check's rows; FAIL rows with the traceback if it raises, so one check never costs the table."""
+    try:
+        return check.run()
+    except Exception:
+        return failed(check.specs, traceback.format_exc())
 
 
 # ---- shared pieces ---------------------------------------------------------------------------------------------
@@ -97,7 +159,7 @@ class AroundStep(TrainerCallback):
         self.step = step
         self.before: list[torch.Tensor] | None = None
         self.after: list[torch.Tensor] | None = None
-        self.scales: list[float] = []
+        self.scales: list[float | None] = []
         self._optimizer = None
 
     def _scale(self) -> float | None:
@@ -115,13 +177,21 @@ class AroundStep(TrainerCallback):
             self.after = local_copy(model, getattr(optimizer, "optimizer", optimizer))
             self.scales.append(self._scale())
 
+    def exact(self) -> bool:
+        """Whether the poisoned step left parameters and optimizer state bit-identical."""
+        return self.before is not None and self.after is not None and identical(self.before, self.after)
+
 
 def skip_callback(trainer: Trainer) -> SkipNonFiniteCallback:
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, SkipNonFiniteCallback))
 
 
 def poisoned_run(device: str, regime: str, output_dir: str, **overrides) -> tuple[Trainer, AroundStep]:
-    """StabilityTrainer on a small BERT whose step ``POISONED_STEP`` gets NaN activations (a poisoned batch)."""
+    """StabilityTrainer on a small BERT whose step ``POISONED_STEP + 1`` gets NaN activations (a poisoned batch).
+
+    No step before the last one logs, so the poisoned step takes the on-device skip of ordinary steps (a logging
+    step reads the flags on the host); the last step's flush counts it.
+    """
     tokenizer = bert_tokenizer()
     args = training_args(
         output_dir,
@@ -129,6 +199,7 @@ def poisoned_run(device: str, regime: str, output_dir: str, **overrides) -> tupl
         use_cpu=device == "cpu",
         bf16=regime == "bf16",
         fp16=regime == "fp16",
+        logging_steps=RARELY,
         **overrides,
     )
     around = AroundStep(POISONED_STEP)
@@ -152,18 +223,26 @@ def verdict(ok: bool) -> str:
 # ---- rows ------------------------------------------------------------------------------------------------------
 
 
+def device_row(device: str) -> Row:
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    cuda = f", CUDA {torch.version.cuda}" if device == "cuda" else ""
+    versions = (
+        f"torch {torch.__version__}{cuda}, transformers {transformers.__version__}, accelerate {accelerate.__version__}"
+    )
+    return DEVICE.row(f"{name} ({versions})", "INFO", data={"name": name})
+
+
 def check_fp16(device: str) -> Row:
     with tempfile.TemporaryDirectory() as output_dir:
         trainer, around = poisoned_run(device, "fp16", output_dir)
-    exact = around.before is not None and identical(around.before, around.after)
+    exact = around.exact()
     skipped = skip_callback(trainer).skipped_steps
     before, after = around.scales
     halved = before is not None and after == before / 2
     scaler = "emulated CPU GradScaler" if device == "cpu" else "GradScaler"
-    return Row(
-        f"fp16 {scaler} + {getattr(trainer.args.optim, 'value', trainer.args.optim)} + poisoned batch",
-        f"bit-exact={exact}, skipped_steps={skipped}, loss scale {before:g} -> {after:g}",
-        "bit-exact, 1 skip, scale halved",
+    optim = getattr(trainer.args.optim, "value", trainer.args.optim)
+    return FP16.row(
+        f"{scaler}, {optim}: bit-exact={exact}, skipped_steps={skipped}, loss scale {before} -> {after}",
         verdict(exact and skipped == 1 and halved),
     )
 
@@ -171,14 +250,9 @@ def check_fp16(device: str) -> Row:
 def check_bf16(device: str) -> Row:
     with tempfile.TemporaryDirectory() as output_dir:
         trainer, around = poisoned_run(device, "bf16", output_dir)
-    exact = around.before is not None and identical(around.before, around.after)
+    exact = around.exact()
     skipped = skip_callback(trainer).skipped_steps
-    return Row(
-        "bf16 autocast + poisoned batch",
-        f"bit-exact={exact}, skipped_steps={skipped}",
-        "bit-exact, 1 skip",
-        verdict(exact and skipped == 1),
-    )
+    return BF16.row(f"bit-exact={exact}, skipped_steps={skipped}", verdict(exact and skipped == 1))
 
 
 def bart(small: bool) -> BartForConditionalGeneration:
@@ -263,82 +337,129 @@ def check_snapshots(device: str, small: bool) -> list[Row]:
     parameters = sum(p.numel() for p in model.parameters())
     capture_ratio, restore_ratio = capture / to_host, restore / to_device
     size = f"{parameters / 1e6:.1f}M params + AdamW, {snapshot.nbytes / 2**30:.2f} GiB"
-    rows = [
-        Row(
-            "rollback restore through pinned host buffers",
-            f"{size}: bit-exact={exact}, pinned={pinned}",
-            "bit-exact, pinned",
-            verdict(exact and pinned) if device == "cuda" else verdict(exact) + f" (CPU, no pinning; {NEEDS_CUDA})",
-        )
-    ]
     timing = (
         f"capture {capture * 1e3:.1f} ms vs D2H {to_host * 1e3:.1f} ms ({capture_ratio:.2f}x); "
         f"restore {restore * 1e3:.1f} ms vs H2D {to_device * 1e3:.1f} ms ({restore_ratio:.2f}x)"
     )
     within = capture_ratio <= 2 and restore_ratio <= 2
-    rows.append(Row("snapshot time vs device<->host floor", timing, "<= 2x", verdict(within) if device == "cuda"
-                    else f"INFO (host copies; {NEEDS_CUDA})"))
-    return rows
+    if device != "cuda":
+        timing_status = f"INFO (host copies; {NEEDS_CUDA})"
+    elif small:  # fixed per-tensor costs dominate a tiny model: the target is for the full-size snapshot
+        timing_status = "INFO (tiny model; the target needs the full-size run)"
+    else:
+        timing_status = verdict(within)
+    pinning = verdict(exact and pinned) if device == "cuda" else f"{verdict(exact)} (CPU, no pinning; {NEEDS_CUDA})"
+    return [
+        RESTORE.row(f"{size}: bit-exact={exact}, pinned={pinned}", pinning),
+        SNAPSHOT_TIME.row(timing, timing_status),
+    ]
 
 
-class SyncCounter(TrainerCallback):
-    """Counts synchronising CUDA calls (``set_sync_debug_mode("warn")`` warnings) in steps ``start`` to ``stop - 1``.
+# ---- host syncs per ordinary step ------------------------------------------------------------------------------
 
-    The window holds ordinary steps only: no logging step, and not the last step (a flush step of the skip
-    callback's fp16 queue).
-    """
+SYNC_ROWS, SYNC_STEPS, SYNC_WARMUP = 256, 30, 10  # 32 steps per epoch at batch 8: no epoch ends inside the run
 
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
-        self.steps = 0
-        self._recorder: contextlib.ExitStack | None = None
-        self.records: list = []
+
+@contextlib.contextmanager
+def cuda_syncs() -> Iterator[Callable[[], int]]:
+    """Synchronising CUDA calls so far (``set_sync_debug_mode("warn")`` warnings); the mode is reset on any exit."""
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield lambda: sum("synchroniz" in str(record.message) for record in records)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@contextlib.contextmanager
+def host_reads() -> Iterator[Callable[[], int]]:
+    """Device-to-host reads so far (the tests' instrument): CPU's stand-in for CUDA syncs."""
+    with counting_host_reads() as counts:
+        yield lambda: sum(counts.values())
+
+
+class PerStep(TrainerCallback):
+    """What ``count`` counts from the start of each optimizer step to the start of the next (its logging,
+    saving and callbacks included)."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self.count = count
+        self.marks: dict[int, int] = {}  # step -> count when it began
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.start:
-            self._recorder = contextlib.ExitStack()
-            self.records = self._recorder.enter_context(warnings.catch_warnings(record=True))
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
+        self.marks[state.global_step + 1] = self.count()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._recorder is None:
-            return
-        self.steps += 1
-        if state.global_step == self.stop:
-            torch.cuda.set_sync_debug_mode(0)
-            self._recorder.close()
-            self._recorder = None
+    def on_train_end(self, args, state, control, **kwargs):
+        self.marks[state.global_step + 1] = self.count()
 
-    def per_step(self) -> float:
-        syncs = [r for r in self.records if "synchroniz" in str(r.message)]
-        return len(syncs) / max(self.steps, 1)
+    def per_step(self) -> dict[int, int]:
+        return {step: self.marks[step + 1] - mark for step, mark in self.marks.items() if step + 1 in self.marks}
+
+
+def ordinary_steps(args: Any, steps_per_epoch: int, warmup: int) -> list[int]:
+    """Steps after ``warmup`` and before the last on which neither Trainer nor the callbacks do periodic work.
+
+    Excluded: logging, save and evaluation steps, epoch ends, the skip queue's flush (every
+    ``max_consecutive_skips`` steps when nothing else flushes), spike checks and snapshots.
+    """
+    periods = [steps_per_epoch, args.logging_steps, args.max_consecutive_skips, args.spike_check_interval,
+               args.snapshot_interval]
+    periods += [args.save_steps] if args.save_strategy == "steps" else []
+    periods += [args.eval_steps or args.logging_steps] if args.eval_strategy == "steps" else []
+    return [step for step in range(warmup + 1, args.max_steps) if all(step % int(period) for period in periods)]
+
+
+def span(steps: list[int]) -> str:
+    """``11-29 but 20`` for 11..29 without 20."""
+    if not steps:
+        return "none"
+    missing = sorted(set(range(steps[0], steps[-1] + 1)) - set(steps))
+    return f"{steps[0]}-{steps[-1]}" + (f" but {', '.join(map(str, missing))}" if missing else "")
 
 
 def check_syncs(device: str) -> Row:
-    if device != "cuda":
-        return Row("synchronising CUDA calls per ordinary step", "-", "fp16: 0 added; fp32/bf16: 1 added", NEEDS_CUDA)
+    """Trainer and StabilityTrainer, step by step, in each precision; StabilityTrainer may add none."""
     tokenizer = bert_tokenizer()
-    data = mlm_dataset(tokenizer, rows=64)
-    figures = {}
-    for regime in ("fp32", "bf16", "fp16"):
-        for label, trainer_class in (("Trainer", Trainer), ("Stability", StabilityTrainer)):
+    data = mlm_dataset(tokenizer, rows=SYNC_ROWS)
+    regimes = ("fp32", "bf16", "fp16")
+    counts: dict[str, dict[int, int]] = {}
+    for regime in regimes:
+        for trainer_class in (Trainer, StabilityTrainer):
             with tempfile.TemporaryDirectory() as output_dir:
-                args = training_args(output_dir, max_steps=30, use_cpu=False, logging_steps=1000,
+                args = training_args(output_dir, max_steps=SYNC_STEPS, use_cpu=device == "cpu", logging_steps=RARELY,
                                      bf16=regime == "bf16", fp16=regime == "fp16")
-                counter = SyncCounter(start=10, stop=25)
-                trainer = trainer_class(tiny_bert(tokenizer, hidden=64, layers=2), args, train_dataset=data,
-                                        callbacks=[counter])
-                with contextlib.redirect_stdout(sys.stderr):
-                    trainer.train()
-                figures[regime, label] = counter.per_step()
-    added = {regime: figures[regime, "Stability"] - figures[regime, "Trainer"] for regime in ("fp32", "bf16", "fp16")}
-    result = ", ".join(
-        f"{regime} {figures[regime, 'Trainer']:.1f} -> {figures[regime, 'Stability']:.1f}" for regime in added
-    )
-    ok = added["fp16"] <= 0 and added["fp32"] <= 1 and added["bf16"] <= 1
-    return Row("synchronising CUDA calls per ordinary step (Trainer -> StabilityTrainer)", result,
-               "fp16: 0 added; fp32/bf16: 1 added", verdict(ok))
+                trainer = trainer_class(tiny_bert(tokenizer, hidden=64, layers=2), args, train_dataset=data)
+                if regime == "fp16" and device == "cpu":
+                    emulate_fp16_scaler(trainer)
+                with cuda_syncs() if device == "cuda" else host_reads() as count:
+                    counter = PerStep(count)
+                    trainer.add_callback(counter)
+                    with contextlib.redirect_stdout(sys.stderr):
+                        trainer.train()
+            counts[f"{regime} {trainer_class.__name__}"] = counter.per_step()
+    ordinary = ordinary_steps(args, -(-len(data) // args.train_batch_size), SYNC_WARMUP)
+    if not ordinary:
+        raise RuntimeError("no ordinary step in the counted run: the window is empty")
+
+    def mean(regime: str, label: str) -> float:
+        return statistics.fmean(counts[f"{regime} {label}"][step] for step in ordinary)
+
+    added = {
+        regime: max(counts[f"{regime} StabilityTrainer"][s] - counts[f"{regime} Trainer"][s] for s in ordinary)
+        for regime in regimes
+    }
+    what = "syncs" if device == "cuda" else "host reads"
+    result = ", ".join(f"{r} {mean(r, 'Trainer'):.1f} -> {mean(r, 'StabilityTrainer'):.1f}" for r in regimes)
+    result = f"{what}/step: {result} (most added on one step: {max(added.values())}; steps {span(ordinary)})"
+    status = verdict(all(extra <= 0 for extra in added.values()))
+    if device != "cuda":
+        status += f" (CPU host reads; {NEEDS_CUDA} for syncs)"
+    data_out = {"ordinary_steps": ordinary, "per_step": {k: [v[s] for s in sorted(v)] for k, v in counts.items()}}
+    return SYNCS.row(result, status, data=data_out)
+
+
+# ---- steps/s ---------------------------------------------------------------------------------------------------
 
 
 def check_overhead(device: str, small: bool) -> Row:
@@ -362,7 +483,7 @@ def check_overhead(device: str, small: bool) -> Row:
     overhead = plain / stable - 1
     result = f"{parameters / 1e6:.1f}M BART bf16: {plain:.2f} vs {stable:.2f} steps/s ({overhead * 100:+.1f}%)"
     status = verdict(overhead <= 0.01) if device == "cuda" and not small else f"INFO ({NEEDS_CUDA} for the target)"
-    return Row("StabilityTrainer vs Trainer steps/s", result, "<= 1% overhead", status)
+    return OVERHEAD.row(result, status)
 
 
 class StepClock(TrainerCallback):
@@ -388,8 +509,8 @@ class StepClock(TrainerCallback):
 # ---- FSDP2, world size 1, in its own process (it initialises a process group) ----------------------------------
 
 
-def fsdp2_child(output: str) -> None:
-    """Trainer + FSDP2 on one GPU (NCCL) with the stability callbacks; writes its result to ``output``."""
+def fsdp2_result() -> dict[str, Any]:
+    """Trainer + FSDP2 on one GPU (NCCL) with the stability callbacks and a poisoned batch."""
     from hf_stability.callbacks.signals import distributed
 
     with tempfile.TemporaryDirectory() as output_dir:
@@ -400,14 +521,23 @@ def fsdp2_child(output: str) -> None:
             fsdp="full_shard",
             fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]},
         )
-    fsdp2 = bool(getattr(trainer, "is_fsdp_enabled", False))
-    exact = around.before is not None and identical(around.before, around.after)
-    skipped = skip_callback(trainer).skipped_steps
     # The callbacks hand CPU flags to the all-reduce at train end; NCCL takes CUDA tensors only.
     placed = distributed() and reduce_across_ranks(torch.tensor([1.0, 0.0])).tolist() == [1.0, 0.0]
-    with open(output, "w") as handle:
-        json.dump({"fsdp2": fsdp2, "exact": exact, "skipped": skipped, "placed": bool(placed)}, handle)
-    torch.distributed.destroy_process_group()
+    return {"fsdp2": bool(trainer.accelerator.is_fsdp2), "exact": around.exact(),
+            "skipped": skip_callback(trainer).skipped_steps, "placed": bool(placed)}
+
+
+def fsdp2_child(output: str) -> int:
+    """Writes the FSDP2 result, or the traceback that stopped it, to ``output``; the exit status."""
+    try:
+        result, status = fsdp2_result(), 0
+    except Exception:
+        result, status = {"error": traceback.format_exc()}, 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    Path(output).write_text(json.dumps(result))
+    return status
 
 
 def free_port() -> int:
@@ -416,43 +546,72 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def check_fsdp2(device: str) -> list[Row]:
-    names = ("Trainer + FSDP2 (world size 1) + callbacks, poisoned batch", "CPU tensor into the NCCL all-reduce")
+def text_tail(output: str | bytes | None, lines: int = 40) -> str:
+    """The last ``lines`` lines of a child's output (``TimeoutExpired`` may hold bytes even with ``text=True``)."""
+    text = output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def check_fsdp2(device: str, timeout_s: float = FSDP2_TIMEOUT_S) -> list[Row]:
+    """The FSDP2 rows, from a child process that is killed after ``timeout_s`` (a hung NCCL init)."""
     if device != "cuda":
-        return [Row(names[0], "-", "bit-exact, 1 skip", NEEDS_CUDA), Row(names[1], "-", "reduced on CUDA", NEEDS_CUDA)]
+        return [FSDP2.row("-", NEEDS_CUDA), NCCL.row("-", NEEDS_CUDA)]
     with tempfile.TemporaryDirectory() as scratch:
-        output = os.path.join(scratch, "fsdp2.json")
+        output = Path(scratch) / "fsdp2.json"
         env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(free_port())}
-        child = subprocess.run([sys.executable, __file__, "--fsdp2-child", output], env=env, capture_output=True,
-                               text=True, timeout=240)
-        if child.returncode != 0 or not os.path.exists(output):
-            failure = (child.stderr.strip().splitlines() or ["no output"])[-1][:150]
-            return [Row(names[0], failure, "bit-exact, 1 skip", "FAIL"), Row(names[1], "-", "reduced on CUDA", "FAIL")]
-        result = json.loads(Path(output).read_text())
+        try:
+            child = subprocess.run([sys.executable, __file__, "--fsdp2-child", str(output)], env=env,
+                                   capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as expired:
+            trace = f"{text_tail(expired.stderr)}\nthe FSDP2 child timed out after {timeout_s:g} s and was killed"
+            return failed((FSDP2, NCCL), trace)
+        result = json.loads(output.read_text()) if output.exists() else {}
+    if child.returncode != 0 or "error" in result or not result:
+        trace = result.get("error") or f"{text_tail(child.stderr)}\nthe FSDP2 child exited with {child.returncode}"
+        return failed((FSDP2, NCCL), trace)
     ok = result["fsdp2"] and result["exact"] and result["skipped"] == 1
     return [
-        Row(names[0], f"fsdp2={result['fsdp2']}, bit-exact={result['exact']}, skipped_steps={result['skipped']}",
-            "bit-exact, 1 skip", verdict(ok)),
-        Row(names[1], f"reduced={result['placed']}", "reduced on CUDA", verdict(result["placed"])),
+        FSDP2.row(f"fsdp2={result['fsdp2']}, bit-exact={result['exact']}, skipped_steps={result['skipped']}",
+                  verdict(ok)),
+        NCCL.row(f"reduced={result['placed']}", verdict(result["placed"])),
     ]
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
 
 
-def run_checks(device: str, small: bool) -> Iterator[Row]:
-    yield check_fp16(device)
-    yield check_bf16(device)
-    yield from check_snapshots(device, small)
-    yield from check_fsdp2(device)
-    yield check_syncs(device)
-    yield check_overhead(device, small)
+def plan(device: str, small: bool) -> list[Check]:
+    """The checks in table order."""
+    return [
+        Check((DEVICE,), lambda: [device_row(device)]),
+        Check((FP16,), lambda: [check_fp16(device)]),
+        Check((BF16,), lambda: [check_bf16(device)]),
+        Check((RESTORE, SNAPSHOT_TIME), lambda: check_snapshots(device, small)),
+        Check((FSDP2, NCCL), lambda: check_fsdp2(device)),
+        Check((SYNCS,), lambda: [check_syncs(device)]),
+        Check((OVERHEAD,), lambda: [check_overhead(device, small)]),
+    ]
 
 
-def print_table(rows: list[Row], device_name: str) -> None:
+def collect(checks: list[Check], json_path: str | None = None) -> list[Row]:
+    """Runs each check isolated, in order; the JSON (if asked) is rewritten after each, so a crash keeps the rows."""
+    rows: list[Row] = []
+    for check in checks:
+        start = time.perf_counter()
+        rows.extend(run_isolated(check))
+        for row in rows[-len(check.specs):]:
+            print(f"[gpu_check] {row.status}: {row.check} ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
+                  flush=True)
+        if json_path:
+            Path(json_path).write_text(json.dumps([asdict(row) for row in rows], indent=1))
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    print(f"hf-stability GPU check on {device_name} ({versions})")
+    name = next((row.data.get("name") for row in rows if row.check == DEVICE.check), None) or "?"
+    print(f"hf-stability GPU check on {name} ({versions})")
     header = Row("check", "result", "target", "status")
     widths = [max(len(getattr(r, f)) for r in [header, *rows]) for f in ("check", "result", "target", "status")]
     for row in [header, Row(*("-" * w for w in widths)), *rows]:
@@ -469,19 +628,13 @@ def main() -> None:
     options = parser.parse_args()
     transformers.logging.set_verbosity_error()
     if options.fsdp2_child:
-        fsdp2_child(options.fsdp2_child)
-        return
+        sys.exit(fsdp2_child(options.fsdp2_child))
     if options.device == "cuda" and not torch.cuda.is_available():
         parser.error("`--device cuda`: no CUDA device; use --device cpu --small")
     if options.device == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    rows = []
-    for row in run_checks(options.device, options.small):
-        rows.append(row)
-        print(f"[gpu_check] {row.status}: {row.check}", file=sys.stderr, flush=True)
-    print_table(rows, torch.cuda.get_device_name() if options.device == "cuda" else "CPU")
-    if options.json:
-        Path(options.json).write_text(json.dumps([asdict(row) for row in rows], indent=1))
+    rows = collect(plan(options.device, options.small), options.json)
+    print_table(rows)
     sys.exit(1 if any(row.status.startswith("FAIL") for row in rows) else 0)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -200,12 +201,13 @@ class BatchRampMixin(_MixedInto):
     def get_train_dataloader(self) -> DataLoader:
         if self.batch_ramp is None:
             return super().get_train_dataloader()
-        import datasets
+        # `datasets` is an extra: a `datasets.Dataset` exists only once its module has been imported.
+        datasets = sys.modules.get("datasets")
 
         dataset, collator = self.train_dataset, self.data_collator
         if not isinstance(dataset, Sized) or isinstance(dataset, torch.utils.data.IterableDataset):
             raise TypeError("`train_dataset` must be a map-style dataset with a length for the batch ramp.")
-        if isinstance(dataset, datasets.Dataset):
+        if datasets is not None and isinstance(dataset, datasets.Dataset):
             dataset = remove_unused_columns(self, dataset)
         else:
             collator = collator_with_removed_columns(self, collator)

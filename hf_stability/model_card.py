@@ -24,6 +24,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import Trainer
 
 from hf_stability._compat import output_dir as compat_output_dir
+from hf_stability.callbacks import SkipNonFiniteCallback, SpikeRollbackCallback
 from hf_stability.event_digest import read_event_digest
 from hf_stability.events import EVENTS_FILENAME
 from hf_stability.report import (
@@ -189,7 +190,7 @@ def build_model_card(
     final = _final_metrics(run.log_history)
     kind = _OBJECTIVE_CARDS.get(objective) if objective is not None else None
     pipeline_tag = pipeline_tag or (kind.pipeline_tag if kind else None)
-    plot = plot_training_curves(run) if run.log_history or run.events else None
+    plot, plot_missing = _plot(run)
     card_data = ModelCardData(
         model_name=model_name,
         language=language,
@@ -224,8 +225,20 @@ def build_model_card(
         metrics=_table({key: _number(value) for key, value in final.items()}, "metric"),
         stability=_stability_section(run, trainer),
         plot_filename=plot.name if plot is not None else None,
+        plot_missing=plot_missing,
         usage=_usage(objective, model, model_id, tokenizer_for_usage, pipeline_tag),
     )
+
+
+def _plot(run: RunRecord) -> tuple[Path | None, str | None]:
+    """The training-curves PNG, or why the card has none: a core install has no matplotlib (the ``plot`` extra),
+    and the card, so ``push_to_hub``, must not fail for a picture."""
+    if not (run.log_history or run.events):
+        return None, None
+    try:
+        return plot_training_curves(run), None
+    except ImportError as error:
+        return None, str(error)
 
 
 def _description(objective: str | None, objective_args: Any, model: Any) -> str:
@@ -264,10 +277,27 @@ def _hyperparameters(trainer: Trainer, precision: str) -> dict[str, Any]:
         "precision": precision,
         "seed": args.seed,
     }
-    from hf_stability.trainer import stability_option
-
-    rows.update({name: stability_option(args, name) for name in _STABILITY_KNOBS})
+    rows.update(_stability_settings(trainer))
     return rows
+
+
+def _stability_settings(trainer: Trainer) -> dict[str, Any]:
+    """The protection settings that ran, read from the installed callbacks, not ``args``: a callback passed in
+    ``callbacks`` runs with its own keywords, and runs even when ``args`` switches its default off."""
+    rows: dict[str, Any] = {}
+    switches = (("skip_nonfinite", SkipNonFiniteCallback), ("spike_rollback", SpikeRollbackCallback))
+    for switch, callback_class in switches:
+        callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, callback_class)), None)
+        rows[switch] = callback is not None
+        if callback is not None:
+            settings = callback.settings
+            values = settings.as_dict()
+            rows.update(
+                (spec.metadata["config"], values[spec.name])
+                for spec in dataclasses.fields(settings)
+                if spec.metadata["config"] in _STABILITY_KNOBS
+            )
+    return {name: rows[name] for name in _STABILITY_KNOBS if name in rows}
 
 
 def _warmup(setting: float, steps: int) -> str:

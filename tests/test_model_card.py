@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers import default_data_collator
 
-from hf_stability import StabilityTrainer
+from hf_stability import SpikeRollbackCallback, StabilityTrainer
 from tests.testing_utils import emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
 
 
@@ -74,3 +74,32 @@ def test_create_model_card_has_the_stability_section_and_the_real_precision(trai
     assert "BertForMaskedLM.from_pretrained" in snippet
     completed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+@pytest.mark.parametrize("spike_rollback", [True, False])
+def test_the_card_states_the_settings_of_the_callbacks_that_ran(tmp_path, bert_tokenizer, spike_rollback):
+    """A callback passed explicitly runs with its own keywords, and runs whatever ``spike_rollback`` says."""
+    trainer = StabilityTrainer(
+        model=tiny_bert(bert_tokenizer),
+        args=training_args(tmp_path, max_steps=2, spike_rollback=spike_rollback, spike_window=32, spike_warmup=8),
+        train_dataset=mlm_dataset(bert_tokenizer, rows=16),
+        callbacks=[SpikeRollbackCallback(sigma=4.0, snapshot_interval=50)],
+    )
+    trainer.train()
+    (rollback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SpikeRollbackCallback)]
+    assert rollback.settings.sigma == 4.0  # what ran
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "README.md").text
+    for row in ("spike_rollback | True", "spike_sigma | 4.0", "snapshot_interval | 50", "spike_window | 32"):
+        assert f"| {row} |" in text, text
+
+
+def test_without_matplotlib_the_card_leaves_the_picture_out_and_says_why(monkeypatch, trained):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` sees when it is not installed
+    (Path(trained.args.output_dir) / "training_curves.png").unlink(missing_ok=True)
+    trained.create_model_card()
+    card = ModelCard.load(trained.args.output_dir + "/README.md")
+    assert "![training curves]" not in card.text
+    assert "picture is left out: Plotting training curves needs `matplotlib`" in card.text, card.text
+    assert "pip install 'hf-stability[plot]'" in card.text
+    assert not (Path(trained.args.output_dir) / "training_curves.png").exists()
