@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -14,6 +17,7 @@ from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
+from hf_stability.callbacks.save_guard import checkpoint_write_allowed, refuse_nonfinite_model
 from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
@@ -69,8 +73,14 @@ class StabilityTrainer(BatchRampMixin, Trainer):
     the end); a type the caller already passed in ``callbacks`` is not added again.
 
     The callbacks read the step's loss, pre-clip gradient norm and skip decision from one `StepSignals`
-    (``self.step_signals``), which this trainer feeds: the loss Trainer optimises (``training_step``, also with
-    ``label_smoothing_factor`` or ``compute_loss_func``) and Trainer's own gradient norm before clipping.
+    (``self.step_signals``, theirs while this trainer trains, even when another trainer shares the model), which
+    this trainer feeds: the loss Trainer optimises (the return of the ``training_step`` Trainer calls, also a
+    subclass's override that does not call ``super()``, with ``label_smoothing_factor`` or ``compute_loss_func``)
+    and Trainer's own gradient norm before clipping.
+
+    Every checkpoint write (``_save_checkpoint``, whoever set ``should_save``) is judged first, and ``save_model``
+    refuses non-finite weights (`hf_stability.callbacks.save_guard`). A second ``train()`` without
+    ``resume_from_checkpoint`` is a fresh run, as Trainer's state is: counters, rollback budget and LR cut restart.
 
     With ``batch_ramp_start > 0`` the global batch grows step by step (`hf_stability.batch_ramp`).
 
@@ -86,8 +96,11 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         check_trainer_hooks(_upstream_trainer(type(self)))
         super().__init__(*args, **kwargs)
         self._build_batch_ramp()
-        # The model the callbacks receive: their look-ups of the step's signals find this trainer's.
-        self.step_signals = StepSignals.fed_by_trainer(self.callback_handler.model)
+        # Registered for the model the callbacks receive while this trainer trains (`train`).
+        self.step_signals = StepSignals()
+        # The loss fed is the return of the `training_step` Trainer calls: a subclass's override, with or without
+        # super(), cannot bypass it (it would leave loss-based rollback judging nothing).
+        self.training_step = self._feeding_loss(self.training_step)  # type: ignore[method-assign]
         keep_in_priority_order(self)
         callbacks = self.callback_handler.callbacks
         for callback in stability_callbacks(self.args):
@@ -118,7 +131,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
 
     def train(self, *args: Any, **kwargs: Any):
         """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first."""
-        self.step_signals.trainer_fed = True  # a missing pre-clip norm is now a broken seam, not a plain Trainer
+        model = self.callback_handler.model
+        self.step_signals.attach(model)
         try:
             return super().train(*args, **kwargs)
         except BaseException:
@@ -127,7 +141,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 rollback.on_train_end(self.args, self.state, self.control)  # clears its snapshot store
             raise
         finally:
-            self.step_signals.trainer_fed = False
+            self.step_signals.detach(model)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step entry (evaluation and the final summary have other keys)
@@ -181,15 +195,32 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             **details,
         )
 
-    # The private Trainer hooks overridden here are checked at construction (`_compat.TRAINER_HOOKS`).
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """`Trainer.training_step`, whose loss (the one backpropagated, per micro-batch) feeds `step_signals`.
+    def _feeding_loss(self, training_step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``training_step`` whose return (the loss backpropagated and logged, per micro-batch) feeds `step_signals`.
 
         The model's own output has no loss when Trainer computes it (label smoothing, ``compute_loss_func``).
         """
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.step_signals.add_loss(completing_step(self.state), loss)
-        return loss
+
+        @functools.wraps(training_step)
+        def step(model, inputs, num_items_in_batch=None):
+            loss = training_step(model, inputs, num_items_in_batch)
+            self.step_signals.add_loss(completing_step(self.state), loss)
+            return loss
+
+        return step
+
+    # The private Trainer hooks overridden here are checked at construction (`_compat.TRAINER_HOOKS`).
+    judges_checkpoint_writes = True  # the callbacks need not route this trainer's writes (`save_guard`)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint`, every checkpoint Trainer writes, judged first (`save_guard`)."""
+        if checkpoint_write_allowed(self):
+            super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; refuses (`ValueError`) to write non-finite weights (`save_guard`)."""
+        refuse_nonfinite_model(self, output_dir)
+        super().save_model(output_dir, _internal_call)
 
     def _get_grad_norm(self, model, grad_norm=None):
         """Trainer's gradient norm (before clipping), also shared with the callbacks through `step_signals`.

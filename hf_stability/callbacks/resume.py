@@ -81,11 +81,22 @@ class ResumableCallback(ConfiguredCallback, ExportableState):
         if model is not None:
             _RUN_SETTINGS.setdefault(model, {})[type(self)] = dict(self._given)
 
+    _run_begun = False  # set by begin_run: a later run of this same object is a second train()
+
     def begin_run(self, args, state, model: torch.nn.Module | None) -> None:
-        """Take this run's settings back after a restore, register for checkpoints, align the events file."""
+        """Take this run's settings back after a restore, register for checkpoints, align the events file.
+
+        A second ``train()`` of this object starts fresh, as Trainer's own state does (a resume restores the
+        checkpoint's state into new objects instead): the attributes are set back to a new callback's, the way
+        Trainer restores them, so counters, budgets and the events file (cut back to step 0) agree.
+        """
         given = None if model is None else _RUN_SETTINGS.get(model, {}).get(type(self))
         if given is not None:
             self._given = dict(given)
+        if self._run_begun:
+            for name, value in type(self)(**self._given).attributes().items():
+                setattr(self, name, value)
+        self._run_begun = True
         self.configure(args)
         register_stateful_callback(state, type(self).__name__, self.state())
         if state.is_world_process_zero:
