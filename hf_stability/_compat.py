@@ -116,7 +116,8 @@ def calling_trainer(callback: Any) -> Any:
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
-        if isinstance(owner, Trainer) and any(c is callback for c in owner.callback_handler.callbacks):
+        handler = getattr(owner, "callback_handler", None)  # None while Trainer.__init__ has not built it
+        if isinstance(owner, Trainer) and handler is not None and any(c is callback for c in handler.callbacks):
             return owner
         frame = frame.f_back
     return None

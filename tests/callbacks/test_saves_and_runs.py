@@ -108,6 +108,21 @@ def test_two_stability_trainers_on_one_model_each_judge_their_own_run(bert_token
         assert find_callback(trainer.callback_handler.callbacks, SpikeRollbackCallback).rollbacks == 1
 
 
+def test_a_second_trainer_on_one_model_keeps_the_first_ones_callback_settings(bert_tokenizer, dataset, tmp_path):
+    # The first trainer's callback is given a short warm-up; a second trainer on the same model gives the defaults
+    # (warm-up 64), which would see nothing at step 26.
+    model = tiny_bert(bert_tokenizer)
+    given = SpikeRollbackCallback(window=16, warmup=8, snapshot_interval=10)
+    first = Trainer(model, training_args(tmp_path / "one", max_steps=40, max_grad_norm=0.0), train_dataset=dataset,
+                    callbacks=[given, ThrowWeights([25])])
+    Trainer(model, training_args(tmp_path / "two", max_steps=40), train_dataset=dataset,
+            callbacks=[SpikeRollbackCallback()])
+    first.train()
+    assert given.settings.warmup == 8
+    (rollback,) = read_events(tmp_path / "one")
+    assert (rollback["event"], rollback["spike_step"]) == ("rollback", 26)
+
+
 class BypassingTrainer(StabilityTrainer):
     """A subclass whose ``training_step`` never calls ``super()`` (it calls Trainer's directly)."""
 
