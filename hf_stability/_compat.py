@@ -49,7 +49,7 @@ class UpstreamChangedError(RuntimeError):
 # `_run_epoch` calls `_maybe_log_save_evaluate` after each step and epoch, which writes every checkpoint.
 TRAINING_LOOP = ("_inner_training_loop", "_init_training_state", "_run_epoch", "_maybe_log_save_evaluate")
 
-# Trainer methods `StabilityTrainer` (and its `BatchRampMixin`) override or call, and why each must stay as verified.
+# Trainer methods `StabilityTrainer` (and its `BatchRampMixin`) override, wrap or call, and why each must stay so.
 TRAINER_HOOKS: Mapping[str, str] = {
     # `_run_epoch` calls `grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)` on every sync step, after
     # `_clip_grad_norm` returned the norm *before* clipping and before `on_pre_optimizer_step`: the override shares
@@ -59,10 +59,10 @@ TRAINER_HOOKS: Mapping[str, str] = {
     "get_batch_samples": "overridden to feed the batch ramp's micro-batches",
     # `_run_epoch` calls it per micro-batch, after setting `current_gradient_accumulation_steps = len(batch_samples)`
     # (the loss divisor when the loss is not normalised by `num_items_in_batch`); its return is the loss backpropagated.
-    "training_step": "overridden to share the step's loss with the callbacks and skip the batch ramp's placeholders",
+    "training_step": "wrapped to share the step's loss with the callbacks, overridden to skip the ramp's placeholders",
     # `_maybe_log_save_evaluate` calls `self._save_checkpoint(model, trial)` whenever `control.should_save` is set
     # (save strategy, `save_strategy="best"` after an evaluation, the last step, any callback), then `on_save`.
-    "_save_checkpoint": "overridden to judge the weights of every checkpoint before it is written",
+    "_save_checkpoint": "wrapped to judge the weights of every checkpoint before it is written",
 }
 # Private helpers called as Trainer calls them (5.19-5.24: same signatures), by `BatchRampMixin.get_train_dataloader`.
 TRAINER_HELPERS = ("_remove_unused_columns", "_get_collator_with_removed_columns", "_get_num_items_in_batch")
@@ -126,12 +126,13 @@ def calling_trainer(callback: Any) -> Any:
 def route_checkpoint_writes(
     trainer: Any, write_allowed: Callable[[Any], bool], refuse_model: Callable[[Any, str | None], None]
 ) -> None:
-    """Send this (plain) trainer's checkpoint and model writes through the given judges, once per trainer.
+    """Send this trainer's checkpoint and model writes through the given judges, once per trainer.
 
     `Trainer._save_checkpoint(model, trial)` writes every checkpoint (see ``TRAINER_HOOKS``); it runs only when
     ``write_allowed(trainer)``. `Trainer.save_model(output_dir, _internal_call)` (also called by
     `_save_checkpoint` and ``push_to_hub``) calls ``refuse_model(trainer, output_dir)`` first. Both are wrapped on
-    the instance, so the class and other trainers are untouched.
+    the instance, around the methods Trainer would call (a subclass's overrides included), so the class and other
+    trainers are untouched.
     """
     if vars(trainer).get("_hf_stability_writes_routed"):
         return

@@ -17,7 +17,7 @@ from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
-from hf_stability.callbacks.save_guard import checkpoint_write_allowed, refuse_nonfinite_model
+from hf_stability.callbacks.save_guard import guard_checkpoint_writes
 from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
@@ -78,9 +78,10 @@ class StabilityTrainer(BatchRampMixin, Trainer):
     subclass's override that does not call ``super()``, with ``label_smoothing_factor`` or ``compute_loss_func``)
     and Trainer's own gradient norm before clipping.
 
-    Every checkpoint write (``_save_checkpoint``, whoever set ``should_save``) is judged first, and ``save_model``
-    refuses non-finite weights (`hf_stability.callbacks.save_guard`). A second ``train()`` without
-    ``resume_from_checkpoint`` is a fresh run, as Trainer's state is: counters, rollback budget and LR cut restart.
+    Every checkpoint write (the ``_save_checkpoint`` Trainer calls, whoever set ``should_save`` or overrides it) is
+    judged first, and ``save_model`` refuses non-finite weights (`hf_stability.callbacks.save_guard`). A second
+    ``train()`` without ``resume_from_checkpoint`` is a fresh run, as Trainer's state is: counters, rollback budget
+    and LR cut restart.
 
     With ``batch_ramp_start > 0`` the global batch grows step by step (`hf_stability.batch_ramp`).
 
@@ -101,6 +102,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         # The loss fed is the return of the `training_step` Trainer calls: a subclass's override, with or without
         # super(), cannot bypass it (it would leave loss-based rollback judging nothing).
         self.training_step = self._feeding_loss(self.training_step)  # type: ignore[method-assign]
+        guard_checkpoint_writes(self)  # likewise every checkpoint write, whoever overrides `_save_checkpoint`
         keep_in_priority_order(self)
         callbacks = self.callback_handler.callbacks
         for callback in stability_callbacks(self.args):
@@ -210,17 +212,6 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         return step
 
     # The private Trainer hooks overridden here are checked at construction (`_compat.TRAINER_HOOKS`).
-    judges_checkpoint_writes = True  # the callbacks need not route this trainer's writes (`save_guard`)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """`Trainer._save_checkpoint`, every checkpoint Trainer writes, judged first (`save_guard`)."""
-        if checkpoint_write_allowed(self):
-            super()._save_checkpoint(model, trial)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """`Trainer.save_model`; refuses (`ValueError`) to write non-finite weights (`save_guard`)."""
-        refuse_nonfinite_model(self, output_dir)
-        super().save_model(output_dir, _internal_call)
 
     def _get_grad_norm(self, model, grad_norm=None):
         """Trainer's gradient norm (before clipping), also shared with the callbacks through `step_signals`.

@@ -175,7 +175,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         if self.lr_scale != carried_scale and self._cut_optimizer is not None and self._cut_optimizer() is inner:
             _scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / carried_scale)  # Trainer kept it: undo
         self._cut_optimizer = None if inner is None else weakref.ref(inner)  # carries lr_scale from here on
-        self.route_checkpoint_writes()
+        self.guard_checkpoint_writes()
         s = self.settings
         self._detector = SpikeDetector(s.window, s.warmup, s.sigma)
         self._detector.accept(self.detector_window[-s.window :])

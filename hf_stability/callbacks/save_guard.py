@@ -9,9 +9,10 @@ callbacks that judge checkpoints (`CheckpointJudge`) answer in callback order: `
 and, when nothing can restore the weights, stops training without writing; `SpikeRollbackCallback` restores its
 newest trusted snapshot, whose state is then written instead.
 
-`StabilityTrainer` overrides ``_save_checkpoint`` and ``save_model``; under a plain `Trainer` the judges route the
-trainer's writes through here when training begins (`hf_stability._compat.route_checkpoint_writes`).
-``save_model`` (a user's own save, ``push_to_hub``) refuses non-finite weights with a `ValueError`.
+`guard_checkpoint_writes` wraps a trainer's own ``_save_checkpoint`` and ``save_model`` (the methods Trainer calls,
+a subclass's overrides included, with or without ``super()``): `StabilityTrainer` when it is built, a plain
+`Trainer` when the judges start training (`hf_stability._compat.route_checkpoint_writes`). ``save_model`` (a
+user's own save, ``push_to_hub``) refuses non-finite weights with a `ValueError`.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ class CheckpointJudge:
         """Act on non-finite weights before the write: restore them, or clear ``control.should_save``."""
         raise NotImplementedError
 
-    def route_checkpoint_writes(self) -> None:
-        """From ``on_train_begin``: send a plain `Trainer`'s writes through `checkpoint_write_allowed`."""
+    def guard_checkpoint_writes(self) -> None:
+        """From ``on_train_begin``: judge the writes of the `Trainer` calling (a custom loop has none)."""
         trainer = calling_trainer(self)
-        if trainer is not None and not getattr(type(trainer), "judges_checkpoint_writes", False):
-            route_checkpoint_writes(trainer, checkpoint_write_allowed, refuse_nonfinite_model)
+        if trainer is not None:
+            guard_checkpoint_writes(trainer)
+
+
+def guard_checkpoint_writes(trainer: Any) -> None:
+    """Judge every checkpoint and model write of ``trainer`` from now on (once per trainer)."""
+    route_checkpoint_writes(trainer, checkpoint_write_allowed, refuse_nonfinite_model)
 
 
 def _judges(trainer: Any) -> list[CheckpointJudge]:

@@ -154,7 +154,7 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         StepSignals.for_model(model).open(state)
         self._queue = StepQueue()
         self._health.begin_run()
-        self.route_checkpoint_writes()
+        self.guard_checkpoint_writes()
 
     def _takes_found_inf(self, optimizer: object) -> torch.optim.Optimizer | None:
         """The torch optimizer when it skips on a ``found_inf`` flag (checked once per optimizer), else None."""

@@ -44,7 +44,14 @@ class SaveAt(TrainerCallback):
             control.should_save = True
 
 
-@pytest.mark.parametrize("trainer_class", [Trainer, StabilityTrainer])
+class OwnSaveTrainer(StabilityTrainer):
+    """A subclass whose ``_save_checkpoint`` never calls ``super()`` (it calls Trainer's directly)."""
+
+    def _save_checkpoint(self, model, trial):
+        Trainer._save_checkpoint(self, model, trial)
+
+
+@pytest.mark.parametrize("trainer_class", [Trainer, StabilityTrainer, OwnSaveTrainer])
 def test_a_save_asked_by_a_later_user_callback_never_writes_nonfinite_weights(
     bert_tokenizer, dataset, tmp_path, trainer_class
 ):
