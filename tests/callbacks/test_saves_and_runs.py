@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertForMaskedLM, Trainer, TrainerCallback
+from transformers import BertForMaskedLM, Trainer
 
 from hf_stability import SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer, read_events
 from hf_stability.callbacks.order import find_callback
-from tests.rollback_faults import NanWeights, ThrowWeights
-from tests.testing_utils import PoisonGradient, mlm_dataset, tiny_bert, training_args
+from tests.rollback_faults import NanWeights, SaveAt, ThrowWeights
+from tests.testing_utils import PoisonGradient, mlm_dataset, run_two_ranks, tiny_bert, training_args
 
 DETECTOR = dict(spike_window=16, spike_warmup=8, snapshot_interval=10, max_grad_norm=0.0)
 
@@ -31,17 +31,6 @@ def saved_checkpoints(output_dir) -> list[int]:
 
 def finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-class SaveAt(TrainerCallback):
-    """A user's time-budget or preemption saver: asks for a checkpoint in ``on_step_end``, after ours ran."""
-
-    def __init__(self, steps) -> None:
-        self.steps = set(steps)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.steps:
-            control.should_save = True
 
 
 class OwnSaveTrainer(StabilityTrainer):
@@ -162,3 +151,13 @@ def test_a_second_train_is_a_fresh_run_in_every_part(bert_tokenizer, dataset, tm
     first, second = runs
     assert first[:6] == (1, 1, 0.5, 40, 1, 1)
     assert second == first, "the second train() starts where a fresh one would: counts, budget, LR and events"
+
+
+@pytest.mark.distributed
+def test_two_ranks_roll_back_together_at_a_user_requested_save_when_one_rank_has_nonfinite_weights(tmp_path):
+    run_two_ranks("tests.distributed.save_two_ranks", tmp_path, timeout=600)
+    (rollback,) = [e for e in read_events(tmp_path) if e["event"] == "rollback"]
+    assert (rollback["step"], rollback["restored_step"], rollback["nonfinite_weights"]) == (25, 10, True)
+    assert saved_checkpoints(tmp_path) == [25] and finite(BertForMaskedLM.from_pretrained(tmp_path / "checkpoint-25"))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "ranks diverged after the rollback"
