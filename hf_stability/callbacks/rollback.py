@@ -261,7 +261,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         return control
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        """Judge what is still buffered, and the weights, before an epoch-strategy checkpoint is written."""
+        """Judge what is still buffered (and weights the flags found bad) before an epoch-strategy checkpoint."""
         if control.should_save and self._detector is not None:
             weights_bad = self._weights_bad(model, state.global_step)
             spike = self._check(args.device, state.global_step, weights_bad)
