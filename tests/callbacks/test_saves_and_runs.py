@@ -62,6 +62,19 @@ def test_a_save_asked_by_a_later_user_callback_never_writes_nonfinite_weights(
         assert finite(BertForMaskedLM.from_pretrained(tmp_path / f"checkpoint-{step}"))
 
 
+def test_save_strategy_best_never_writes_nonfinite_weights(bert_tokenizer, dataset, tmp_path):
+    # Step 10's update turns the weights NaN; its evaluation is the first, and its metric one that NaN weights do not
+    # spoil (the evaluation's runtime), so "best" decides to save right after it, past every callback's on_step_end.
+    args = training_args(tmp_path, max_steps=20, save_strategy="best", eval_strategy="steps", eval_steps=10,
+                         metric_for_best_model="runtime", greater_is_better=False)
+    trainer = Trainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset,
+                      eval_dataset=mlm_dataset(bert_tokenizer, rows=16),
+                      callbacks=[SkipNonFiniteCallback(), NanWeights([10])])
+    trainer.train()
+    assert [e["event"] for e in read_events(tmp_path)] == ["nonfinite_parameters", "stop"]
+    assert trainer.state.global_step == 10 and saved_checkpoints(tmp_path) == []
+
+
 def test_save_model_refuses_nonfinite_weights(bert_tokenizer, dataset, tmp_path):
     trainer = Trainer(tiny_bert(bert_tokenizer), training_args(tmp_path, max_steps=3), train_dataset=dataset,
                       callbacks=[SkipNonFiniteCallback(), NanWeights([3])])
