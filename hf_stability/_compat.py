@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-from collections.abc import Iterator, Mapping
-from types import CodeType
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -88,9 +89,10 @@ class UpstreamChangedError(RuntimeError):
 # The methods that make up Trainer's training loop (5.19-5.25: `_inner_training_loop` calls `_init_training_state`,
 # which resumes, then `_run_epoch` per epoch, which runs the steps). A hook counts as called when one of them
 # references it by name.
-TRAINING_LOOP = ("_inner_training_loop", "_init_training_state", "_run_epoch")
+# `_run_epoch` calls `_maybe_log_save_evaluate` after each step and epoch, which writes every checkpoint.
+TRAINING_LOOP = ("_inner_training_loop", "_init_training_state", "_run_epoch", "_maybe_log_save_evaluate")
 
-# Trainer methods `StabilityTrainer` (and its `BatchRampMixin`) override or call, and why each must stay as verified.
+# Trainer methods `StabilityTrainer` (and its `BatchRampMixin`) override, wrap or call, and why each must stay so.
 TRAINER_HOOKS: Mapping[str, str] = {
     # `_run_epoch` calls `grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)` on every sync step, after
     # `_clip_grad_norm` returned the norm *before* clipping and before `on_pre_optimizer_step`: the override shares
@@ -100,7 +102,10 @@ TRAINER_HOOKS: Mapping[str, str] = {
     "get_batch_samples": "overridden to feed the batch ramp's micro-batches",
     # `_run_epoch` calls it per micro-batch, after setting `current_gradient_accumulation_steps = len(batch_samples)`
     # (the loss divisor when the loss is not normalised by `num_items_in_batch`); its return is the loss backpropagated.
-    "training_step": "overridden to share the step's loss with the callbacks and skip the batch ramp's placeholders",
+    "training_step": "wrapped to share the step's loss with the callbacks, overridden to skip the ramp's placeholders",
+    # `_maybe_log_save_evaluate` calls `self._save_checkpoint(model, trial)` whenever `control.should_save` is set
+    # (save strategy, `save_strategy="best"` after an evaluation, the last step, any callback), then `on_save`.
+    "_save_checkpoint": "wrapped to judge the weights of every checkpoint before it is written",
 }
 # Private helpers called as Trainer calls them (5.19-5.25: same signatures), by `BatchRampMixin.get_train_dataloader`.
 TRAINER_HELPERS = ("_remove_unused_columns", "_get_collator_with_removed_columns", "_get_num_items_in_batch")
@@ -139,6 +144,55 @@ def check_trainer_hooks(upstream: type) -> None:
             f"StabilityTrainer cannot run on transformers {transformers.__version__}: {'; '.join(problems)}. "
             f"{SUPPORTED}."
         )
+
+
+def calling_trainer(callback: Any) -> Any:
+    """The `Trainer` whose callback list holds ``callback`` and that is calling it now, or ``None``.
+
+    Trainer hands callbacks no reference to itself (5.19-5.24: `CallbackHandler.call_event` passes the model,
+    optimizer, scheduler and dataloaders), but every event reaches them from a `Trainer` method, whose frame
+    holds it as ``self``; `StabilityTrainer.__init__` calls ``on_init_end`` itself, likewise. ``None`` when no
+    Trainer is calling (a custom loop).
+    """
+    from transformers import Trainer
+
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        handler = getattr(owner, "callback_handler", None)  # None while Trainer.__init__ has not built it
+        if isinstance(owner, Trainer) and handler is not None and any(c is callback for c in handler.callbacks):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def route_checkpoint_writes(
+    trainer: Any, write_allowed: Callable[[Any], bool], refuse_model: Callable[[Any, str | None], None]
+) -> None:
+    """Send this trainer's checkpoint and model writes through the given judges, once per trainer.
+
+    `Trainer._save_checkpoint(model, trial)` writes every checkpoint (see ``TRAINER_HOOKS``); it runs only when
+    ``write_allowed(trainer)``. `Trainer.save_model(output_dir, _internal_call)` (also called by
+    `_save_checkpoint` and ``push_to_hub``) calls ``refuse_model(trainer, output_dir)`` first. Both are wrapped on
+    the instance, around the methods Trainer would call (a subclass's overrides included), so the class and other
+    trainers are untouched.
+    """
+    if vars(trainer).get("_hf_stability_writes_routed"):
+        return
+    if not callable(getattr(trainer, "_save_checkpoint", None)):
+        raise UpstreamChangedError(f"`Trainer._save_checkpoint` is gone (it writes every checkpoint). {SUPPORTED}.")
+    save_checkpoint, save_model = trainer._save_checkpoint, trainer.save_model
+
+    def judged_save_checkpoint(model: Any, trial: Any) -> None:
+        if write_allowed(trainer):
+            save_checkpoint(model, trial)
+
+    def judged_save_model(output_dir: str | None = None, _internal_call: bool = False) -> None:
+        refuse_model(trainer, output_dir)
+        save_model(output_dir, _internal_call)
+
+    trainer._save_checkpoint, trainer.save_model = judged_save_checkpoint, judged_save_model
+    trainer._hf_stability_writes_routed = True
 
 
 def remove_unused_columns(trainer: Any, dataset: Any) -> Any:

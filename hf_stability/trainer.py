@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -15,6 +18,7 @@ from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.resume import check_stored_state, end_run, resume_checkpoint
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
+from hf_stability.callbacks.save_guard import guard_checkpoint_writes
 from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
@@ -70,8 +74,15 @@ class StabilityTrainer(BatchRampMixin, Trainer):
     the end); a type the caller already passed in ``callbacks`` is not added again.
 
     The callbacks read the step's loss, pre-clip gradient norm and skip decision from one `StepSignals`
-    (``self.step_signals``), which this trainer feeds: the loss Trainer optimises (``training_step``, also with
-    ``label_smoothing_factor`` or ``compute_loss_func``) and Trainer's own gradient norm before clipping.
+    (``self.step_signals``, theirs while this trainer trains, even when another trainer shares the model), which
+    this trainer feeds: the loss Trainer optimises (the return of the ``training_step`` Trainer calls, also a
+    subclass's override that does not call ``super()``, with ``label_smoothing_factor`` or ``compute_loss_func``)
+    and Trainer's own gradient norm before clipping.
+
+    Every checkpoint write (the ``_save_checkpoint`` Trainer calls, whoever set ``should_save`` or overrides it) is
+    judged first, and ``save_model`` refuses non-finite weights (`hf_stability.callbacks.save_guard`). A second
+    ``train()`` without ``resume_from_checkpoint`` is a fresh run, as Trainer's state is: counters, rollback budget
+    and LR cut restart.
 
     With ``batch_ramp_start > 0`` the global batch grows step by step (`hf_stability.batch_ramp`).
 
@@ -88,8 +99,12 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         warn_untested_versions()
         super().__init__(*args, **kwargs)
         self._build_batch_ramp()
-        # The model the callbacks receive: their look-ups of the step's signals find this trainer's.
-        self.step_signals = StepSignals.fed_by_trainer(self.callback_handler.model)
+        # Registered for the model the callbacks receive while this trainer trains (`train`).
+        self.step_signals = StepSignals()
+        # The loss fed is the return of the `training_step` Trainer calls: a subclass's override, with or without
+        # super(), cannot bypass it (it would leave loss-based rollback judging nothing).
+        self.training_step = self._feeding_loss(self.training_step)  # type: ignore[method-assign]
+        guard_checkpoint_writes(self)  # likewise every checkpoint write, whoever overrides `_save_checkpoint`
         keep_in_priority_order(self)
         callbacks = self.callback_handler.callbacks
         for callback in stability_callbacks(self.args):
@@ -127,7 +142,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         checkpoint = resume_checkpoint(resume_from_checkpoint, output_dir(self.args))
         if checkpoint is not None and self.args.restore_callback_states_from_checkpoint:
             check_stored_state(checkpoint, self.callback_handler.callbacks)
-        self.step_signals.trainer_fed = True  # a missing pre-clip norm is now a broken seam, not a plain Trainer
+        model = self.callback_handler.model
+        self.step_signals.attach(model)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
@@ -137,7 +153,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             end_run(self.args, self.state)
             raise
         finally:
-            self.step_signals.trainer_fed = False
+            self.step_signals.detach(model)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step entry (evaluation and the final summary have other keys)
@@ -191,15 +207,21 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             **details,
         )
 
-    # The private Trainer hooks overridden here are checked at construction (`_compat.TRAINER_HOOKS`).
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """`Trainer.training_step`, whose loss (the one backpropagated, per micro-batch) feeds `step_signals`.
+    def _feeding_loss(self, training_step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``training_step`` whose return (the loss backpropagated and logged, per micro-batch) feeds `step_signals`.
 
         The model's own output has no loss when Trainer computes it (label smoothing, ``compute_loss_func``).
         """
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.step_signals.add_loss(completing_step(self.state), loss)
-        return loss
+
+        @functools.wraps(training_step)
+        def step(model, inputs, num_items_in_batch=None):
+            loss = training_step(model, inputs, num_items_in_batch)
+            self.step_signals.add_loss(completing_step(self.state), loss)
+            return loss
+
+        return step
+
+    # The private Trainer hooks overridden here are checked at construction (`_compat.TRAINER_HOOKS`).
 
     def _get_grad_norm(self, model, grad_norm=None):
         """Trainer's gradient norm (before clipping), also shared with the callbacks through `step_signals`.

@@ -54,3 +54,15 @@ class NanWeights(TrainerCallback):
         if state.global_step + 1 in self.steps and (self.ranks is None or rank() in self.ranks):
             with torch.no_grad():
                 dict(model.named_parameters())[self.parameter_name].fill_(float("nan"))
+
+
+class SaveAt(TrainerCallback):
+    """A user's time-budget or preemption saver: sets ``control.should_save`` in ``on_step_end`` of the given steps,
+    after the stability callbacks ran (callbacks passed by the user come after them)."""
+
+    def __init__(self, steps: Iterable[int]) -> None:
+        self.steps = set(steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            control.should_save = True

@@ -11,7 +11,7 @@ On ``resume_from_checkpoint`` Trainer replaces each `ExportableState` callback b
 
 - The stored *settings* (``args``) would silently replace the ones given for the resumed run. Here each
   callback records the keywords it was given when its trainer is built (``on_init_end``; `StabilityTrainer`
-  calls it for the callbacks it adds) in a per-model record, and the restored copy takes them back when
+  calls it for the callbacks it adds) in a per-trainer record, and the restored copy takes them back when
   training begins and resolves them against the resumed run's ``args``. Counters and the detector window
   (``attributes``) come back from the checkpoint; knobs do not.
 - A checkpoint written without these callbacks (a plain `Trainer`, the migration path) has no entry for
@@ -46,7 +46,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_stability._compat import register_stateful_callback
+from hf_stability._compat import calling_trainer, register_stateful_callback
 from hf_stability.events import StabilityEventLog
 from hf_stability.run_lock import acquire_run_lock, release_run_lock
 from hf_stability.settings import ComponentSettings
@@ -78,8 +78,16 @@ def stored_numbers(value: Any) -> str | None:
     ok = isinstance(value, list) and all(_is_number(v) for v in value)
     return None if ok else f"must be a list of finite numbers, got {str(value)[:80]}"
 
-# The settings each callback type was given for the run training a model (held weakly, dropped with the model).
-_RUN_SETTINGS: weakref.WeakKeyDictionary[torch.nn.Module, dict[type, dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+# The settings each callback type was given, per trainer (held weakly, dropped with it): two trainers built on one
+# model (a second phase) keep their own. Without a calling Trainer (a custom loop), per model.
+_RUN_SETTINGS: weakref.WeakKeyDictionary[Any, dict[type, dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+def _settings_owner(callback: TrainerCallback, model: torch.nn.Module | None) -> Any:
+    """Whose run ``callback``'s given settings belong to: the `Trainer` calling it, else ``model``."""
+    trainer = calling_trainer(callback)
+    return model if trainer is None else trainer
 
 
 class ConfiguredCallback(TrainerCallback):
@@ -151,14 +159,27 @@ class ResumableCallback(ConfiguredCallback, ExportableState):
 
     def on_init_end(self, args, state, control, model: torch.nn.Module | None = None, **kwargs):
         super().on_init_end(args, state, control, **kwargs)
-        if model is not None:
-            _RUN_SETTINGS.setdefault(model, {})[type(self)] = dict(self._given)
+        owner = _settings_owner(self, model)
+        if owner is not None:
+            _RUN_SETTINGS.setdefault(owner, {})[type(self)] = dict(self._given)
+
+    _run_begun = False  # set by begin_run: a later run of this same object is a second train()
 
     def begin_run(self, args, state, model: torch.nn.Module | None) -> None:
-        """Take this run's settings back after a restore, register for checkpoints, align the events file."""
-        given = None if model is None else _RUN_SETTINGS.get(model, {}).get(type(self))
+        """Take this run's settings back after a restore, register for checkpoints, align the events file.
+
+        A second ``train()`` of this object starts fresh, as Trainer's own state does (a resume restores the
+        checkpoint's state into new objects instead): the attributes are set back to a new callback's, the way
+        Trainer restores them, so counters, budgets and the events file (cut back to step 0) agree.
+        """
+        owner = _settings_owner(self, model)
+        given = None if owner is None else _RUN_SETTINGS.get(owner, {}).get(type(self))
         if given is not None:
             self._given = dict(given)
+        if self._run_begun:
+            for name, value in type(self)(**self._given).attributes().items():
+                setattr(self, name, value)
+        self._run_begun = True
         self.configure(args)
         problem = type(self).stored_problem({"attributes": self.attributes()})
         if problem is not None:  # restored by a plain Trainer, which `check_stored_state` did not see first

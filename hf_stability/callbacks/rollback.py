@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from transformers import TrainerControl, TrainerState
 from hf_stability._compat import scale_scheduler_last_lr, unwrap_optimizer, unwrap_scheduler
 from hf_stability._logging import get_logger
 from hf_stability.callbacks.resume import ResumableCallback, stored_count, stored_numbers, stored_scale
+from hf_stability.callbacks.save_guard import CheckpointJudge
 from hf_stability.callbacks.signals import (
     StepSignals,
     active_grad_scaler,
@@ -76,7 +78,7 @@ logger = get_logger(__name__)
 
 SNAPSHOT_DIRNAME = "stability_snapshots"
 
-class SpikeRollbackCallback(ResumableCallback):
+class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
     """Detects loss (or grad-norm) spikes and rolls every rank back to the newest trusted snapshot.
 
     Works with `StabilityTrainer` and with a plain `transformers.Trainer`. Every argument left ``None`` is
@@ -152,6 +154,7 @@ class SpikeRollbackCallback(ResumableCallback):
         self._resumed_from: int | None = None  # the step training resumed from, until a check vouches for it
         self._first_resumed_step: int | None = None  # the first judged step after the resume: its loss judges it
         self._unjudged_checkpoint: Path | None = None  # written on the last step, its update not judged yet
+        self._cut_optimizer: weakref.ref | None = None  # the optimizer whose LR carries lr_scale
 
     # ---- configuration -------------------------------------------------------------------------
 
@@ -167,7 +170,13 @@ class SpikeRollbackCallback(ResumableCallback):
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, model=None, optimizer=None,
                        lr_scheduler=None, **kwargs):
         refuse_for_callback(self, args)
-        self.begin_run(args, state, model)
+        carried_scale = self.lr_scale
+        self.begin_run(args, state, model)  # a second train() of this object starts fresh: lr_scale 1 again
+        inner = unwrap_optimizer(optimizer)
+        if self.lr_scale != carried_scale and self._cut_optimizer is not None and self._cut_optimizer() is inner:
+            _scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / carried_scale)  # Trainer kept it: undo
+        self._cut_optimizer = None if inner is None else weakref.ref(inner)  # carries lr_scale from here on
+        self.guard_checkpoint_writes()
         s = self.settings
         self._detector = SpikeDetector(s.window, s.warmup, s.sigma)
         self._detector.accept(self.detector_window[-s.window :])
@@ -232,7 +241,7 @@ class SpikeRollbackCallback(ResumableCallback):
         step = state.global_step
         snapshot_due = step % self.settings.snapshot_interval == 0
         last_step = state.max_steps > 0 and step >= state.max_steps
-        weights_bad = self._weights_bad(control, model, step)
+        weights_bad = self._weights_bad(model, step)
         check_due = (
             snapshot_due
             or last_step
@@ -253,9 +262,9 @@ class SpikeRollbackCallback(ResumableCallback):
         return control
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        """Judge what is still buffered, and the weights, before an epoch-strategy checkpoint is written."""
+        """Judge what is still buffered (and weights the flags found bad) before an epoch-strategy checkpoint."""
         if control.should_save and self._detector is not None:
-            weights_bad = self._weights_bad(control, model, state.global_step)
+            weights_bad = self._weights_bad(model, state.global_step)
             spike = self._check(args.device, state.global_step, weights_bad)
             if spike is not None:
                 self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
@@ -274,12 +283,19 @@ class SpikeRollbackCallback(ResumableCallback):
             signals.close()
         super().on_train_end(args, state, control, model=model, **kwargs)
 
+    def judge_nonfinite_checkpoint(self, args, state, control, model, optimizer, lr_scheduler) -> None:
+        """A checkpoint is due on non-finite weights (`save_guard`): roll back now, and the restored state is
+        written instead (or, without a trusted snapshot, stop unsaved)."""
+        if self._detector is None:
+            return
+        spike = self._check(args.device, state.global_step, weights_bad=True)
+        if spike is not None:  # always: non-finite weights are a spike
+            self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
+
     @staticmethod
-    def _weights_bad(control: TrainerControl, model, step: int) -> bool:
-        """Non-finite weights at the end of ``step``: as the skip flags found them, or read before a checkpoint."""
-        if StepSignals.for_model(model).weights_verdict == (step, True):
-            return True
-        return control.should_save and weights_nonfinite(model, step)
+    def _weights_bad(model, step: int) -> bool:
+        """Non-finite weights at the end of ``step`` as the skip flags found them (before a write: `save_guard`)."""
+        return StepSignals.for_model(model).weights_verdict == (step, True)
 
     # ---- detection -----------------------------------------------------------------------------
 
@@ -405,14 +421,21 @@ class SpikeRollbackCallback(ResumableCallback):
     def _replace_unjudged_checkpoint(self, state: TrainerState, control: TrainerControl) -> str | None:
         """After a restore, drop the checkpoint whose update the spike judged and save the restored state instead.
 
-        Returns the removed checkpoint's name, or ``None`` when the spike judged no checkpoint.
+        Returns the removed checkpoint's name, or ``None`` when the spike judged no checkpoint or it is Trainer's
+        ``best_model_checkpoint``, which is kept (removing it would lose the best model).
         """
         checkpoint, self._unjudged_checkpoint = self._unjudged_checkpoint, None
         if checkpoint is None:
             return None
+        control.should_save = True
+        best = state.best_model_checkpoint
+        if best is not None and Path(best).resolve() == checkpoint.resolve():
+            # Trainer's record of the best model (load_best_model_at_end, kept by save_total_limit) stays true.
+            logger.warning(f"Spike rollback: kept {checkpoint.name}, whose update the spike judged: it is Trainer's "
+                           "best_model_checkpoint (best evaluation metric). Do not resume from it.")
+            return None
         if state.is_world_process_zero:
             shutil.rmtree(checkpoint, ignore_errors=True)
-        control.should_save = True
         return checkpoint.name
 
 

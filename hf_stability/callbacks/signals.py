@@ -31,12 +31,14 @@ class StepSignals:
 
     Who feeds it:
 
-    - `StabilityTrainer` registers one object for its model (:meth:`fed_by_trainer`) and feeds it the loss
-      Trainer optimises (``training_step``: also with ``label_smoothing_factor`` or ``compute_loss_func``, where
-      the model itself returns no loss) and Trainer's pre-clip gradient norm. The step's loss is the sum of
-      ``training_step``'s returns over its micro-batches, the value Trainer logs for the step. While that
-      trainer trains (:attr:`trainer_fed`), a missing pre-clip norm means Trainer stopped calling the hook:
-      :meth:`grad_norm` raises instead of returning ``None``.
+    - `StabilityTrainer` owns one object and registers it for its model while it trains (:meth:`attach` in
+      ``train()``, :meth:`detach` after), so that of two trainers built on one model (a second phase) the one
+      training is the one the callbacks hear. It feeds the loss Trainer optimises (the return of the
+      ``training_step`` Trainer calls, whatever a subclass overrides: also with ``label_smoothing_factor`` or
+      ``compute_loss_func``, where the model itself returns no loss) and Trainer's pre-clip gradient norm. The
+      step's loss is the sum of ``training_step``'s returns over its micro-batches, the value Trainer logs for
+      the step. While that trainer trains (:attr:`trainer_fed`), a missing loss or pre-clip norm means a seam
+      broke: :meth:`loss` and :meth:`grad_norm` raise instead of returning ``None``.
     - Under a plain `Trainer` the first :meth:`for_model` creates one fed by a forward hook on the model: the
       mean of the model's own ``output.loss`` over the step's training-mode forwards. Trainer's pre-clip norm is
       out of reach there (:meth:`grad_norm` returns ``None``); a loss the model does not return is reported by
@@ -65,11 +67,17 @@ class StepSignals:
             signals = _SIGNALS[model] = cls(model)
         return signals
 
-    @classmethod
-    def fed_by_trainer(cls, model: torch.nn.Module) -> StepSignals:
-        """A new object for ``model`` that its trainer feeds (no forward hook); later lookups return it."""
-        signals = _SIGNALS[model] = cls()
-        return signals
+    def attach(self, model: torch.nn.Module) -> None:
+        """Make this trainer-fed object (no forward hook) the one :meth:`for_model` finds for ``model`` until
+        :meth:`detach`: a run, not a trainer's construction, decides whose signals the callbacks read."""
+        _SIGNALS[model] = self
+        self.trainer_fed = True  # a missing loss or pre-clip norm is now a broken seam, not a plain Trainer
+
+    def detach(self, model: torch.nn.Module) -> None:
+        """The run is over: a later trainer of ``model`` (a plain `Trainer` too) gets its own signals."""
+        self.trainer_fed = False
+        if _SIGNALS.get(model) is self:
+            del _SIGNALS[model]
 
     def reset(self) -> None:
         """Forget every value (a new run starts)."""
@@ -118,6 +126,11 @@ class StepSignals:
     def loss(self, step: int) -> torch.Tensor | None:
         """Training loss of ``step`` (a 0-d device tensor), or ``None`` when no training forward returned one."""
         if self._loss_step != step or self._loss_sum is None:
+            if self.trainer_fed:
+                raise UpstreamChangedError(
+                    f"StabilityTrainer recorded no training loss for step {step}: the `training_step` Trainer "
+                    f"called did not return through StabilityTrainer's feed. {SUPPORTED}."
+                )
             if self._missing_loss:
                 self._warn_missing_loss()
             return None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from hf_stability.callbacks.resume import ResumableCallback, stored_count
+from hf_stability.callbacks.save_guard import CheckpointJudge
 from hf_stability.callbacks.signals import StepSignals, active_grad_scaler, completing_step
 from hf_stability.callbacks.skip_decision import (
     clear_found_inf,
@@ -70,7 +71,7 @@ class _Delegated:
         setattr(callback._health, self.name, value)
 
 
-class SkipNonFiniteCallback(ResumableCallback):
+class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
     """Skip the optimizer update of any step with a NaN/Inf gradient on any rank; report NaN losses and weights.
 
     On a skip, every gradient is set to ``None``, the decision is written to
@@ -86,8 +87,9 @@ class SkipNonFiniteCallback(ResumableCallback):
     fused norm, read with the other flags). Such a step is not counted as skipped (``"nonfinite_parameters"``,
     ``nonfinite_parameter_steps``) and its update is dropped; `SpikeRollbackCallback`, when installed, treats
     it as a spike and restores a trusted snapshot. Alone, this callback stops training at once without a
-    checkpoint. Before every checkpoint the weights are checked once more (one read), covering the update of
-    the checkpoint step itself: a checkpoint with non-finite weights is never written.
+    checkpoint. Before every checkpoint write, whoever asked for it, the weights are checked once more (one read,
+    `save_guard`), covering the update of the checkpoint step itself: a checkpoint with non-finite weights is
+    never written.
 
     Skipping on device: fp16's grad scaler uses its found-inf flag as the gradient check (the reduced flag is
     written back so every rank halves its scale alike) and skips the update itself (with the fused AdamW
@@ -153,6 +155,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         StepSignals.for_model(model).open(state)
         self._queue = StepQueue()
         self._health.begin_run()
+        self.guard_checkpoint_writes()
 
     def _takes_found_inf(self, optimizer: object) -> torch.optim.Optimizer | None:
         """The torch optimizer when it skips on a ``found_inf`` flag (checked once per optimizer), else None."""
@@ -195,25 +198,19 @@ class SkipNonFiniteCallback(ResumableCallback):
         steps, local = self._queue.drain()
         return self._health.apply(args, state, control, steps, local, now, record)
 
-    def _guard_checkpoint(self, args, state, control, model) -> None:
-        """Before a checkpoint is written, judge its weights: a non-finite checkpoint is never written.
+    def judge_nonfinite_checkpoint(self, args, state, control, model, optimizer, lr_scheduler) -> None:
+        """A checkpoint is due on non-finite weights (`save_guard`): report them; stop unsaved if nothing restores.
 
-        The per-step flags check the weights a step *starts* from; this read (once per checkpoint) covers
-        the update of the checkpoint step itself. With spike rollback installed it restores a trusted
-        snapshot before the save (it reads the same verdict); without, training stops and nothing is saved.
+        The per-step flags check the weights a step *starts* from; the read at the write covers the update of the
+        checkpoint step itself. With spike rollback installed it restores a trusted snapshot before the write.
         """
         if self._health.weights_stop:
             control.should_save = False
-            return
-        if not control.should_save or not weights_nonfinite(model, state.global_step):
             return
         record = StepSignals.for_model(model)
         self._health.report_parameters(args, state, state.global_step, None, None, record.recovery)
         if not record.recovery:
             self._health.stop_for_weights(args, state, control, state.global_step, state.global_step)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._guard_checkpoint(args, state, control, model)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         """Flush queued steps: ``save_strategy="best"`` may save right after an evaluation."""
@@ -222,7 +219,6 @@ class SkipNonFiniteCallback(ResumableCallback):
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         """Flush queued steps, so an epoch-end checkpoint exports current counters (one read per epoch)."""
         self._flush(args, state, control, state.global_step, StepSignals.for_model(model))
-        self._guard_checkpoint(args, state, control, model)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Flush queued steps, then report weights the last update left non-finite."""

@@ -60,6 +60,7 @@ class SkipHealth:
 
     def begin_run(self) -> None:
         self.weights_stop = False
+        self._weights_reported = None  # step numbers of an earlier train() recur in this one
 
     def apply(self, args, state, control, steps: list[ReadStep], local: torch.Tensor | None, now: int,
               record: StepSignals) -> str | None:
