@@ -53,7 +53,6 @@ from typing import Any
 import torch
 from transformers import TrainerControl, TrainerState
 
-from hf_stability._compat import scale_scheduler_last_lr, unwrap_optimizer, unwrap_scheduler
 from hf_stability._logging import get_logger
 from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import (
@@ -71,6 +70,7 @@ from hf_stability.events import StabilityEventLog
 from hf_stability.settings import RollbackSettings, SnapshotStorage, SpikeMetric
 from hf_stability.snapshots import SnapshotStore, restore_training_state
 from hf_stability.spike import SpikeDetector
+from hf_stability.user_optimizer import check_lr_cut, scale_learning_rate
 
 logger = get_logger(__name__)
 
@@ -168,6 +168,7 @@ class SpikeRollbackCallback(ResumableCallback):
         refuse_for_callback(self, args)
         self.begin_run(args, state, model)
         s = self.settings
+        check_lr_cut(optimizer, lr_scheduler, s.lr_factor)
         self._detector = SpikeDetector(s.window, s.warmup, s.sigma)
         self._detector.accept(self.detector_window[-s.window :])
         self.detector_window = []
@@ -381,7 +382,7 @@ class SpikeRollbackCallback(ResumableCallback):
         removed = self._replace_unjudged_checkpoint(state, control)
         self.rollbacks += 1
         previous_scale, self.lr_scale = self.lr_scale, self.lr_scale * self.settings.lr_factor
-        _scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / target.lr_scale)
+        scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / target.lr_scale)
         logger.warning(
             f"Spike rollback {self.rollbacks}/{limit}: {reason}; restored the snapshot of step {target.step} and "
             f"continue at step {state.global_step} with new batches (LR scale {previous_scale:g} -> {self.lr_scale:g})."
@@ -426,22 +427,3 @@ def _earlier_checkpoint(output_dir: str, step: int) -> str:
         return f"an earlier checkpoint (none is left in {output_dir}: start over with a lower learning rate)"
     return str(Path(output_dir) / f"checkpoint-{earlier[-1]}")
 
-
-def _scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> None:
-    """Multiply the LR everywhere it lives: param groups and the scheduler's ``base_lrs``/``_last_lr``.
-
-    `LambdaLR` recomputes ``lr = base_lr * lambda(step)`` on every step, so scaling only the param groups
-    would be undone by the next ``scheduler.step()``.
-    """
-    if factor == 1.0:
-        return
-    for group in unwrap_optimizer(optimizer).param_groups:
-        group["lr"] *= factor
-        if "initial_lr" in group:
-            group["initial_lr"] *= factor
-    scheduler = unwrap_scheduler(lr_scheduler)
-    if scheduler is None:
-        return
-    if hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-    scale_scheduler_last_lr(scheduler, factor)
