@@ -1,9 +1,10 @@
 """Rollback snapshots: a copy of everything an optimizer step changes, kept off the accelerator.
 
-A snapshot holds, for the calling rank only, the model's local `state_dict` tensors, the optimizer state
-(moments and step counts), the LR scheduler state, the grad scaler state and the RNG states (python,
-numpy, torch CPU, CUDA when present). Each rank snapshots its own local tensors, so sharded setups
-(FSDP, ZeRO) snapshot their shards the same way DDP snapshots full replicas.
+A snapshot holds, for the calling rank only, the model's local `state_dict` tensors, the state of the
+optimizer the user passed (moments and step counts; a wrapper's own state through its ``state_dict``), the
+LR scheduler state, the grad scaler state and the RNG states (python, numpy, torch CPU, CUDA when present).
+Each rank snapshots its own local tensors, so sharded setups (FSDP, ZeRO) snapshot their shards the same
+way DDP snapshots full replicas.
 
 Cost: one snapshot of an Adam run is about 3x the fp32 parameter size (weights + two moments); tied
 weights are stored once. ``cpu`` storage keeps it in host memory (pinned, copied with
@@ -161,7 +162,9 @@ def _capture(model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[di
     structure = {
         "model_aliases": aliases,
         "optimizer": optimizer_structure,
-        "scheduler": None if scheduler is None else _split(unwrap_scheduler(scheduler).state_dict(), "scheduler", tensors),
+        "scheduler": None if scheduler is None else _split(
+            unwrap_scheduler(scheduler).state_dict(), "scheduler", tensors
+        ),
         "scaler": None if scaler is None else copy.deepcopy(scaler.state_dict()),
         "rng": _rng_state(),
     }

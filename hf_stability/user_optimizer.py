@@ -83,9 +83,9 @@ def check_lr_cut(optimizer: Any, scheduler: Any, factor: float) -> None:
     for layer in wrapped_optimizers(optimizer):
         if any(group.get("relative_step") for group in getattr(layer, "param_groups", [])):
             raise ValueError(
-                f"rollback_lr_factor={factor} cannot lower the step size of {type(layer).__name__}(relative_step=True), "
-                "which computes it from its step count and ignores the learning rate: set rollback_lr_factor=1.0, or "
-                "use relative_step=False with a learning rate."
+                f"rollback_lr_factor={factor} cannot lower the step size of {type(layer).__name__}"
+                "(relative_step=True), which computes it from its step count and ignores the learning rate: "
+                "set rollback_lr_factor=1.0, or use relative_step=False with a learning rate."
             )
     for item in _schedulers(scheduler):
         if not isinstance(item, LR_SCHEDULER_CLASSES):

@@ -34,7 +34,7 @@ from, which no update of this run can have spoiled.
 What is *not* rewound: ``global_step``, ``log_history`` and the W&B step axis go on increasing, and the
 dataloader keeps going, so the batches after a rollback are new ones (PaLM/OPT practice). The LR
 scheduler *is* restored (its position is part of the snapshot) and then scaled by ``rollback_lr_factor``
-per rollback, on ``base_lrs`` as well as on the optimizer's param groups.
+per rollback, everywhere the scheduler reads the LR from (`hf_stability.user_optimizer.scale_learning_rate`).
 
 Memory: ``snapshot_keep`` trusted snapshots plus the untrusted ones awaiting confirmation (one when
 ``snapshot_interval >= check_interval``), each ≈ 3x the fp32 parameter

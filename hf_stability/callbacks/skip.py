@@ -228,7 +228,8 @@ class SkipNonFiniteCallback(ResumableCallback):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Flush queued steps, then report weights the last update left non-finite."""
-        self.on_optimizer_step(args, state, control, optimizer)  # a step that raised may have left its flag behind
+        # A step that raised may have left its flag (or a held step) behind.
+        self.on_optimizer_step(args, state, control, optimizer=optimizer)
         record = StepSignals.for_model(model)
         self._flush(args, state, control, state.global_step, record)
         if not self._health.weights_stop and weights_nonfinite(model, state.global_step):

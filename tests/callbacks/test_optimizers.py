@@ -225,7 +225,8 @@ def test_a_rollback_lr_cut_holds_under_every_torch_scheduler(tmp_path, bert_toke
         model = tiny_bert(bert_tokenizer)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         args = base_training_args(tmp_path / run, max_steps=20, rollback_lr_factor=LR_FACTOR, **ROLLBACK_RUN)
-        trainer = StabilityTrainer(model, args, train_dataset=dataset, optimizers=(optimizer, SCHEDULERS[name](optimizer)))
+        optimizers = (optimizer, SCHEDULERS[name](optimizer))
+        trainer = StabilityTrainer(model, args, train_dataset=dataset, optimizers=optimizers)
         if run == "rollback":
             trainer.add_callback(ThrowWeights([THROWN], scale=2.0))
         trainer.train()
@@ -273,7 +274,8 @@ class ParamGroupRecorder(EveryStepState):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         super().on_step_end(args, state, control, model=model, optimizer=optimizer)
         self.groups[state.global_step] = [
-            {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+             for k, v in group.items() if k != "params"}
             for group in optimizer.param_groups
         ]
 
@@ -364,7 +366,8 @@ class LookaheadState(TrainerCallback):
         return {name: p.detach().clone() for name, p in model.named_parameters()}, optimizer_state
 
 
-def lookahead_trainer(tmp_path, bert_tokenizer, dataset, fused: bool, **overrides) -> tuple[StabilityTrainer, Lookahead]:
+def lookahead_trainer(tmp_path, bert_tokenizer, dataset, fused: bool, **overrides
+                      ) -> tuple[StabilityTrainer, Lookahead]:
     model = tiny_bert(bert_tokenizer)
     lookahead = Lookahead(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused))
     schedule = torch.optim.lr_scheduler.LambdaLR(lookahead, _lambda)
