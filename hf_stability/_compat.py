@@ -20,6 +20,7 @@ from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
+import transformers.optimization as transformers_optimization
 from accelerate.state import AcceleratorState, PartialState
 
 if TYPE_CHECKING:
@@ -262,10 +263,29 @@ def output_dir(args: Any) -> str:
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer inside accelerate's wrapper(s), as `Accelerator.unscale_gradients` unwraps it."""
-    while hasattr(optimizer, "optimizer"):
+    """The optimizer the user passed (or Trainer built), inside accelerate's wrapper(s) only.
+
+    Unwrapped like `Accelerator.unscale_gradients` does (``while isinstance(opt, AcceleratedOptimizer)``, which
+    covers accelerate's DeepSpeed/Megatron wrappers, subclasses of it), plus any other ``.optimizer`` holder that is
+    no `torch.optim.Optimizer` (a custom loop's wrapper). A user's own `torch.optim.Optimizer` that wraps another
+    at ``.optimizer`` (Lookahead) is kept whole: it is the object whose state and step count, and the key under
+    which the grad scaler keeps its state.
+    """
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    while hasattr(optimizer, "optimizer") and (
+        isinstance(optimizer, AcceleratedOptimizer) or not isinstance(optimizer, torch.optim.Optimizer)
+    ):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def wrapped_optimizers(optimizer: Any) -> list[Any]:
+    """The user's optimizer and every optimizer it wraps at ``.optimizer`` (Lookahead style), outermost first."""
+    layers = [unwrap_optimizer(optimizer)]
+    while hasattr(layers[-1], "optimizer"):
+        layers.append(layers[-1].optimizer)
+    return layers
 
 
 def unwrap_scheduler(scheduler: Any) -> Any:
@@ -327,11 +347,40 @@ def scaler_scale(scaler: torch.amp.GradScaler) -> torch.Tensor:
     return scale
 
 
-def scale_scheduler_last_lr(scheduler: Any, factor: float) -> None:
-    """Multiply an `LRScheduler`'s cached ``_last_lr`` (what `get_last_lr()` and Trainer's logged ``learning_rate``
-    return until the next ``step()``; torch 2.13) by ``factor``; a scheduler without it is left alone."""
-    if getattr(scheduler, "_last_lr", None) is not None:
-        scheduler._last_lr = [lr * factor for lr in scheduler._last_lr]
+# What each torch 2.13 LR scheduler computes the next LR from, besides the param groups' ``lr`` (read by the
+# recursive, "chainable" forms): ``base_lrs`` (closed forms: LambdaLR, and every scheduler that `SequentialLR`
+# restarts with ``_update_lr(0)`` at a milestone), ``eta_min`` (CosineAnnealingLR/-WarmRestarts), ``max_lrs``
+# (CyclicLR), ``min_lrs``/``default_min_lr`` (ReduceLROnPlateau floors), and ``_last_lr``, the cache `get_last_lr()`
+# and Trainer's logged ``learning_rate`` return until the next ``step()``. OneCycleLR and SWALR read param-group
+# keys instead (``initial_lr``/``max_lr``/``min_lr``; ``swa_lr``). SequentialLR and ChainedScheduler keep their
+# children in ``_schedulers``. transformers' `GreedyLR` (``lr_scheduler_type="greedy"``, 5.2x; no torch scheduler)
+# bounds the LR by ``min_lrs``/``max_lrs`` and resets it to ``_init_lrs``.
+SCHEDULER_LR_ATTRIBUTES = ("base_lrs", "eta_min", "max_lrs", "min_lrs", "default_min_lr", "_init_lrs", "_last_lr")
+PARAM_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr")
+LR_SCHEDULER_CLASSES: tuple[type, ...] = (
+    *(getattr(torch.optim.lr_scheduler, name) for name in (
+        "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR",
+        "SequentialLR", "PolynomialLR", "CosineAnnealingLR", "ChainedScheduler", "ReduceLROnPlateau", "CyclicLR",
+        "CosineAnnealingWarmRestarts", "OneCycleLR",
+    )),
+    torch.optim.swa_utils.SWALR,
+    *((greedy,) if (greedy := getattr(transformers_optimization, "GreedyLR", None)) else ()),
+)
+
+
+def child_schedulers(scheduler: Any) -> list[Any]:
+    """The schedulers a `SequentialLR`/`ChainedScheduler` steps (``_schedulers``, torch 2.13); [] for others."""
+    return list(getattr(scheduler, "_schedulers", None) or [])
+
+
+def scale_scheduler_lrs(scheduler: Any, factor: float) -> None:
+    """Multiply every LR-valued attribute of one scheduler (`SCHEDULER_LR_ATTRIBUTES`) by ``factor``."""
+    for name in SCHEDULER_LR_ATTRIBUTES:
+        value = getattr(scheduler, name, None)
+        if isinstance(value, list):
+            setattr(scheduler, name, [v * factor for v in value])
+        elif isinstance(value, (float, int, torch.Tensor)) and not isinstance(value, bool):
+            setattr(scheduler, name, value * factor)
 
 
 # --- argparse ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Rollback snapshots: a copy of everything an optimizer step changes, kept off the accelerator.
 
-A snapshot holds, for the calling rank only, the model's local `state_dict` tensors, the optimizer state
-(moments and step counts), the LR scheduler state, the grad scaler state and the RNG states (python,
-numpy, torch CPU, CUDA when present). Each rank snapshots its own local tensors, so sharded setups
-(FSDP, ZeRO) snapshot their shards the same way DDP snapshots full replicas.
+A snapshot holds, for the calling rank only, the model's local `state_dict` tensors, the state of the
+optimizer the user passed (moments and step counts; a wrapper's own state through its ``state_dict``), the
+LR scheduler state, the grad scaler state and the RNG states (python, numpy, torch CPU, CUDA when present).
+Each rank snapshots its own local tensors, so sharded setups (FSDP, ZeRO) snapshot their shards the same
+way DDP snapshots full replicas.
 
 Cost: one snapshot of an Adam run is about 3x the fp32 parameter size (weights + two moments); tied
 weights are stored once. ``cpu`` storage keeps it in host memory (pinned, copied with
@@ -46,9 +47,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from hf_stability._compat import grad_scaler, unwrap_optimizer, unwrap_scheduler
+from hf_stability._compat import grad_scaler, unwrap_scheduler
 from hf_stability._logging import get_logger
 from hf_stability.settings import SnapshotStorage
+from hf_stability.user_optimizer import user_optimizer
 
 logger = get_logger(__name__, every_rank=True)  # about this rank's own snapshots
 
@@ -115,7 +117,7 @@ def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         return {k: _split(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_split(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj))
+        return _same_sequence(obj, [_split(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)])
     return copy.deepcopy(obj)
 
 
@@ -125,8 +127,13 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor], clone: bool) -> Any:
     if isinstance(obj, dict):
         return {k: _join(v, tensors, clone) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_join(v, tensors, clone) for v in obj)
+        return _same_sequence(obj, [_join(v, tensors, clone) for v in obj])
     return copy.deepcopy(obj)
+
+
+def _same_sequence(original: list | tuple, items: list) -> list | tuple:
+    """``items`` in a sequence of ``original``'s type (a named tuple takes them as positional arguments)."""
+    return type(original)(*items) if hasattr(original, "_fields") else type(original)(items)
 
 
 def _host_copy(source: dict[str, torch.Tensor], reuse: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -217,12 +224,17 @@ def _capture(model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[di
     """Live tensors (not yet copied) and the small non-tensor structure of the training state."""
     tensors, aliases = _model_tensors(model)
     tensors = {f"model.{name}": t for name, t in tensors.items()}
-    optimizer_structure = _split(unwrap_optimizer(optimizer).state_dict(), "optimizer", tensors)
+    # Tensors anywhere in the optimizer's or scheduler's state (a tensor LR in a param group, Adafactor's RMS-scaled
+    # LR that AdafactorSchedule writes there, tensor base_lrs) go with the other tensors, so they come back as
+    # tensors, bit for bit, from host memory and from disk alike.
+    optimizer_structure = _split(user_optimizer(optimizer).state_dict(), "optimizer", tensors)
     scaler = grad_scaler(optimizer)
     structure = {
         "model_aliases": aliases,
         "optimizer": optimizer_structure,
-        "scheduler": None if scheduler is None else copy.deepcopy(unwrap_scheduler(scheduler).state_dict()),
+        "scheduler": None if scheduler is None else _split(
+            unwrap_scheduler(scheduler).state_dict(), "scheduler", tensors
+        ),
         "scaler": None if scaler is None else copy.deepcopy(scaler.state_dict()),
         "rng": _rng_state(),
     }
@@ -233,15 +245,20 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, structure: dict, tensor
     """Copy the saved state into the live optimizer state in place when the layout matches, else reload it.
 
     In-place copies keep the optimizer's own tensors (no reallocation, and any reference a fused kernel or
-    wrapper holds stays valid); a layout change (e.g. a snapshot taken before Adam's lazy state existed)
-    falls back to ``load_state_dict`` with cloned tensors so the snapshot is never aliased by live state.
+    wrapper holds stays valid); a layout change (e.g. a snapshot taken before Adam's lazy state existed), or an
+    optimizer with its own ``state_dict`` format (a Lookahead-style wrapper), goes through ``load_state_dict``
+    with cloned tensors so the snapshot is never aliased by live state.
     """
+    torch_format = all(
+        getattr(type(optimizer), name, None) is getattr(torch.optim.Optimizer, name)
+        for name in ("state_dict", "load_state_dict")
+    )
     live_tensors: dict[str, torch.Tensor] = {}
     live_structure = _split(optimizer.state_dict(), "optimizer", live_tensors)
     same_layout = live_tensors.keys() == {k for k in tensors if k.startswith("optimizer.")} and all(
         live_tensors[k].shape == tensors[k].shape and live_tensors[k].dtype == tensors[k].dtype for k in live_tensors
     )
-    if not (same_layout and live_structure["state"].keys() == structure["state"].keys()):
+    if not (torch_format and same_layout and live_structure["state"].keys() == structure["state"].keys()):
         optimizer.load_state_dict(_join(structure, tensors, clone=True))
         return
     for key, live in live_tensors.items():
@@ -251,8 +268,10 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, structure: dict, tensor
     for index, saved in structure["state"].items():
         live_state = optimizer.state[parameters[index]]
         live_state.update({k: copy.deepcopy(v) for k, v in saved.items() if not isinstance(v, _TensorSlot)})
+    # Tensors in param groups (a tensor `lr`) were copied in place above, as torch's schedulers update them.
     for group, saved in zip(optimizer.param_groups, structure["param_groups"], strict=True):
-        group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
+        group.update({k: _join(v, tensors, clone=True) for k, v in saved.items() if k != "params"
+                      and not isinstance(v, _TensorSlot)})
 
 
 def _disk_path(snapshot: Snapshot) -> Path:
@@ -275,9 +294,9 @@ def restore_training_state(snapshot: Snapshot, model: torch.nn.Module, optimizer
     with torch.no_grad():
         for name, tensor in live.items():
             tensor.copy_(tensors[f"model.{name}"], non_blocking=True)
-        _restore_optimizer(unwrap_optimizer(optimizer), structure["optimizer"], tensors)
+        _restore_optimizer(user_optimizer(optimizer), structure["optimizer"], tensors)
     if scheduler is not None and structure["scheduler"] is not None:
-        unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(structure["scheduler"]))
+        unwrap_scheduler(scheduler).load_state_dict(_join(structure["scheduler"], tensors, clone=True))
     scaler = grad_scaler(optimizer)
     if scaler is not None and structure["scaler"]:
         scaler.load_state_dict(copy.deepcopy(structure["scaler"]))

@@ -194,3 +194,41 @@ def test_clear_removes_only_what_the_store_wrote(run, tmp_path):
     assert (directory / "step-5" / "structure.pt").is_file()
     store.clear()
     assert not directory.exists() and keep.read_text() == "mine"
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_tensors_in_param_groups_and_scheduler_state_come_back_as_tensors(bert_tokenizer, storage, tmp_path):
+    """A tensor LR (fused AdamW takes one; LambdaLR then keeps tensor ``base_lrs``/``_last_lr``) was restored as the
+    snapshot's internal placeholder object, and the next fused step failed on it."""
+    model = tiny_bert(bert_tokenizer)
+    batch = default_data_collator(list(mlm_dataset(bert_tokenizer, rows=4)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3), fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            model(**batch).loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    train(2)
+    live_lr = optimizer.param_groups[0]["lr"]
+    store = SnapshotStore(keep=1, storage=storage, directory=tmp_path / "snaps")
+    snapshot = store.capture(2, model, optimizer, scheduler, lr_scale=1.0, trusted=True)
+    expected_lr, expected_scheduler = live_lr.clone(), copy.deepcopy(scheduler.state_dict())
+    assert isinstance(expected_scheduler["base_lrs"][0], torch.Tensor)
+    train(3)
+    assert not torch.equal(live_lr, expected_lr), "the schedule should have moved the LR"
+    restore_training_state(snapshot, model, optimizer, scheduler)
+    assert optimizer.param_groups[0]["lr"] is live_lr and torch.equal(live_lr, expected_lr)  # in place, as torch does
+    restored = scheduler.state_dict()
+    assert restored.keys() == expected_scheduler.keys()
+    for key, value in expected_scheduler.items():
+        if key in ("base_lrs", "_last_lr"):
+            assert all(isinstance(r, torch.Tensor) and torch.equal(r, e) for r, e in zip(restored[key], value,
+                                                                                        strict=True)), key
+        else:
+            assert restored[key] == value, key
+    train(1)  # the fused step runs on the restored tensor LR
+    assert scheduler.last_epoch == 3

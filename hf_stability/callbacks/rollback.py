@@ -34,7 +34,7 @@ from, which no update of this run can have spoiled.
 What is *not* rewound: ``global_step``, ``log_history`` and the W&B step axis go on increasing, and the
 dataloader keeps going, so the batches after a rollback are new ones (PaLM/OPT practice). The LR
 scheduler *is* restored (its position is part of the snapshot) and then scaled by ``rollback_lr_factor``
-per rollback, on ``base_lrs`` as well as on the optimizer's param groups.
+per rollback, everywhere the scheduler reads the LR from (`hf_stability.user_optimizer.scale_learning_rate`).
 
 Memory: ``snapshot_keep`` trusted snapshots plus the untrusted ones awaiting confirmation (one when
 ``snapshot_interval >= check_interval``), each ≈ 3x the fp32 parameter
@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from transformers import TrainerControl, TrainerState
 
-from hf_stability._compat import scale_scheduler_last_lr, unwrap_optimizer, unwrap_scheduler
+from hf_stability._compat import unwrap_optimizer
 from hf_stability._logging import get_logger
 from hf_stability.callbacks.resume import ResumableCallback, stored_count, stored_numbers, stored_scale
 from hf_stability.callbacks.save_guard import CheckpointJudge
@@ -73,6 +73,7 @@ from hf_stability.events import StabilityEventLog
 from hf_stability.settings import RollbackSettings, SnapshotStorage, SpikeMetric
 from hf_stability.snapshots import SnapshotStore, restore_training_state
 from hf_stability.spike import SpikeDetector
+from hf_stability.user_optimizer import check_lr_cut, scale_learning_rate
 
 logger = get_logger(__name__)
 
@@ -174,10 +175,11 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         self.begin_run(args, state, model)  # a second train() of this object starts fresh: lr_scale 1 again
         inner = unwrap_optimizer(optimizer)
         if self.lr_scale != carried_scale and self._cut_optimizer is not None and self._cut_optimizer() is inner:
-            _scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / carried_scale)  # Trainer kept it: undo
+            scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / carried_scale)  # Trainer kept it: undo
         self._cut_optimizer = None if inner is None else weakref.ref(inner)  # carries lr_scale from here on
         self.guard_checkpoint_writes()
         s = self.settings
+        check_lr_cut(optimizer, lr_scheduler, s.lr_factor)
         self._detector = SpikeDetector(s.window, s.warmup, s.sigma)
         self._detector.accept(self.detector_window[-s.window :])
         self.detector_window = []
@@ -399,7 +401,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         removed = self._replace_unjudged_checkpoint(state, control)
         self.rollbacks += 1
         previous_scale, self.lr_scale = self.lr_scale, self.lr_scale * self.settings.lr_factor
-        _scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / target.lr_scale)
+        scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / target.lr_scale)
         logger.warning(
             f"Spike rollback {self.rollbacks}/{limit}: {reason}; restored the snapshot of step {target.step} and "
             f"continue at step {state.global_step} with new batches (LR scale {previous_scale:g} -> {self.lr_scale:g})."
@@ -451,22 +453,3 @@ def _earlier_checkpoint(output_dir: str, step: int) -> str:
         return f"an earlier checkpoint (none is left in {output_dir}: start over with a lower learning rate)"
     return str(Path(output_dir) / f"checkpoint-{earlier[-1]}")
 
-
-def _scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> None:
-    """Multiply the LR everywhere it lives: param groups and the scheduler's ``base_lrs``/``_last_lr``.
-
-    `LambdaLR` recomputes ``lr = base_lr * lambda(step)`` on every step, so scaling only the param groups
-    would be undone by the next ``scheduler.step()``.
-    """
-    if factor == 1.0:
-        return
-    for group in unwrap_optimizer(optimizer).param_groups:
-        group["lr"] *= factor
-        if "initial_lr" in group:
-            group["initial_lr"] *= factor
-    scheduler = unwrap_scheduler(lr_scheduler)
-    if scheduler is None:
-        return
-    if hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-    scale_scheduler_last_lr(scheduler, factor)

@@ -46,6 +46,7 @@ from hf_stability.callbacks.skip_health import COUNTERS, SkipHealth
 from hf_stability.callbacks.skip_queue import GRADIENTS, LOSS, PARAMETERS, StepQueue
 from hf_stability.engines import refuse_for_callback
 from hf_stability.settings import SkipSettings
+from hf_stability.user_optimizer import hold_step, release_step
 
 __all__ = [
     "GRADIENTS",
@@ -184,11 +185,13 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         reason = self._flush(args, state, control, step, record)
         if reason is not None or record.weights_verdict == (step, True):
             model.zero_grad(set_to_none=True)  # no update: neither a bad batch's nor one made from NaN weights
+            hold_step(optimizer)  # nor a wrapper optimizer's own step logic (a Lookahead's interpolation)
         record.mark(step, reason)
         return control
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        """Take the ``found_inf`` flag back: the next step decides anew, and a GradScaler sets its own."""
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        """Take the ``found_inf`` flag and a held ``step`` back: the next step decides anew."""
+        release_step(optimizer)
         if self._found_inf_set is not None:
             clear_found_inf(self._found_inf_set)
             self._found_inf_set = None
@@ -222,7 +225,8 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Flush queued steps, then report weights the last update left non-finite."""
-        self.on_optimizer_step(args, state, control)  # a step that raised may have left its flag behind
+        # A step that raised may have left its flag (or a held step) behind.
+        self.on_optimizer_step(args, state, control, optimizer=optimizer)
         record = StepSignals.for_model(model)
         self._flush(args, state, control, state.global_step, record)
         if not self._health.weights_stop and weights_nonfinite(model, state.global_step):

@@ -8,7 +8,8 @@ is then dropped in one of two ways:
   into it), or, without a scaler, the optimizer's ``found_inf`` attribute when the optimizer honours it
   (:func:`found_inf_supported`): its step leaves parameters, state and step count bit-identical;
 - **on the host**: every gradient set to ``None`` (torch optimizers then leave parameters, state and
-  ``step`` alone), which needs the flags on the host before ``optimizer.step()``.
+  ``step`` alone) and the user's ``optimizer.step()`` not run at all (a wrapper's own logic, e.g. a
+  Lookahead's interpolation, would run on ``None`` gradients), which needs the flags on the host first.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ _FOUND_INF_SKIPS_EXACTLY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Ada
 
 
 def innermost(optimizer: object) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's (and any other) ``.optimizer`` wrappers."""
+    """The user's optimizer under accelerate's wrapper: a user's own wrapper (Lookahead) is kept whole."""
     return cast(torch.optim.Optimizer, unwrap_optimizer(optimizer))
 
 
