@@ -105,8 +105,17 @@ class SkipNonFiniteCallback(ResumableCallback):
     device skip nor ``None`` gradients set), so the schedule follows ``global_step``, not the number of updates.
     This is deliberate: the schedule stays aligned with the data position and with resumed runs.
 
+    fp16 loss-scale collapse: overflows that never come two in a row each halve GradScaler's scale, which
+    regains a factor 2 only after 2,000 clean steps, so the scale only falls. Once it is tiny, every clean
+    step's gradients flush to exactly zero, and once it is subnormal the unscaled gradients are NaN although
+    the scaler's found-inf flag (it checks the *scaled* values) is clear. The gradient flag is therefore
+    non-finite whenever the unscaled gradients are, whatever the scaler says (the flag written back into the
+    scaler makes it skip); and a step whose loss scale is under 1, or whose gradients are all exactly zero, is
+    counted (``underflow_steps``), reported at the first of a run (event ``"underflow"``, a warning), and
+    ``max_underflow_steps`` of them in a row stop the run with a checkpoint (event ``"stop"``).
+
     Counters (``skipped_steps``, ``consecutive_skips``, ``nonfinite_loss_steps``,
-    ``nonfinite_parameter_steps``) are exported with the checkpoint and come back on
+    ``nonfinite_parameter_steps``, ``underflow_steps``, ``consecutive_underflow_steps``) are exported with the checkpoint and come back on
     ``resume_from_checkpoint`` when ``restore_callback_states_from_checkpoint=True``; the
     ``max_consecutive_skips`` given for the resumed run wins over the stored one.
 
@@ -115,6 +124,8 @@ class SkipNonFiniteCallback(ResumableCallback):
 
     Args:
         max_consecutive_skips: stop training after this many skipped steps in a row.
+        max_underflow_steps: stop training after this many steps in a row with a loss scale under 1 or all-zero
+            gradients.
 
     Example:
         ```python
@@ -130,10 +141,12 @@ class SkipNonFiniteCallback(ResumableCallback):
     consecutive_skips = _Delegated()
     nonfinite_loss_steps = _Delegated()
     nonfinite_parameter_steps = _Delegated()
+    underflow_steps = _Delegated()
+    consecutive_underflow_steps = _Delegated()
 
-    def __init__(self, max_consecutive_skips: int | None = None) -> None:
-        super().__init__(max_consecutive_skips=max_consecutive_skips)
-        self._health = SkipHealth(self.settings.max_consecutive_skips)
+    def __init__(self, max_consecutive_skips: int | None = None, max_underflow_steps: int | None = None) -> None:
+        super().__init__(max_consecutive_skips=max_consecutive_skips, max_underflow_steps=max_underflow_steps)
+        self._health = SkipHealth(self.settings.max_consecutive_skips, self.settings.max_underflow_steps)
         self._queue = StepQueue()
         self._device_skip: tuple[object, bool] | None = None  # (optimizer, whether it takes ``found_inf``)
         self._found_inf_set: torch.optim.Optimizer | None = None
@@ -149,6 +162,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         refuse_for_callback(self, args)
         self.begin_run(args, state, model)  # resolves this run's settings
         self._health.max_consecutive_skips = self.max_consecutive_skips
+        self._health.max_underflow_steps = self.settings.max_underflow_steps
         StepSignals.for_model(model).open(state)
         self._queue = StepQueue()
         self._health.begin_run()

@@ -108,15 +108,16 @@ def measure_step(
 ) -> QueuedStep:
     """The step's flags, local and all-reduced, with its event values, all on device.
 
-    In fp16 the scaler's found-inf flag is the gradient check, and the reduced flag is written back into it so
+    The gradient flag is raised whenever the unscaled gradients are non-finite, whatever a grad scaler says: its
+    found-inf flag checks the *scaled* gradients, so once the loss scale is subnormal (its inverse overflows)
+    the unscaled ones are NaN with the flag clear. In fp16 the reduced flag is written back into the scaler, so
     every rank skips and lowers its scale alike.
     """
     found_inf = scaler_found_inf(scaler, optimizer) if scaler is not None else None
     grad_norm = global_grad_norm(gradients(model.parameters()))
+    grads_bad = ~torch.isfinite(grad_norm)
     if found_inf is not None:
-        grads_bad = torch.stack([f.float().sum() for f in found_inf]).sum() > 0
-    else:
-        grads_bad = ~torch.isfinite(grad_norm)
+        grads_bad = grads_bad | (torch.stack([f.float().sum() for f in found_inf]).sum() > 0).to(grads_bad.device)
     device = grads_bad.device
     no_flag = torch.zeros((), dtype=torch.bool, device=device)
     loss_bad = ~torch.isfinite(loss).to(device) if loss is not None else no_flag
