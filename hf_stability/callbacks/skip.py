@@ -2,14 +2,22 @@
 
 The check runs in ``on_pre_optimizer_step``, when Trainer has already unscaled (fp16) and clipped
 the gradients. Clipping does not hide a non-finite gradient (a NaN turns every gradient NaN, an Inf
-becomes NaN), so one fused norm over the gradients tells whether the step is sane. A skip sets every
+becomes NaN), so the norm of the gradients (Trainer's pre-clip norm) tells whether the step is sane. A skip sets every
 gradient to ``None``: torch optimizers then leave parameters, moments and their ``step`` count alone
 (zeroing to 0 would not — Adam still decays its moments and counts the step).
 
-Per step this costs two fused norms (gradients, parameters) and one all-reduce of a 3-element flag vector
-(gradients, loss, parameters), and no device-to-host read when the update can be dropped on device: in fp16
-the grad scaler's found-inf flag is the gradient check and the scaler skips the update itself; in fp32/bf16
-a fused Adam/AdamW/Adagrad (the Trainer default ``adamw_torch_fused``) is given the reduced flag as its
+Per step this costs one fused norm and one all-reduce of a 3-element flag vector (gradients, loss,
+parameters), and no device-to-host read when the update can be dropped on device. The gradient flag reuses
+the pre-clip norm Trainer has just computed in ``clip_grad_norm_`` (shared by `StabilityTrainer`; it is
+non-finite exactly when a gradient is), so no gradient norm is computed again; under a plain `Trainer`,
+which does not share it, the gradients are measured here (one fused norm). The weights are judged every
+step, by one fused norm over the parameter list taken once per run (no walk of the module tree, no
+per-tensor Python call): the step must know whether it starts from non-finite weights before its loss is
+handed on, because spike rollback answers such weights with a restore and a NaN batch with nothing, and
+both give a NaN loss and NaN gradients; a NaN that the update of step ``k`` writes is thus found at step
+``k + 1``, and the update of a checkpoint step by the check before the save. The drops: in fp16 the
+reduced gradient flag is written into the grad scaler's found-inf and the scaler skips the update itself;
+in fp32/bf16 a fused Adam/AdamW/Adagrad (the Trainer default ``adamw_torch_fused``) is given the reduced flag as its
 ``found_inf`` attribute, the way `GradScaler` does, and skips bit-exactly on device. The step's flags then
 stay on device in a queue that is read at once (one read) on logging, save and last steps, every
 ``max_consecutive_skips`` steps and at epoch/train end. Counters, events and the consecutive-skip stop of a
@@ -30,6 +38,7 @@ import torch
 from hf_stability.callbacks.resume import ResumableCallback
 from hf_stability.callbacks.signals import StepSignals, active_grad_scaler, completing_step
 from hf_stability.callbacks.skip_decision import (
+    TrainedParameters,
     clear_found_inf,
     counted_skip,
     found_inf_supported,
@@ -115,8 +124,8 @@ class SkipNonFiniteCallback(ResumableCallback):
     ``max_underflow_steps`` of them in a row stop the run with a checkpoint (event ``"stop"``).
 
     Counters (``skipped_steps``, ``consecutive_skips``, ``nonfinite_loss_steps``,
-    ``nonfinite_parameter_steps``, ``underflow_steps``, ``consecutive_underflow_steps``) are exported with the checkpoint and come back on
-    ``resume_from_checkpoint`` when ``restore_callback_states_from_checkpoint=True``; the
+    ``nonfinite_parameter_steps``, ``underflow_steps``, ``consecutive_underflow_steps``) are exported with the
+    checkpoint and come back on ``resume_from_checkpoint`` when ``restore_callback_states_from_checkpoint=True``; the
     ``max_consecutive_skips`` given for the resumed run wins over the stored one.
 
     With ``logging_nan_inf_filter=True`` (Trainer's default) the first non-finite loss also raises a
@@ -150,6 +159,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         self._queue = StepQueue()
         self._device_skip: tuple[object, bool] | None = None  # (optimizer, whether it takes ``found_inf``)
         self._found_inf_set: torch.optim.Optimizer | None = None
+        self._parameters: TrainedParameters | None = None  # listed at the first step of each run
 
     @property
     def max_consecutive_skips(self) -> int:
@@ -165,6 +175,7 @@ class SkipNonFiniteCallback(ResumableCallback):
         self._health.max_underflow_steps = self.settings.max_underflow_steps
         StepSignals.for_model(model).open(state)
         self._queue = StepQueue()
+        self._parameters = None
         self._health.begin_run()
 
     def _takes_found_inf(self, optimizer: object) -> torch.optim.Optimizer | None:
@@ -178,7 +189,9 @@ class SkipNonFiniteCallback(ResumableCallback):
         step = completing_step(state)
         scaler = active_grad_scaler(optimizer)
         record = StepSignals.for_model(model)
-        entry = measure_step(step, model, record.loss(step), scaler, optimizer)
+        if self._parameters is None:
+            self._parameters = TrainedParameters(model)
+        entry = measure_step(step, self._parameters, record.loss(step), record.grad_norm(step), scaler, optimizer)
         self._queue.append(entry)
         # The update can be dropped on device: by the grad scaler (fp16), or by a fused optimizer's found_inf flag.
         device_skip = None if scaler is not None else self._takes_found_inf(optimizer)

@@ -540,7 +540,8 @@ def test_fp16_loss_scale_under_the_floor_is_reported_and_stops_the_run_cleanly(t
     assert any("Step 6: loss scale 0.5 under the floor 1" in r.getMessage() for r in caplog.records)
     assert trainer.state.global_step == 11
     assert (tmp_path / "checkpoint-11" / "trainer_state.json").is_file()
-    logged = {entry["step"]: entry["stability/underflow_steps"] for entry in trainer.state.log_history if "loss" in entry}
+    history = trainer.state.log_history
+    logged = {entry["step"]: entry["stability/underflow_steps"] for entry in history if "loss" in entry}
     assert (logged[5], logged[6], logged[11]) == (0, 1, 6)
     skip = find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback)
     assert (skip.underflow_steps, skip.consecutive_underflow_steps) == (6, 6)
