@@ -195,11 +195,11 @@ def fp16_pressure(grads: list[torch.Tensor], scale: torch.Tensor | None) -> dict
     # A gradient tensor that is all exactly zero flushed to zero (a parameter the step does not reach has no
     # gradient at all): all its elements underflowed. Zeros inside a tensor with nonzero elements (embedding
     # rows the batch does not use) are no underflow and are left out.
-    nonzero_counts = torch.stack([(m > 0).sum() for m in magnitudes])
-    sizes = torch.tensor([m.numel() for m in magnitudes], device=nonzero_counts.device)
-    flushed = torch.where(nonzero_counts == 0, sizes, 0).sum()
+    # Judged on the whole tensor: an FSDP2 shard's counts are partial DTensors, whose comparison reduces them.
+    nonzero_counts = [(m > 0).sum() for m in magnitudes]
+    flushed = torch.stack([(count == 0) * m.numel() for count, m in zip(nonzero_counts, magnitudes, strict=True)]).sum()
     underflow = torch.stack([((m < FP16_SMALLEST_SUBNORMAL) & (m > 0)).sum() for m in magnitudes]).sum() + flushed
-    nonzero = (nonzero_counts.sum() + flushed).clamp(min=1)
+    nonzero = (torch.stack(nonzero_counts).sum() + flushed).clamp(min=1)
     largest = torch.stack([m.max().float() for m in magnitudes if m.numel()]).max()
     headroom = math.log2(FP16_MAX) - torch.log2(largest)
     return {
