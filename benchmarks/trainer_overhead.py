@@ -11,6 +11,13 @@ loss tap, the metrics merged in ``log()``) with ``perf_counter``: its share of t
 the overhead, measured directly and unaffected by load on the machine.
 
 Run: ``python benchmarks/trainer_overhead.py [--steps 300 --repeats 3 --logging-steps 50]``.
+
+``--model bart-layout`` measures instead the host cost per ordinary step on a model with BART-base's layout
+(259 parameter tensors, tiny widths, so that what is measured is Python and op dispatch, the host time that
+adds to a GPU step): plain `Trainer` against `StabilityTrainer` with its defaults, fused AdamW, runs alternated
+in one process, the median wall time of the ordinary steps (no logging, save, check, flush or last step:
+``step % 10 != 0``) from ``on_step_begin`` to ``on_step_end``, over all repeats. Run:
+``python benchmarks/trainer_overhead.py --model bart-layout [--steps 60 --repeats 6]``.
 """
 
 from __future__ import annotations
@@ -36,10 +43,13 @@ from benchmarks.timing import Stopwatch  # noqa: E402
 from hf_stability import LossScaleTelemetryCallback, StabilityTrainer  # noqa: E402
 from hf_stability.callbacks.signals import StepSignals  # noqa: E402
 from tests.testing_utils import (  # noqa: E402
+    BART_BASE_TENSORS,
+    bart_layout_model,
     bert_tokenizer,
     counting_host_reads,
     emulate_fp16_scaler,
     mlm_dataset,
+    seq2seq_dataset,
     tiny_bert,
     training_args,
 )
@@ -76,7 +86,11 @@ class StabilityClock(Stopwatch):
 
     @contextlib.contextmanager
     def watching(self, trainer: Trainer) -> Iterator[StabilityClock]:
-        patched = [(StepSignals, "add_loss"), (LossScaleTelemetryCallback, "collect")]
+        patched = [
+            (StepSignals, "add_loss"),
+            (StepSignals, "record_grad_norm"),
+            (LossScaleTelemetryCallback, "collect"),
+        ]
         originals = [getattr(owner, name) for owner, name in patched]
         for owner, name in patched:
             setattr(owner, name, self.timed(getattr(owner, name)))
@@ -129,8 +143,89 @@ def host_reads_per_step(config, regime, steps, logging_steps, tokenizer, dataset
     return sum(counts.values()) / steps
 
 
+class OrdinaryStepClock(TrainerCallback):
+    """Wall time of each ordinary step (``step % 10 != 0``, not the last), ``on_step_begin`` to ``on_step_end``,
+    and the part of it spent inside hf-stability code (``inside``: callback hooks and the trainer's taps).
+
+    Steps that log, save, judge buffered spike values or flush the skip queue are multiples of 10 here.
+    """
+
+    def __init__(self, inside: Stopwatch) -> None:
+        self.inside = inside
+        self.milliseconds: list[float] = []
+        self.inside_milliseconds: list[float] = []
+        self._start = self._inside_start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start, self._inside_start = time.perf_counter(), self.inside.seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step > WARMUP_STEPS // 2 and step % 10 and step < state.max_steps:
+            self.milliseconds.append((time.perf_counter() - self._start) * 1000)
+            self.inside_milliseconds.append((self.inside.seconds - self._inside_start) * 1000)
+
+
+BART_CONFIGS = (("Trainer", Trainer), ("StabilityTrainer, defaults", StabilityTrainer))
+
+
+def bart_layout_run(trainer_class: type[Trainer], regime: str, steps: int, dataset) -> OrdinaryStepClock:
+    """The ordinary steps of one run on the BART-base layout, timed."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = training_args(
+            output_dir,
+            max_steps=steps,
+            per_device_train_batch_size=2,
+            logging_steps=50,
+            optim="adamw_torch_fused",
+            bf16=regime == "bf16",
+            fp16=regime == "fp16",
+        )
+        trainer = trainer_class(bart_layout_model(), args, train_dataset=dataset)
+        if regime == "fp16":
+            emulate_fp16_scaler(trainer, init_scale=2.0**8)
+        stopwatch = StabilityClock()
+        clock = OrdinaryStepClock(stopwatch)
+        trainer.add_callback(clock)
+        with stopwatch.watching(trainer), contextlib.redirect_stdout(sys.stderr):
+            trainer.train()
+    return clock
+
+
+def bart_layout_table(options: argparse.Namespace) -> None:
+    dataset = seq2seq_dataset(rows=64)
+    rows = []
+    for regime in options.regimes:
+        times: dict[str, list[float]] = {label: [] for label, _ in BART_CONFIGS}
+        inside: list[float] = []
+        for repeat in range(options.repeats):
+            for label, trainer_class in BART_CONFIGS if repeat % 2 == 0 else BART_CONFIGS[::-1]:
+                clock = bart_layout_run(trainer_class, regime, options.steps, dataset)
+                times[label] += clock.milliseconds
+                if trainer_class is StabilityTrainer:
+                    inside += clock.inside_milliseconds
+        base, stability = (statistics.median(times[label]) for label, _ in BART_CONFIGS)
+        rows.append(
+            f"| {regime} | {base:.2f} | {stability:.2f} "
+            f"| {stability - base:+.2f} ({(stability / base - 1) * 100:+.1f}%) "
+            f"| {statistics.median(inside):.2f} |"
+        )
+    print(
+        f"BART-base layout ({BART_BASE_TENSORS} parameter tensors, d_model 16, 6+6 layers, batch 2 x 16 tokens), "
+        f"fused AdamW, {options.steps} steps/run, median of the ordinary steps of {options.repeats} alternated runs, "
+        "1 torch thread\n"
+    )
+    print(
+        "| precision | Trainer ms/step | StabilityTrainer ms/step | added ms/step (wall clock) "
+        "| ms/step inside hf-stability code |"
+    )
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bert", choices=["bert", "bart-layout"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--logging-steps", type=int, default=50)
@@ -139,6 +234,9 @@ def main() -> None:
     # One thread: with other processes on the machine, OpenMP's spinning threads slow tiny steps by 30x.
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
+    if options.model == "bart-layout":
+        bart_layout_table(options)
+        return
     tokenizer = bert_tokenizer()
     dataset = mlm_dataset(tokenizer, rows=512)
     run = (options.steps, options.logging_steps, tokenizer, dataset)

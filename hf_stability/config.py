@@ -54,6 +54,7 @@ class StabilityConfig(TrainingArguments):
         },
     )
     max_consecutive_skips: int = setting(SkipSettings, "max_consecutive_skips")
+    max_underflow_steps: int = setting(SkipSettings, "max_underflow_steps")
 
     # Spike detection and rollback
     spike_rollback: bool = field(

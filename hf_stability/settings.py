@@ -184,9 +184,17 @@ class SkipSettings(ComponentSettings):
         "Stop training cleanly, with a checkpoint, after this many consecutive skipped steps: the run is not "
         "recovering on its own.",
     )
+    max_underflow_steps: int = option(
+        100,
+        "max_underflow_steps",
+        "Stop training cleanly, with a checkpoint, after this many consecutive steps whose fp16 loss scale is below "
+        "1 or whose gradients are all exactly zero (reported at the first such step): the updates carry no signal, "
+        "and a loss scale that keeps halving ends in NaN gradients the grad scaler does not see.",
+    )
 
     def __post_init__(self) -> None:
         self.check_number("max_consecutive_skips", int, minimum=1)
+        self.check_number("max_underflow_steps", int, minimum=1)
 
 
 @dataclass

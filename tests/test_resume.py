@@ -68,7 +68,7 @@ def test_settings_given_for_the_resumed_run_win_and_counters_come_back(tmp_path,
     )
     first.train()
     stored = stored_callbacks(tmp_path / "checkpoint-4")
-    assert stored["SkipNonFiniteCallback"]["args"] == {"max_consecutive_skips": 50}
+    assert stored["SkipNonFiniteCallback"]["args"] == {"max_consecutive_skips": 50, "max_underflow_steps": 100}
     window = stored["SpikeRollbackCallback"]["attributes"]["detector_window"]
     assert len(window) == 3  # four steps, one skipped
 
@@ -80,7 +80,8 @@ def test_settings_given_for_the_resumed_run_win_and_counters_come_back(tmp_path,
     assert skip.max_consecutive_skips == 7 and skip.skipped_steps == 1
     assert rollback.settings.sigma == 4.0
     assert rollback.state()["attributes"]["detector_window"][:3] == window
-    assert stored_callbacks(tmp_path / "checkpoint-6")["SkipNonFiniteCallback"]["args"] == {"max_consecutive_skips": 7}
+    stored_args = stored_callbacks(tmp_path / "checkpoint-6")["SkipNonFiniteCallback"]["args"]
+    assert stored_args == {"max_consecutive_skips": 7, "max_underflow_steps": 100}
 
 
 def test_plain_trainer_callback_arguments_win_over_the_checkpoint(tmp_path, bert_tokenizer, dataset):

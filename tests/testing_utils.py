@@ -295,3 +295,38 @@ def counting_host_reads() -> Iterator[Counter]:
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+BART_BASE_TENSORS = 259  # parameter tensors of facebook/bart-base (tied embeddings counted once)
+
+
+def bart_layout_model(seed: int = 0) -> torch.nn.Module:
+    """A `BartForConditionalGeneration` with BART-base's layout (6+6 layers, 259 parameter tensors), tiny widths.
+
+    What a step costs on it beyond the model's own arithmetic is per-tensor Python and op dispatch.
+    """
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=128,
+        d_model=16,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        max_position_embeddings=64,
+    )
+    model = BartForConditionalGeneration(config)
+    assert len(list(model.parameters())) == BART_BASE_TENSORS
+    return model
+
+
+def seq2seq_dataset(rows: int = 64, length: int = 16, vocab: int = 128, seed: int = 0) -> Dataset:
+    """Random token rows with labels for a seq2seq model (what is measured is the step, not the data)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (rows, length), generator=generator)
+    labels = torch.randint(4, vocab, (rows, length), generator=generator)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})

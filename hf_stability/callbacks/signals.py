@@ -203,7 +203,7 @@ class StepSignals:
 _SIGNALS: weakref.WeakKeyDictionary[torch.nn.Module, StepSignals] = weakref.WeakKeyDictionary()
 
 
-def gradients(parameters: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
+def gradients(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients that exist (parameters without one are frozen or unused)."""
     return [p.grad for p in parameters if p.grad is not None]
 

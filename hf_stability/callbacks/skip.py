@@ -2,14 +2,22 @@
 
 The check runs in ``on_pre_optimizer_step``, when Trainer has already unscaled (fp16) and clipped
 the gradients. Clipping does not hide a non-finite gradient (a NaN turns every gradient NaN, an Inf
-becomes NaN), so one fused norm over the gradients tells whether the step is sane. A skip sets every
+becomes NaN), so the norm of the gradients (Trainer's pre-clip norm) tells whether the step is sane. A skip sets every
 gradient to ``None``: torch optimizers then leave parameters, moments and their ``step`` count alone
 (zeroing to 0 would not — Adam still decays its moments and counts the step).
 
-Per step this costs two fused norms (gradients, parameters) and one all-reduce of a 3-element flag vector
-(gradients, loss, parameters), and no device-to-host read when the update can be dropped on device: in fp16
-the grad scaler's found-inf flag is the gradient check and the scaler skips the update itself; in fp32/bf16
-a fused Adam/AdamW/Adagrad (the Trainer default ``adamw_torch_fused``) is given the reduced flag as its
+Per step this costs one fused norm and one all-reduce of a 3-element flag vector (gradients, loss,
+parameters), and no device-to-host read when the update can be dropped on device. The gradient flag reuses
+the pre-clip norm Trainer has just computed in ``clip_grad_norm_`` (shared by `StabilityTrainer`; it is
+non-finite exactly when a gradient is), so no gradient norm is computed again; under a plain `Trainer`,
+which does not share it, the gradients are measured here (one fused norm). The weights are judged every
+step, by one fused norm over the parameter list taken once per run (no walk of the module tree, no
+per-tensor Python call): the step must know whether it starts from non-finite weights before its loss is
+handed on, because spike rollback answers such weights with a restore and a NaN batch with nothing, and
+both give a NaN loss and NaN gradients; a NaN that the update of step ``k`` writes is thus found at step
+``k + 1``, and the update of a checkpoint step by the check before the save. The drops: in fp16 the
+reduced gradient flag is written into the grad scaler's found-inf and the scaler skips the update itself;
+in fp32/bf16 a fused Adam/AdamW/Adagrad (the Trainer default ``adamw_torch_fused``) is given the reduced flag as its
 ``found_inf`` attribute, the way `GradScaler` does, and skips bit-exactly on device. The step's flags then
 stay on device in a queue that is read at once (one read) on logging, save and last steps, every
 ``max_consecutive_skips`` steps and at epoch/train end. Counters, events and the consecutive-skip stop of a
@@ -31,6 +39,7 @@ from hf_stability.callbacks.resume import ResumableCallback, stored_count
 from hf_stability.callbacks.save_guard import CheckpointJudge
 from hf_stability.callbacks.signals import StepSignals, active_grad_scaler, completing_step
 from hf_stability.callbacks.skip_decision import (
+    TrainedParameters,
     clear_found_inf,
     counted_skip,
     found_inf_supported,
@@ -108,9 +117,18 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
     device skip nor ``None`` gradients set), so the schedule follows ``global_step``, not the number of updates.
     This is deliberate: the schedule stays aligned with the data position and with resumed runs.
 
+    fp16 loss-scale collapse: overflows that never come two in a row each halve GradScaler's scale, which
+    regains a factor 2 only after 2,000 clean steps, so the scale only falls. Once it is tiny, every clean
+    step's gradients flush to exactly zero, and once it is subnormal the unscaled gradients are NaN although
+    the scaler's found-inf flag (it checks the *scaled* values) is clear. The gradient flag is therefore
+    non-finite whenever the unscaled gradients are, whatever the scaler says (the flag written back into the
+    scaler makes it skip); and a step whose loss scale is under 1, or whose gradients are all exactly zero, is
+    counted (``underflow_steps``), reported at the first of a run (event ``"underflow"``, a warning), and
+    ``max_underflow_steps`` of them in a row stop the run with a checkpoint (event ``"stop"``).
+
     Counters (``skipped_steps``, ``consecutive_skips``, ``nonfinite_loss_steps``,
-    ``nonfinite_parameter_steps``) are exported with the checkpoint and come back on
-    ``resume_from_checkpoint`` when ``restore_callback_states_from_checkpoint=True``; the
+    ``nonfinite_parameter_steps``, ``underflow_steps``, ``consecutive_underflow_steps``) are exported with the
+    checkpoint and come back on ``resume_from_checkpoint`` when ``restore_callback_states_from_checkpoint=True``; the
     ``max_consecutive_skips`` given for the resumed run wins over the stored one.
 
     With ``logging_nan_inf_filter=True`` (Trainer's default) the first non-finite loss also raises a
@@ -118,6 +136,8 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
 
     Args:
         max_consecutive_skips: stop training after this many skipped steps in a row.
+        max_underflow_steps: stop training after this many steps in a row with a loss scale under 1 or all-zero
+            gradients.
 
     Example:
         ```python
@@ -134,13 +154,16 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
     consecutive_skips = _Delegated()
     nonfinite_loss_steps = _Delegated()
     nonfinite_parameter_steps = _Delegated()
+    underflow_steps = _Delegated()
+    consecutive_underflow_steps = _Delegated()
 
-    def __init__(self, max_consecutive_skips: int | None = None) -> None:
-        super().__init__(max_consecutive_skips=max_consecutive_skips)
-        self._health = SkipHealth(self.settings.max_consecutive_skips)
+    def __init__(self, max_consecutive_skips: int | None = None, max_underflow_steps: int | None = None) -> None:
+        super().__init__(max_consecutive_skips=max_consecutive_skips, max_underflow_steps=max_underflow_steps)
+        self._health = SkipHealth(self.settings.max_consecutive_skips, self.settings.max_underflow_steps)
         self._queue = StepQueue()
         self._device_skip: tuple[object, bool] | None = None  # (optimizer, whether it takes ``found_inf``)
         self._found_inf_set: torch.optim.Optimizer | None = None
+        self._parameters: TrainedParameters | None = None  # listed at the first step of each run
 
     @property
     def max_consecutive_skips(self) -> int:
@@ -153,8 +176,10 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         refuse_for_callback(self, args)
         self.begin_run(args, state, model)  # resolves this run's settings
         self._health.max_consecutive_skips = self.max_consecutive_skips
+        self._health.max_underflow_steps = self.settings.max_underflow_steps
         StepSignals.for_model(model).open(state)
         self._queue = StepQueue()
+        self._parameters = None
         self._health.begin_run()
         self.guard_checkpoint_writes()
 
@@ -169,7 +194,9 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         step = completing_step(state)
         scaler = active_grad_scaler(optimizer)
         record = StepSignals.for_model(model)
-        entry = measure_step(step, model, record.loss(step), scaler, optimizer)
+        if self._parameters is None:
+            self._parameters = TrainedParameters(model)
+        entry = measure_step(step, self._parameters, record.loss(step), record.grad_norm(step), scaler, optimizer)
         self._queue.append(entry)
         # The update can be dropped on device: by the grad scaler (fp16), or by a fused optimizer's found_inf flag.
         device_skip = None if scaler is not None else self._takes_found_inf(optimizer)

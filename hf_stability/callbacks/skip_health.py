@@ -2,8 +2,8 @@
 
 :class:`SkipHealth` turns the steps a flush read (`hf_stability.callbacks.skip_queue.ReadStep`) into the
 counters `SkipNonFiniteCallback` exports, the ``stability_events.jsonl`` entries (``skip``,
-``nonfinite_loss``, ``nonfinite_parameters``, ``stop``), log warnings, and the consecutive-skip and
-non-finite-weights stops. It reads no tensor: everything it sees is already on the host.
+``nonfinite_loss``, ``nonfinite_parameters``, ``underflow``, ``stop``), log warnings, and the consecutive-skip,
+underflow and non-finite-weights stops. It reads no tensor: everything it sees is already on the host.
 """
 
 from __future__ import annotations
@@ -22,7 +22,33 @@ from hf_stability.events import StabilityEventLog
 logger = get_logger(__name__)
 
 # The counters `SkipNonFiniteCallback` exports with a checkpoint.
-COUNTERS = ("skipped_steps", "consecutive_skips", "nonfinite_loss_steps", "nonfinite_parameter_steps")
+COUNTERS = (
+    "skipped_steps",
+    "consecutive_skips",
+    "nonfinite_loss_steps",
+    "nonfinite_parameter_steps",
+    "underflow_steps",
+    "consecutive_underflow_steps",
+)
+
+# A loss scale under this is reported (DeepSpeed's and Megatron-LM's default ``min_loss_scale``): the scaled
+# loss is smaller than the loss itself, so the scale no longer protects small gradients from flushing to zero.
+# GradScaler halves the scale on every overflow but doubles it only after 2,000 clean steps in a row, so
+# overflows that are never consecutive (an Inf every other step) drive it down for good.
+LOSS_SCALE_FLOOR = 1.0
+
+
+def underflow_reason(step: ReadStep) -> str | None:
+    """Why ``step``'s update carried no signal (loss scale under the floor, all-zero gradients), else None.
+
+    A step with a non-finite loss or gradients is judged by the other checks; all-zero gradients count only
+    when the loss is finite (a batch without labels has loss 0/0 and zero gradients: a loss report).
+    """
+    if step.loss_scale is not None and step.loss_scale < LOSS_SCALE_FLOOR:
+        return f"loss scale {step.loss_scale:.3g} under the floor {LOSS_SCALE_FLOOR:g}"
+    if step.grad_norm == 0 and not step.reduced.gradients and not step.reduced.loss:
+        return "all gradients exactly zero"
+    return None
 
 
 def ranks_flagged(steps: list[ReadStep], local: torch.Tensor | None) -> list[dict[str, list[int]]]:
@@ -48,12 +74,15 @@ def ranks_flagged(steps: list[ReadStep], local: torch.Tensor | None) -> list[dic
 class SkipHealth:
     """Counters and reports of the skip callback; ``max_consecutive_skips`` skips in a row stop the run."""
 
-    def __init__(self, max_consecutive_skips: int) -> None:
+    def __init__(self, max_consecutive_skips: int, max_underflow_steps: int = 100) -> None:
         self.max_consecutive_skips = max_consecutive_skips
+        self.max_underflow_steps = max_underflow_steps
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.nonfinite_loss_steps = 0
         self.nonfinite_parameter_steps = 0
+        self.underflow_steps = 0  # steps whose loss scale was under the floor or whose gradients were all zero
+        self.consecutive_underflow_steps = 0
         self.weights_stop = False  # stopped for non-finite weights: no checkpoint may be written
         self._weights_reported: int | None = None
         self._filter_warned = False
@@ -78,9 +107,11 @@ class SkipHealth:
         else:
             ranks = [{name: [] for name in FLAG_NAMES}] * len(steps)
         reason = None
-        limit_reached = 0
+        limit_reached = underflow_reached = 0
         weights_step = None
         for step, flagged in zip(steps, ranks, strict=True):
+            if self._count_underflow(args, state, step) >= self.max_underflow_steps:
+                underflow_reached = self.consecutive_underflow_steps
             if step.reduced.parameters:
                 self.report_parameters(args, state, step.step, flagged["parameters"], step.loss, record.recovery)
                 weights_step = step.step
@@ -107,7 +138,43 @@ class SkipHealth:
                 return reason
         if limit_reached:
             self._stop(args, state, control, now, limit_reached)
+        elif underflow_reached:
+            self._stop_for_underflow(args, state, control, now, underflow_reached)
         return reason
+
+    def _count_underflow(self, args, state, step: ReadStep) -> int:
+        """Count ``step`` if its update carried no signal; report the first of a run of them. The run's length."""
+        why = underflow_reason(step) if not step.reduced.parameters else None
+        if why is None:
+            self.consecutive_underflow_steps = 0
+            return 0
+        self.underflow_steps += 1
+        self.consecutive_underflow_steps += 1
+        if self.consecutive_underflow_steps == 1:
+            logger.warning(
+                "Step %d: %s; training stops after %d such steps in a row (max_underflow_steps). An fp16 loss scale "
+                "that keeps falling means overflows keep coming back: lower the learning rate or train in bf16.",
+                step.step,
+                why,
+                self.max_underflow_steps,
+            )
+            if state.is_world_process_zero:
+                StabilityEventLog(args.output_dir).append(
+                    step.step, "underflow", why, loss=step.loss, grad_norm=step.grad_norm, loss_scale=step.loss_scale
+                )
+        return self.consecutive_underflow_steps
+
+    def _stop_for_underflow(self, args, state, control, step: int, consecutive: int) -> None:
+        message = (
+            f"{consecutive} consecutive steps had a loss scale under {LOSS_SCALE_FLOOR:g} or all-zero gradients "
+            f"(max_underflow_steps={self.max_underflow_steps}); stopping at step {step} and saving a checkpoint: "
+            "the updates carry no signal. Resume from an earlier checkpoint with a lower learning rate, or in bf16."
+        )
+        logger.error(message)
+        control.should_training_stop = True
+        control.should_save = True
+        if state.is_world_process_zero:
+            StabilityEventLog(args.output_dir).append(step, "stop", message, consecutive_underflow=consecutive)
 
     def _report_skip(self, args, state, step: ReadStep, reason: str, flagged: dict[str, list[int]]) -> None:
         self.skipped_steps += 1

@@ -39,11 +39,13 @@ PREFIX = "stability/"
 class LossScaleTelemetryCallback(ConfiguredCallback):
     """Adds ``stability/*`` metrics to every training log entry.
 
-    Logged keys: ``stability/skipped_steps`` and ``stability/nonfinite_loss_steps`` (when a
+    Logged keys: ``stability/skipped_steps``, ``stability/nonfinite_loss_steps`` and
+    ``stability/underflow_steps`` (steps with an fp16 loss scale under 1 or all-zero gradients; when a
     `SkipNonFiniteCallback` runs), ``stability/rollbacks`` (cumulative, 0 without a
     `SpikeRollbackCallback`), ``stability/loss_scale`` (when a grad scaler is active), and on
     logging steps with ``log_fp16_pressure``: ``stability/fp16_underflow_fraction`` (share of nonzero
-    gradient elements with ``|g * scale| < 2**-24``, lost if the backward ran in fp16) and
+    gradient elements with ``|g * scale| < 2**-24``, lost if the backward ran in fp16; a gradient tensor that is
+    all exactly zero counts as flushed, all its elements underflowed) and
     ``stability/fp16_headroom_log2`` (``log2(65504 / max|g * scale|)``; below 0 means overflow). Without
     a scaler the scale is 1, which tells how fp16 would fare. With ``log_layer_grad_norms``:
     ``stability/grad_norm/<parameter name>`` per parameter tensor.
@@ -161,6 +163,7 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
             if skip is not None:
                 metrics[f"{PREFIX}skipped_steps"] = skip.skipped_steps
                 metrics[f"{PREFIX}nonfinite_loss_steps"] = skip.nonfinite_loss_steps
+                metrics[f"{PREFIX}underflow_steps"] = skip.underflow_steps
             rollback = find_callback(callbacks, SpikeRollbackCallback)
             metrics[f"{PREFIX}rollbacks"] = rollback.rollbacks if rollback is not None else 0
         device_values = dict(self._measured)
@@ -189,8 +192,14 @@ def fp16_pressure(grads: list[torch.Tensor], scale: torch.Tensor | None) -> dict
     magnitudes = foreach_abs(grads)
     if scale is not None:
         magnitudes = foreach_mul(magnitudes, scale.to(grads[0].device, torch.float32))
-    underflow = torch.stack([((m < FP16_SMALLEST_SUBNORMAL) & (m > 0)).sum() for m in magnitudes]).sum()
-    nonzero = torch.stack([(m > 0).sum() for m in magnitudes]).sum().clamp(min=1)
+    # A gradient tensor that is all exactly zero flushed to zero (a parameter the step does not reach has no
+    # gradient at all): all its elements underflowed. Zeros inside a tensor with nonzero elements (embedding
+    # rows the batch does not use) are no underflow and are left out.
+    # Judged on the whole tensor: an FSDP2 shard's counts are partial DTensors, whose comparison reduces them.
+    nonzero_counts = [(m > 0).sum() for m in magnitudes]
+    flushed = torch.stack([(count == 0) * m.numel() for count, m in zip(nonzero_counts, magnitudes, strict=True)]).sum()
+    underflow = torch.stack([((m < FP16_SMALLEST_SUBNORMAL) & (m > 0)).sum() for m in magnitudes]).sum() + flushed
+    nonzero = (torch.stack(nonzero_counts).sum() + flushed).clamp(min=1)
     largest = torch.stack([m.max().float() for m in magnitudes if m.numel()]).max()
     headroom = math.log2(FP16_MAX) - torch.log2(largest)
     return {

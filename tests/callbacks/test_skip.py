@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -479,3 +480,68 @@ def test_nonfinite_weights_without_rollback_stop_at_once_and_write_no_checkpoint
     last_finite = 2 * ((blown_at - 1) // 2)
     assert saved_checkpoints(tmp_path) == [last_finite], "the last finite checkpoint must stay the newest"
     assert all_finite(BertForMaskedLM.from_pretrained(tmp_path / f"checkpoint-{last_finite}"))
+
+
+class OverflowEveryOtherStep(PoisonGradient):
+    """An Inf gradient on every other step (the steps starting at an even ``global_step``): never two in a row.
+
+    Each overflow halves GradScaler's scale and a recovery needs 2,000 clean steps, so the scale only falls.
+    """
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.steps = {state.global_step} if state.global_step % 2 == 0 else set()
+        return super().on_step_begin(args, state, control, model=model, **kwargs)
+
+
+def test_fp16_scale_collapse_never_lets_a_nan_update_through(tmp_path, bert_tokenizer, dataset):
+    # From 2**-118, nine overflows make the scale subnormal: then 1/scale overflows to Inf, and unscaling turns
+    # the gradients NaN while the scaler's found-inf flag (it checks the scaled values) stays clear.
+    steps = 30
+    args = training_args(tmp_path, fp16=True, max_steps=steps, logging_steps=100, spike_rollback=False,
+                         max_underflow_steps=1000)
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    emulate_fp16_scaler(trainer, init_scale=2.0**-118)
+    trainer.add_callback(OverflowEveryOtherStep([]))
+    watch = ScalerWatch(range(steps), trainer.accelerator.scaler)
+    trainer.add_callback(watch)
+    trainer.train()
+
+    inverse_overflows = [
+        step for step, (scale, _) in watch.scales.items() if step % 2 and math.isinf(torch.tensor(1 / scale).item())
+    ]
+    assert len(inverse_overflows) >= 3, f"the scale never collapsed: {watch.scales}"
+    for step in range(steps):
+        parameters, _ = watch.after[step]
+        assert all(torch.isfinite(p).all() for p in parameters.values()), f"a NaN update reached step {step + 1}"
+        # An Inf batch, or NaN gradients the scaler did not flag (the first step creates the optimizer state anyway).
+        if step > 0 and (step % 2 == 0 or step in inverse_overflows):
+            assert_same_state(watch.before[step], watch.after[step])
+    skipped = {e["step"] for e in read_events(tmp_path) if e["event"] == "skip"}
+    assert {step + 1 for step in inverse_overflows} <= skipped
+    assert trainer.state.global_step == steps
+
+
+def test_fp16_loss_scale_under_the_floor_is_reported_and_stops_the_run_cleanly(tmp_path, bert_tokenizer, dataset,
+                                                                                 caplog):
+    # Scale 4 halves at steps 1, 3 and 5: step 6 is the first to run under the floor of 1, step 11 the sixth.
+    args = training_args(tmp_path, fp16=True, max_steps=40, max_underflow_steps=6, save_strategy="steps",
+                         save_steps=100, spike_rollback=False)
+    trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
+    emulate_fp16_scaler(trainer, init_scale=4.0)
+    trainer.add_callback(OverflowEveryOtherStep([]))
+    with caplog.at_level("WARNING", logger="hf_stability"):
+        trainer.train()
+
+    events = [e for e in read_events(tmp_path) if e["event"] in ("underflow", "stop")]
+    underflow, stop = events
+    assert (underflow["step"], underflow["loss_scale"]) == (6, 0.5)
+    assert "under the floor" in underflow["reason"]
+    assert (stop["step"], stop["consecutive_underflow"]) == (11, 6) and "max_underflow_steps=6" in stop["reason"]
+    assert any("Step 6: loss scale 0.5 under the floor 1" in r.getMessage() for r in caplog.records)
+    assert trainer.state.global_step == 11
+    assert (tmp_path / "checkpoint-11" / "trainer_state.json").is_file()
+    history = trainer.state.log_history
+    logged = {entry["step"]: entry["stability/underflow_steps"] for entry in history if "loss" in entry}
+    assert (logged[5], logged[6], logged[11]) == (0, 1, 6)
+    skip = find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback)
+    assert (skip.underflow_steps, skip.consecutive_underflow_steps) == (6, 6)

@@ -137,3 +137,22 @@ def test_nonfinite_weights_are_no_skip_and_stop_without_a_checkpoint_unless_roll
     assert record.weights_verdict == (6, True), "the rollback of this step reads the verdict"
     assert control.should_training_stop is not recovery and not control.should_save
     assert [e["event"] for e in read_events(tmp_path)] == ["nonfinite_parameters"] + ([] if recovery else ["stop"])
+
+
+def test_all_zero_gradients_with_a_finite_loss_are_reported_once_and_stop_after_the_limit(tmp_path):
+    health = SkipHealth(max_consecutive_skips=50, max_underflow_steps=3)
+
+    def zero_gradients(step: int, loss: float = 2.0) -> QueuedStep:
+        row = queued(step, HEALTHY if loss == loss else BAD_LOSS, loss=loss)
+        row.grad_norm = torch.tensor(0.0)
+        return row
+
+    # A batch without labels (loss 0/0, zero gradients) is a loss report, no underflow; a healthy step resets.
+    rows = [zero_gradients(1, math.nan), zero_gradients(2), queued(3, HEALTHY), *map(zero_gradients, (4, 5, 6))]
+    _, control, _ = drain_into(health, tmp_path, rows, now=6)
+    assert (health.underflow_steps, health.consecutive_underflow_steps) == (4, 3)
+    assert control.should_training_stop and control.should_save
+    events = [(e["step"], e["event"], e["reason"]) for e in read_events(tmp_path) if e["event"] != "nonfinite_loss"]
+    zero = "all gradients exactly zero"
+    assert events[:2] == [(2, "underflow", zero), (4, "underflow", zero)]
+    assert events[2][:2] == (6, "stop") and "max_underflow_steps=3" in events[2][2]

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, default_data_collator
 
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
 from hf_stability.callbacks.order import find_callback
+from hf_stability.callbacks.telemetry import fp16_pressure
 from tests.testing_utils import (
     NoLabelBatches,
     PoisonGradient,
@@ -124,7 +125,10 @@ def test_fp16_pressure_and_layer_norms_match_a_direct_computation(tmp_path, bert
         grads, scale = capture.captured[step]
         flat = torch.cat([g.flatten().double() for g in grads.values()]) * scale
         nonzero = flat[flat != 0].abs()
-        expected_fraction = (nonzero < 2.0**-24).sum().item() / nonzero.numel()
+        # The fp16 backward flushes whole gradients (attention query/key) to zero: they count as underflowed.
+        flushed = sum(grad.numel() for grad in grads.values() if not grad.any())
+        assert flushed > 0
+        expected_fraction = ((nonzero < 2.0**-24).sum().item() + flushed) / (nonzero.numel() + flushed)
         expected_headroom = math.log2(65504.0 / nonzero.max().item())
         assert 0 < expected_fraction < 1
         assert entry["stability/fp16_underflow_fraction"] == pytest.approx(expected_fraction, rel=1e-6)
@@ -154,3 +158,22 @@ def test_rollbacks_are_looked_up_in_the_trainer_and_logged(tmp_path, bert_tokeni
     assert rollback.rollbacks >= 1
     logged = [entry["stability/rollbacks"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged[:2] == [0, 0] and logged[-1] == rollback.rollbacks
+
+
+def test_fp16_pressure_counts_gradients_that_flushed_to_zero(bert_tokenizer, dataset):
+    # A real fp16 backward with a tiny loss scale: most gradient tensors flush to exactly zero.
+    model = tiny_bert(bert_tokenizer).half()
+    scale = 2.0**-16
+    (model(**default_data_collator([dataset[i] for i in range(8)])).loss * scale).backward()
+    grads = [p.grad.float() / scale for p in model.parameters() if p.grad is not None]
+    flushed = [g for g in grads if not g.any()]
+    assert 0 < len(flushed) < len(grads)
+
+    pressure = fp16_pressure(grads, torch.tensor(scale))
+
+    nonzero = torch.cat([(g[g != 0] * scale).abs().double() for g in grads])
+    flushed_elements = sum(g.numel() for g in flushed)
+    expected = ((nonzero < 2.0**-24).sum().item() + flushed_elements) / (nonzero.numel() + flushed_elements)
+    assert pressure["stability/fp16_underflow_fraction"].item() == pytest.approx(expected, rel=1e-6)
+    nonzero_only = (nonzero < 2.0**-24).sum().item() / nonzero.numel()  # what counting nonzero elements alone says
+    assert pressure["stability/fp16_underflow_fraction"].item() > nonzero_only
