@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability._compat import check_trainer_hooks, warn_untested_versions
+from hf_stability._compat import output_dir as compat_output_dir
+from hf_stability.alerts import AlertHook, StabilityAlerts, publish_diagnosis, uses_wandb
 from hf_stability._logging import get_logger
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
@@ -19,6 +22,8 @@ from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
 from hf_stability.engines import refuse_unsupported_engine
+from hf_stability.events import add_listener
+from hf_stability.settings import AlertSettings
 
 logger = get_logger(__name__)
 
@@ -89,6 +94,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         self._build_batch_ramp()
         # The model the callbacks receive: their look-ups of the step's signals find this trainer's.
         self.step_signals = StepSignals.fed_by_trainer(self.callback_handler.model)
+        self.alert_hooks: list[AlertHook] = []
         keep_in_priority_order(self)
         callbacks = self.callback_handler.callbacks
         for callback in stability_callbacks(self.args):
@@ -117,11 +123,27 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 "rollback counters restart from 0 after resume_from_checkpoint. Use StabilityConfig or set it True."
             )
 
+    def on_stability_event(self, hook: AlertHook) -> None:
+        """Call ``hook(alert)`` (a `hf_stability.alerts.StabilityAlert`) on the events named in ``stability_alerts``,
+        on the main process, rate-limited: a Slack or PagerDuty notifier needs no fork."""
+        if not AlertSettings.resolve({}, self.args).event_names:
+            raise ValueError("`on_stability_event`: `stability_alerts` is empty; name the events that alert, e.g. "
+                             "'stop,rollback,skip_burst'.")
+        self.alert_hooks.append(hook)
+
     def train(self, *args: Any, **kwargs: Any):
-        """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first."""
+        """`Trainer.train`; when it raises, the rollback snapshots (up to GBs on disk) are removed first.
+
+        On the main process it raises the alerts ``stability_alerts`` asks for while training, and puts the
+        doctor's diagnosis into the W&B run summary when training ends (`hf_stability.alerts`).
+        """
         self.step_signals.trainer_fed = True  # a missing pre-clip norm is now a broken seam, not a plain Trainer
+        stop_listening = self._listen_for_alerts()
         try:
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
+            if self.is_world_process_zero():
+                publish_diagnosis(self)
+            return output
         except BaseException:
             rollback = find_callback(self.callback_handler.callbacks, SpikeRollbackCallback)
             if rollback is not None:
@@ -129,6 +151,16 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             raise
         finally:
             self.step_signals.trainer_fed = False
+            stop_listening()
+
+    def _listen_for_alerts(self) -> Callable[[], None]:
+        """Start alerting on this run's events (main process, events named in ``stability_alerts``); returns the stop."""
+        settings = AlertSettings.resolve({}, self.args)
+        if not settings.event_names or not self.is_world_process_zero():
+            return lambda: None
+        alerts = StabilityAlerts(settings, compat_output_dir(self.args), self.alert_hooks,
+                                 lambda: self.state.log_history, uses_wandb(self.args))
+        return add_listener(compat_output_dir(self.args), alerts)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step entry (evaluation and the final summary have other keys)
