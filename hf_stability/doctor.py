@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_stability.event_digest import event_problem
 from hf_stability.events import EVENTS_FILENAME
 from hf_stability.report import RunRecord, gradient_health, load_run
 
@@ -94,16 +93,22 @@ class RunEvidence:
 
 
 def _stream_events(path: Path) -> Iterator[dict[str, Any]]:
-    """The valid events of ``path``, one at a time (damaged lines are the report's to warn about)."""
+    """The valid events of ``path``, one at a time (damaged lines are the report's to warn about).
+
+    One decoder, and the checks `event_problem` makes of the fields used here inlined: a million events stream in
+    a few seconds.
+    """
     if not path.is_file():
         return
-    with path.open("rb") as handle:
-        for raw in handle:
+    decode = json.JSONDecoder().raw_decode
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
             try:
-                record = json.loads(raw)
+                record = decode(line.strip())[0]
             except ValueError:
                 continue
-            if event_problem(record) is None:
+            if (type(record) is dict and type(record.get("step")) is int and record["step"] >= 0
+                    and type(record.get("event")) is str and type(record.get("reason")) is str):
                 yield record
 
 
@@ -294,8 +299,8 @@ def rule_recurring_spikes(evidence: RunEvidence) -> Finding | None:
     steps = [e.get("spike_step", e["step"]) for e in after]
     # A rollback's `lr_scale` is the scale it left; the spikes after a cut one came at the lower learning rate.
     cuts = [e["lr_scale"] for e in after[:-1] if isinstance(e.get("lr_scale"), (int, float)) and e["lr_scale"] < 1]
-    facts = [f"{len(after)} spike(s) after warm-up (" + (f"peak learning rate reached at step {warmup}"
-             if warmup is not None else "no learning rate logged; warm-up unknown") + f") at steps {_steps_text(steps)}"]
+    peak = f"peak learning rate reached at step {warmup}" if warmup is not None else "no learning rate logged"
+    facts = [f"{len(after)} spike(s) after warm-up ({peak}) at steps {_steps_text(steps)}"]
     if cuts:
         facts.append(f"they recurred after rollbacks that had cut the learning rate to {min(cuts):g}x")
     remedy = ["lower the peak learning rate", "Adam beta2 = 0.95 (instead of 0.999): the second moment then "

@@ -11,8 +11,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability._compat import check_trainer_hooks, warn_untested_versions
 from hf_stability._compat import output_dir as compat_output_dir
-from hf_stability.alerts import AlertHook, StabilityAlerts, publish_diagnosis, uses_wandb
 from hf_stability._logging import get_logger
+from hf_stability.alerts import AlertHook, StabilityAlerts, publish_diagnosis, uses_wandb
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
@@ -154,7 +154,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             stop_listening()
 
     def _listen_for_alerts(self) -> Callable[[], None]:
-        """Start alerting on this run's events (main process, events named in ``stability_alerts``); returns the stop."""
+        """Alert on this run's events (main process, the events ``stability_alerts`` names); returns the stop."""
         settings = AlertSettings.resolve({}, self.args)
         if not settings.event_names or not self.is_world_process_zero():
             return lambda: None
