@@ -313,8 +313,8 @@ def rule_recurring_spikes(evidence: RunEvidence) -> Finding | None:
                   "layers with `log_layer_grad_norms`)")
     return Finding(
         "recurring_spikes",
-        "Likely an optimisation instability: loss spikes keep coming after warm-up although each rollback cut the "
-        "learning rate.",
+        "Likely an optimisation instability: loss spikes keep coming after warm-up"
+        + (", also after rollbacks cut the learning rate." if cuts else ", also after rollbacks."),
         facts, remedy, 60, steps=steps,
     )
 
