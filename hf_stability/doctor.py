@@ -306,6 +306,9 @@ def rule_recurring_spikes(evidence: RunEvidence) -> Finding | None:
     remedy = ["lower the peak learning rate", "Adam beta2 = 0.95 (instead of 0.999): the second moment then "
               "follows a sudden gradient growth within ~20 steps instead of ~1000, the usual cause of late spikes "
               "in large-model pre-training", "a larger Adam epsilon (1e-6)", "a longer warm-up"]
+    first_logged = evidence.series("learning_rate")[0][0] if warmup is not None else None
+    if warmup is not None and warmup == first_logged:
+        remedy[3] = "a warm-up: this run's learning rate was at its peak from the first logged step"
     beta2 = evidence.settings.get("adam_beta2")
     if isinstance(beta2, float) and beta2 <= 0.95:
         remedy[1] = f"Adam beta2 is already {beta2:g}: leave it"
