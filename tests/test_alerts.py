@@ -6,11 +6,20 @@ Real runs with real faults; W&B runs offline (tests/conftest.py sets WANDB_MODE=
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hf_stability import StabilityConfig, StabilityTrainer
 from hf_stability.alerts import StabilityAlert
-from tests.testing_utils import PoisonGradient, mlm_dataset, offline_wandb_records, tiny_bert, training_args
+from tests.testing_utils import (
+    PoisonGradient,
+    mlm_dataset,
+    offline_wandb_records,
+    run_two_ranks,
+    tiny_bert,
+    training_args,
+)
 
 
 def test_alerts_reach_the_callable_and_wandb_offline_rate_limited(tmp_path, bert_tokenizer, monkeypatch):
@@ -81,3 +90,12 @@ def test_alert_settings_are_checked_in_one_line(tmp_path, bert_tokenizer):
                                train_dataset=mlm_dataset(bert_tokenizer, rows=16))
     with pytest.raises(ValueError, match="`stability_alerts` is empty"):
         trainer.on_stability_event(print)
+
+
+@pytest.mark.distributed
+def test_only_the_main_process_alerts_on_two_ranks(tmp_path):
+    run_two_ranks("tests.distributed.alerts_two_ranks", tmp_path, timeout=600)
+    assert not (tmp_path / "alerts-rank1.jsonl").exists()  # rank 1 had the fault, rank 0 alone reports it
+    alerts = [json.loads(line) for line in (tmp_path / "alerts-rank0.jsonl").read_text().splitlines()]
+    # DDP's all-reduce carries rank 1's inf into rank 0's gradients: the skip names both ranks.
+    assert alerts == [{"kind": "skip", "step": 3, "ranks": [0, 1]}]
