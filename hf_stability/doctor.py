@@ -382,7 +382,7 @@ def rule_layer_outliers(evidence: RunEvidence) -> Finding | None:
     health = gradient_health(evidence.run)
     if health is None or not health.outliers:
         return None
-    facts = [f"{o.kind}: {o.layer} median norm {o.median_norm:.3g}, {o.ratio:.2g}x the median layer "
+    facts = [f"{o.layer} ({o.kind}): median norm {o.median_norm:.3g}, {o.ratio:.2g}x the median layer "
              f"({health.median_norm:.3g})" for o in health.outliers]
     return Finding(
         "layer_gradients",

@@ -125,8 +125,8 @@ def test_doctor_names_the_scaled_layers_and_nothing_in_the_clean_run(scaled_run,
 
     (finding,) = diagnose(scaled_run)
     assert finding.rule == "layer_gradients" and finding.cause.startswith("Likely vanishing/exploding gradients in 2")
-    assert any(fact.startswith(f"vanishing: {VANISHING_LAYER} median norm") for fact in finding.evidence)
-    assert any(fact.startswith(f"exploding: {EXPLODING_LAYER} median norm") for fact in finding.evidence)
+    assert any(fact.startswith(f"{VANISHING_LAYER} (vanishing): median norm") for fact in finding.evidence)
+    assert any(fact.startswith(f"{EXPLODING_LAYER} (exploding): median norm") for fact in finding.evidence)
     assert "initialisation" in finding.remedy[0] and "LayerNorm placement" in finding.remedy[1]
     assert "activation" in finding.remedy[2]
     assert "### Diagnosis\n\n1. **Likely vanishing/exploding" in (scaled_run / "README.md").read_text(encoding="utf-8")
