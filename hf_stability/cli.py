@@ -1,16 +1,22 @@
 """The ``hf-stability`` command.
 
 ``hf-stability report OUTPUT_DIR`` prints a run's loss and stability events (from ``trainer_state.json``
-and ``stability_events.jsonl``) and draws ``OUTPUT_DIR/training_curves.png``.
+and ``stability_events.jsonl``) and draws ``OUTPUT_DIR/training_curves.png``; ``hf-stability doctor OUTPUT_DIR``
+prints the run's ranked findings (`hf_stability.doctor`), or says there are none.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hf_stability import __version__
+
+if TYPE_CHECKING:
+    from hf_stability.report import RunRecord
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -29,6 +35,15 @@ def make_parser() -> argparse.ArgumentParser:
         "--plot", default=None, help="Where to write the PNG (default: OUTPUT_DIR/training_curves.png)."
     )
     report.add_argument("--no-plot", action="store_true", help="Only print the summary.")
+    doctor = commands.add_parser(
+        "doctor",
+        help="Diagnose a run: likely causes of its skips, spikes and stops, with evidence and remedies.",
+        description="Turn what a run recorded (stability events, logged loss, gradient norms, loss scale, fp16 "
+        "underflow, per-layer gradient norms, bad samples) into ranked findings: the likely cause, the evidence and "
+        "the remedy. Exits 0 whether or not there are findings.",
+    )
+    doctor.add_argument("output_dir", help="The run's output directory (holding trainer_state.json or checkpoints).")
+    doctor.add_argument("--json", action="store_true", help="Print the findings as a JSON list.")
     return parser
 
 
@@ -42,8 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         run = load_run(args.output_dir)
+        if args.command == "doctor":
+            return _doctor(run, args.json)
     except ValueError as error:
-        print(f"hf-stability report: error: {error}", file=sys.stderr)
+        print(f"hf-stability {args.command}: error: {error}", file=sys.stderr)
         return 2
     print(format_summary(run))
     if not args.no_plot:
@@ -52,6 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as error:  # matplotlib is the `plot` extra
             print(f"hf-stability report: error: {error}", file=sys.stderr)
             return 2
+    return 0
+
+
+def _doctor(run: RunRecord, as_json: bool) -> int:
+    from hf_stability.doctor import diagnose, format_findings
+
+    findings = diagnose(run)
+    if as_json:
+        print(json.dumps([finding.as_dict() for finding in findings], indent=2))
+    else:
+        print(f"Diagnosis of {run.output_dir}:")
+        print("\n".join(format_findings(findings, indent="  ")))
     return 0
 
 

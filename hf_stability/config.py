@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 
 from hf_stability.settings import (
     AdaptiveClipSettings,
+    AlertSettings,
     BatchRampSettings,
     ComponentSettings,
     RollbackSettings,
@@ -31,6 +32,7 @@ COMPONENT_SETTINGS: tuple[type[ComponentSettings], ...] = (
     TelemetrySettings,
     AdaptiveClipSettings,
     BatchRampSettings,
+    AlertSettings,
 )
 
 
@@ -105,6 +107,12 @@ class StabilityConfig(TrainingArguments):
     batch_ramp_increment: int = setting(BatchRampSettings, "increment")
     batch_ramp_length: int = setting(BatchRampSettings, "length")
     batch_ramp_unit: str = setting(BatchRampSettings, "unit")
+
+    # Alerts on stability events, see `hf_stability.alerts`
+    stability_alerts: str = setting(AlertSettings, "events")
+    stability_alert_skip_burst: int = setting(AlertSettings, "skip_burst")
+    stability_alert_skip_window: int = setting(AlertSettings, "skip_window")
+    stability_alert_interval: float = setting(AlertSettings, "interval")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -26,13 +26,34 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 EVENTS_FILENAME = "stability_events.jsonl"
 SUPERSEDED_PREFIX = "stability_events.superseded-"
 REQUIRED_KEYS = ("step", "event", "reason")
+# Resolved events file -> callables told of each event appended to it (alerts: `hf_stability.alerts`).
+_LISTENERS: dict[Path, list[Callable[[dict[str, Any]], None]]] = {}
+
+
+def add_listener(output_dir: str | os.PathLike, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+    """Call ``listener(event)`` after each event appended to ``output_dir``'s events file; returns its remover.
+
+    Events are written wherever a callback creates a `StabilityEventLog`, so listening by file is the one seam
+    that sees every event. A listener that raises is reported as a warning and never stops training.
+    """
+    path = (Path(output_dir) / EVENTS_FILENAME).resolve()
+    _LISTENERS.setdefault(path, []).append(listener)
+
+    def remove() -> None:
+        listeners = _LISTENERS.get(path, [])
+        if listener in listeners:
+            listeners.remove(listener)
+        if not listeners:
+            _LISTENERS.pop(path, None)
+
+    return remove
 
 # Per events file (resolved path): the JSON lines this process could not write yet, oldest first.
 _HELD: dict[Path, list[str]] = {}
@@ -83,6 +104,11 @@ class StabilityEventLog:
         record = {"step": int(step), "event": event, "reason": reason, "time": time.time(), **fields}
         _HELD.setdefault(self.path.resolve(), []).append(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         self.flush()
+        for listener in list(_LISTENERS.get(self.path.resolve(), ())) if _LISTENERS else ():
+            try:
+                listener(record)
+            except Exception as error:  # an alert hook must not end the run it reports on
+                warnings.warn(f"stability event listener {listener!r} failed: {error!r}", UserWarning, stacklevel=2)
         return record
 
     def flush(self) -> bool:

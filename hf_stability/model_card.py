@@ -24,7 +24,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import Trainer
 
 from hf_stability._compat import output_dir as compat_output_dir
+from hf_stability.alerts import training_settings
 from hf_stability.callbacks import SkipNonFiniteCallback, SpikeRollbackCallback
+from hf_stability.doctor import diagnose, findings_markdown
 from hf_stability.event_digest import read_event_digest
 from hf_stability.events import EVENTS_FILENAME
 from hf_stability.report import (
@@ -224,6 +226,7 @@ def build_model_card(
         model_config=_table(_model_config(model), "setting"),
         metrics=_table({key: _number(value) for key, value in final.items()}, "metric"),
         stability=_stability_section(run, trainer),
+        diagnosis=findings_markdown(diagnose(run, training_settings(args))),
         plot_filename=plot.name if plot is not None else None,
         plot_missing=plot_missing,
         usage=_usage(objective, model, model_id, tokenizer_for_usage, pipeline_tag),

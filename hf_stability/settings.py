@@ -334,6 +334,48 @@ class BatchRampSettings(ComponentSettings):
         self.check_number("length", int, minimum=0)
 
 
+# Events an alert can be raised on; ``skip_burst`` is `AlertSettings.skip_burst` skips within a window of steps.
+ALERT_EVENTS = ("stop", "rollback", "skip_burst", "skip", "nonfinite_loss", "nonfinite_parameters")
+
+
+@dataclass
+class AlertSettings(ComponentSettings):
+    """Alerts on stability events (`hf_stability.alerts`)."""
+
+    events: str = option(
+        "",
+        "stability_alerts",
+        "Comma-separated events that raise an alert (wandb.alert when W&B is active, and the callables given to "
+        f"`StabilityTrainer.on_stability_event`), on the main process only: any of {', '.join(ALERT_EVENTS)}. "
+        "Empty: no alerts.",
+    )
+    skip_burst: int = option(
+        5, "stability_alert_skip_burst", "A skip_burst is this many skipped steps within `stability_alert_skip_window`."
+    )
+    skip_window: int = option(100, "stability_alert_skip_window", "Steps over which a skip_burst is counted.")
+    interval: float = option(
+        600.0,
+        "stability_alert_interval",
+        "Seconds after an alert during which further alerts of the same event are held back (counted in the next).",
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.events, str):
+            raise ValueError(f"`{self.label('events')}` must be a comma-separated string, got {self.events!r}.")
+        names = [name.strip() for name in self.events.split(",") if name.strip()]
+        unknown = [name for name in names if name not in ALERT_EVENTS]
+        if unknown:
+            raise ValueError(f"`{self.label('events')}`: unknown event(s) {unknown}; choose from {list(ALERT_EVENTS)}.")
+        self.events = ",".join(dict.fromkeys(names))
+        self.check_number("skip_burst", int, minimum=1)
+        self.check_number("skip_window", int, minimum=1)
+        self.check_number("interval", float, minimum=0)
+
+    @property
+    def event_names(self) -> tuple[str, ...]:
+        return tuple(name for name in self.events.split(",") if name)
+
+
 def setting(settings_class: type[ComponentSettings], name: str) -> Any:
     """A `StabilityConfig` field declared from setting ``name`` of ``settings_class``: same default and help.
 

@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability._compat import check_trainer_hooks, output_dir, warn_untested_versions
 from hf_stability._logging import get_logger
+from hf_stability.alerts import AlertHook, StabilityAlerts, publish_diagnosis, uses_wandb
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
@@ -24,6 +25,8 @@ from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
 from hf_stability.engines import refuse_unsupported_engine
+from hf_stability.events import add_listener
+from hf_stability.settings import AlertSettings
 
 logger = get_logger(__name__)
 
@@ -105,6 +108,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         # super(), cannot bypass it (it would leave loss-based rollback judging nothing).
         self.training_step = self._feeding_loss(self.training_step)  # type: ignore[method-assign]
         guard_checkpoint_writes(self)  # likewise every checkpoint write, whoever overrides `_save_checkpoint`
+        self.alert_hooks: list[AlertHook] = []
         keep_in_priority_order(self)
         callbacks = self.callback_handler.callbacks
         for callback in stability_callbacks(self.args):
@@ -133,19 +137,33 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 "rollback counters restart from 0 after resume_from_checkpoint. Use StabilityConfig or set it True."
             )
 
+    def on_stability_event(self, hook: AlertHook) -> None:
+        """Call ``hook(alert)`` (a `hf_stability.alerts.StabilityAlert`) on the events named in ``stability_alerts``,
+        on the main process, rate-limited: a Slack or PagerDuty notifier needs no fork."""
+        if not AlertSettings.resolve({}, self.args).event_names:
+            raise ValueError("`on_stability_event`: `stability_alerts` is empty; name the events that alert, e.g. "
+                             "'stop,rollback,skip_burst'.")
+        self.alert_hooks.append(hook)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """`Trainer.train`, after checking the stability state stored in the checkpoint resumed from.
 
         When it raises, the rollback snapshots (up to GBs on disk) are removed first, held events are written and
-        the output directory's run lock is released.
+        the output directory's run lock is released. On the main process it raises the alerts ``stability_alerts``
+        asks for while training, and puts the doctor's diagnosis into the W&B run summary when training ends
+        (`hf_stability.alerts`).
         """
         checkpoint = resume_checkpoint(resume_from_checkpoint, output_dir(self.args))
         if checkpoint is not None and self.args.restore_callback_states_from_checkpoint:
             check_stored_state(checkpoint, self.callback_handler.callbacks)
         model = self.callback_handler.model
         self.step_signals.attach(model)
+        stop_listening = self._listen_for_alerts()
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            if self.is_world_process_zero():
+                publish_diagnosis(self)
+            return output
         except BaseException:
             rollback = find_callback(self.callback_handler.callbacks, SpikeRollbackCallback)
             if rollback is not None:
@@ -154,6 +172,16 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             raise
         finally:
             self.step_signals.detach(model)
+            stop_listening()
+
+    def _listen_for_alerts(self) -> Callable[[], None]:
+        """Alert on this run's events (main process, the events ``stability_alerts`` names); returns the stop."""
+        settings = AlertSettings.resolve({}, self.args)
+        if not settings.event_names or not self.is_world_process_zero():
+            return lambda: None
+        alerts = StabilityAlerts(settings, output_dir(self.args), self.alert_hooks,
+                                 lambda: self.state.log_history, uses_wandb(self.args))
+        return add_listener(output_dir(self.args), alerts)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step entry (evaluation and the final summary have other keys)

@@ -118,3 +118,16 @@ def test_plot_has_a_layer_heat_map_only_when_layer_norms_were_logged(scaled_run,
     assert _heat_maps(unlogged_run) == []
     assert "per-layer gradient norms" not in _report(unlogged_run, capsys)
     assert "per-layer gradient norms" not in _stability_section(unlogged_run).lower()
+
+
+def test_doctor_names_the_scaled_layers_and_nothing_in_the_clean_run(scaled_run, clean_run):
+    from hf_stability.doctor import diagnose
+
+    (finding,) = diagnose(scaled_run)
+    assert finding.rule == "layer_gradients" and finding.cause.startswith("Likely vanishing/exploding gradients in 2")
+    assert any(fact.startswith(f"{VANISHING_LAYER} (vanishing): median norm") for fact in finding.evidence)
+    assert any(fact.startswith(f"{EXPLODING_LAYER} (exploding): median norm") for fact in finding.evidence)
+    assert "initialisation" in finding.remedy[0] and "LayerNorm placement" in finding.remedy[1]
+    assert "activation" in finding.remedy[2]
+    assert "### Diagnosis\n\n1. **Likely vanishing/exploding" in (scaled_run / "README.md").read_text(encoding="utf-8")
+    assert diagnose(clean_run) == []

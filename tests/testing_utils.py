@@ -270,6 +270,16 @@ def offline_wandb_history(run_dir: Path) -> list[dict[str, Any]]:
     return [record["history"]["item"] for record in records if record.get("type") == "history"]
 
 
+def offline_wandb_records(run_dir: Path, kind: str) -> list[dict]:
+    """The records of one type (``summary``, ``alert``) of an offline W&B run directory, read back with
+    ``wandb leet inspect --json`` as `wandb sync` would upload them."""
+    command = Path(sys.executable).parent / "wandb"
+    output = subprocess.run([str(command), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
+                            text=True, check=True, timeout=120).stdout
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    return [record[kind] for record in records if record.get("type") == kind]
+
+
 READ_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
 
 

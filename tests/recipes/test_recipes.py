@@ -13,8 +13,9 @@ import sys
 import pytest
 import yaml
 
+from hf_stability.doctor import diagnose
 from tests.recipes.recipe_utils import BIN, REPO, TINY_RUN, logged_losses, results, run_recipe
-from tests.testing_utils import offline_wandb_history
+from tests.testing_utils import offline_wandb_history, offline_wandb_records
 
 PYTHON = [sys.executable]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -42,6 +43,9 @@ def assert_run_artifacts(output_dir, title: str, world_size: int, eval_loss_has_
         assert evaluation["eval_perplexity"] == pytest.approx(math.exp(evaluation["eval_loss"]), rel=0.05)
     assert f"| train_loss | {results(output_dir, 'train')['train_loss']:.4f} |" in card
     assert "Skipped steps (non-finite gradients): **0**" in card and "Rollbacks after loss spikes: **0**" in card
+    # Zero false alarms: the doctor finds nothing in a clean recipe run, in the card and from the directory.
+    assert "### Diagnosis\n\nNo findings: the record shows no symptom of instability." in card
+    assert diagnose(output_dir) == []
     return card
 
 
@@ -78,6 +82,11 @@ def test_bert_recipe_from_yaml_config_logs_stability_metrics_to_wandb_offline(tm
         row["train/stability/skipped_steps"] == 0 and row["train/stability/rollbacks"] == 0 for row in train_rows
     )
     assert any("eval/masked_token_accuracy" in row for row in history)
+    summary: dict = {}
+    for record in offline_wandb_records(run_dir, "summary"):
+        summary.update(record["update"])
+    assert summary["stability/findings"] == 0
+    assert summary["stability/diagnosis"] == "No findings: the record shows no symptom of instability."
 
 
 def test_t5_recipe_trains_on_a_local_jsonl_file(tmp_path, corpus):
