@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability._compat import check_trainer_hooks, warn_untested_versions
@@ -18,7 +17,7 @@ from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
-from hf_stability.engines import refuse_unsupported_engine
+from hf_stability.engines import engine_refusal, refuse_unsupported_engine
 
 logger = get_logger(__name__)
 
@@ -108,9 +107,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         protections = [type(callback).__name__ for callback in callbacks if isinstance(callback, stability_types)]
         if self.batch_ramp is not None:  # placeholder micro-batches would break the engine's accumulation count
             protections.append("batch_ramp")
-        refuse_unsupported_engine(
-            protections, self.is_deepspeed_enabled or self.accelerator.distributed_type == DistributedType.DEEPSPEED
-        )
+        refuse_unsupported_engine(protections, engine_refusal(self.args, self.model))
         if not isinstance(self.args, StabilityConfig) and not self.args.restore_callback_states_from_checkpoint:
             logger.warning(
                 "StabilityTrainer got TrainingArguments with restore_callback_states_from_checkpoint=False: skip and "

@@ -1,4 +1,5 @@
-"""Engine support: under DeepSpeed every stability protection refuses to start instead of staying silently inactive."""
+"""Engine support: under DeepSpeed and tensor parallelism every stability protection refuses to start instead of
+staying silently inactive (FSDP version 1: tests/test_fsdp2.py)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
+from accelerate import ParallelismConfig
 
-from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled, refuse_unsupported_engine
-from tests.testing_utils import subprocess_env, training_args
+from hf_stability import SkipNonFiniteCallback
+from hf_stability.engines import (
+    UnsupportedEngineError,
+    deepspeed_enabled,
+    engine_refusal,
+    refuse_for_callback,
+    refuse_unsupported_engine,
+)
+from tests.testing_utils import bert_tokenizer, subprocess_env, tiny_bert, training_args
 
 
-def test_refusal_is_one_line_naming_the_protections_and_the_alternative():
+def test_refusal_is_one_line_naming_the_protections_and_the_alternative(tmp_path):
     with pytest.raises(UnsupportedEngineError, match="deepspeed") as raised:
-        refuse_unsupported_engine(["SkipNonFiniteCallback", "SpikeRollbackCallback"], deepspeed=True)
+        refuse_unsupported_engine(["SkipNonFiniteCallback", "SpikeRollbackCallback"], engine_refusal(SimpleNamespace(deepspeed="ds.json")))
     message = str(raised.value)
     assert "\n" not in message
     assert "SkipNonFiniteCallback, SpikeRollbackCallback" in message and "FSDP2" in message
     assert isinstance(raised.value, ValueError)
-    refuse_unsupported_engine(["SkipNonFiniteCallback"], deepspeed=False)  # other engines pass
+    refuse_unsupported_engine(["SkipNonFiniteCallback"], engine_refusal(training_args(tmp_path)))  # other engines
 
 
 def test_plain_arguments_are_not_deepspeed(tmp_path):
@@ -73,3 +84,13 @@ def test_deepspeed_two_ranks_refuse_before_the_first_step(tmp_path, stage):
         assert outcome["callback_global_step"] == 0  # refused before any update
         # DeepSpeed itself trains here:
         assert outcome["plain_global_step"] == 2 and math.isfinite(outcome["plain_loss"])
+
+
+def test_tensor_parallel_arguments_refuse_in_one_line(tmp_path):
+    args = training_args(tmp_path, parallelism_config=ParallelismConfig(tp_size=2))
+    with pytest.raises(UnsupportedEngineError, match=r"`tp_size=2`: hf-stability's SkipNonFiniteCallback") as raised:
+        refuse_for_callback(SkipNonFiniteCallback(), args)
+    assert "\n" not in str(raised.value)
+    # Data parallel only (tp_size 1) and a model loaded without tp_plan (its tp_size is None) are not refused.
+    assert engine_refusal(training_args(tmp_path, parallelism_config=ParallelismConfig(dp_shard_size=2))) is None
+    assert engine_refusal(training_args(tmp_path), tiny_bert(bert_tokenizer())) is None

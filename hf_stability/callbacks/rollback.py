@@ -165,7 +165,7 @@ class SpikeRollbackCallback(ResumableCallback):
 
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, model=None, optimizer=None,
                        lr_scheduler=None, **kwargs):
-        refuse_for_callback(self, args)
+        refuse_for_callback(self, args, model)
         self.begin_run(args, state, model)
         s = self.settings
         self._detector = SpikeDetector(s.window, s.warmup, s.sigma)
