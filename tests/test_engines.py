@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from accelerate import ParallelismConfig
 
 from hf_stability import SkipNonFiniteCallback
@@ -22,7 +23,7 @@ from hf_stability.engines import (
     refuse_for_callback,
     refuse_unsupported_engine,
 )
-from tests.testing_utils import bert_tokenizer, subprocess_env, tiny_bert, training_args
+from tests.testing_utils import bert_tokenizer, run_two_ranks, subprocess_env, tiny_bert, training_args
 
 
 def test_refusal_is_one_line_naming_the_protections_and_the_alternative(tmp_path):
@@ -94,3 +95,25 @@ def test_tensor_parallel_arguments_refuse_in_one_line(tmp_path):
     # Data parallel only (tp_size 1) and a model loaded without tp_plan (its tp_size is None) are not refused.
     assert engine_refusal(training_args(tmp_path, parallelism_config=ParallelismConfig(dp_shard_size=2))) is None
     assert engine_refusal(training_args(tmp_path), tiny_bert(bert_tokenizer())) is None
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_deepspeed_own_overflow_skip_leaves_every_rank_untouched_bit_for_bit(tmp_path):
+    """DeepSpeed's engine (not hf-stability, which still refuses DeepSpeed) skips a step with a NaN loss on one rank
+    in ZeRO-1/2/3, fp32 and bf16 (its default ``check_grad_overflow``), and does not with that check off. fp16 cannot run on DeepSpeed's CPU
+    accelerator here (``is_fp16_supported()`` is False without mkldnn fp16)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[dev]' installs it)")
+    run_two_ranks("tests.distributed.deepspeed_skip_two_ranks", tmp_path, timeout=580)
+    for rank in (0, 1):
+        outcomes = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        unchecked = outcomes.pop("zero2-bf16-nocheck")
+        # bf16 with `check_grad_overflow: false`: the NaN step is applied, the fp32 masters stay non-finite from then
+        # on, and DeepSpeed counts no skipped step (the silent corruption of DeepSpeed PR 8035 / issue 8415).
+        assert unchecked["step_applied"] and not unchecked["finite"] and unchecked["skipped_steps"] == 0
+        assert set(outcomes) == {f"zero{stage}-{precision}" for stage in (1, 2, 3) for precision in ("fp32", "bf16")}
+        for name, outcome in outcomes.items():
+            untouched = ("parameters", "fp32_masters", "optimizer_state", "lr_scheduler_held")
+            assert all(outcome[key] for key in untouched), (rank, name, outcome)
+            assert not outcome["step_applied"] and outcome["skipped_steps"] == 1 and outcome["grad_norm"] == math.inf
+            assert outcome["applied_after"] and all(outcome["changed_after"].values()), (rank, name, outcome)
