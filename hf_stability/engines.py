@@ -24,6 +24,7 @@ from typing import Any
 from accelerate.utils import DistributedType
 
 from hf_stability._compat import accelerate_shared_states
+from hf_stability.deepspeed import active_deepspeed_config, overflow_skip
 
 ALTERNATIVE = "use FSDP2 (recipes/accelerate_configs/fsdp.yaml) or DDP (multi_gpu.yaml)"
 
@@ -70,9 +71,11 @@ def tensor_parallel_size(args: object = None, model: Any = None) -> int:
 def engine_refusal(args: object = None, model: Any = None) -> str | None:
     """Why the stability protections cannot run under this run's engine (the message's start), or None."""
     if deepspeed_enabled(args):
+        config = active_deepspeed_config(args)
+        engine_skip = "" if config is None else f"; {overflow_skip(config, args)}"
         return (
             "`deepspeed`: {names} cannot work under DeepSpeed (accelerate runs engine.step() inside backward, "
-            f"before any callback can act) and would be silently inactive; {ALTERNATIVE}"
+            f"before any callback can act) and would be silently inactive{engine_skip}; {ALTERNATIVE}"
         )
     if fsdp1_enabled():
         return (

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import ParallelismConfig
+from transformers import TrainingArguments
 
 from hf_stability import SkipNonFiniteCallback
 from hf_stability.engines import (
@@ -82,6 +83,8 @@ def test_deepspeed_two_ranks_refuse_before_the_first_step(tmp_path, stage):
         for protections in ("stability_trainer", "callback"):
             assert outcome[protections] is not None and "FSDP2" in outcome[protections], outcome
         assert "SpikeRollbackCallback" in outcome["stability_trainer"]
+        # The refusal reads accelerate's DeepSpeed plugin config: fp32 here, DeepSpeed's own skip measured.
+        assert f"DeepSpeed's own overflow skip (ZeRO-{stage}, fp32) is measured" in outcome["callback"], outcome
         assert outcome["callback_global_step"] == 0  # refused before any update
         # DeepSpeed itself trains here:
         assert outcome["plain_global_step"] == 2 and math.isfinite(outcome["plain_loss"])
@@ -117,3 +120,32 @@ def test_deepspeed_own_overflow_skip_leaves_every_rank_untouched_bit_for_bit(tmp
             assert all(outcome[key] for key in untouched), (rank, name, outcome)
             assert not outcome["step_applied"] and outcome["skipped_steps"] == 1 and outcome["grad_norm"] == math.inf
             assert outcome["applied_after"] and all(outcome["changed_after"].values()), (rank, name, outcome)
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "bf16", "says"),
+    [
+        ({"zero_optimization": {"stage": 2}}, False, "DeepSpeed's own overflow skip (ZeRO-2, fp32) is measured"),
+        ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}, True, "(ZeRO-3, bf16 with"),
+        (
+            {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto", "check_grad_overflow": False}},
+            True,
+            "DeepSpeed will NOT skip a non-finite step here (`bf16.check_grad_overflow: false`)",
+        ),
+        (
+            {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
+            False,
+            "with the BF16_Optimizer path (bf16 + ZeRO-1 + `data_types.grad_accum_dtype: fp32`) is not measured",
+        ),
+        ({"zero_optimization": {"stage": 0}}, False, "with `zero_optimization.stage: 0` is not measured"),
+        ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, False, "with `fp16` is not measured"),
+    ],
+    ids=["zero2-fp32", "zero3-bf16-auto", "bf16-unchecked", "bf16-optimizer", "stage0", "fp16"],
+)
+def test_deepspeed_refusal_names_what_deepspeed_itself_does_with_a_nonfinite_step(tmp_path, deepspeed, bf16, says):
+    config = {"train_micro_batch_size_per_gpu": "auto", **deepspeed}
+    args = training_args(tmp_path, args_class=TrainingArguments, deepspeed=config, bf16=bf16)
+    with pytest.raises(UnsupportedEngineError) as raised:
+        refuse_for_callback(SkipNonFiniteCallback(), args)
+    message = str(raised.value)
+    assert "\n" not in message and says in message and message.startswith("`deepspeed`: hf-stability's Skip")
