@@ -17,6 +17,7 @@ from accelerate import ParallelismConfig
 from transformers import TrainingArguments
 
 from hf_stability import SkipNonFiniteCallback
+from hf_stability.events import read_events
 from hf_stability.engines import (
     UnsupportedEngineError,
     deepspeed_enabled,
@@ -88,6 +89,12 @@ def test_deepspeed_two_ranks_refuse_before_the_first_step(tmp_path, stage):
         assert outcome["callback_global_step"] == 0  # refused before any update
         # DeepSpeed itself trains here:
         assert outcome["plain_global_step"] == 2 and math.isfinite(outcome["plain_loss"])
+        # DeepSpeed's own skip of rank 1's NaN step 2, made visible: counted on both ranks, logged, one event.
+        assert outcome["reported_skipped_steps"] == 1
+        assert [(step, skipped) for step, skipped, _ in outcome["reported_log"]] == [(1, 0), (2, 1), (3, 1)]
+        assert outcome["reported_log"][1][2] == math.inf  # the engine's global grad norm of the skipped step
+    events = read_events(tmp_path)
+    assert [(e["event"], e["step"], e["reason"]) for e in events] == [("skip", 2, "deepspeed_overflow")]
 
 
 def test_tensor_parallel_arguments_refuse_in_one_line(tmp_path):
