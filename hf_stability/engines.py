@@ -75,7 +75,8 @@ def engine_refusal(args: object = None, model: Any = None) -> str | None:
         engine_skip = "" if config is None else f"; {overflow_skip(config, args)}"
         return (
             "`deepspeed`: {names} cannot work under DeepSpeed (accelerate runs engine.step() inside backward, "
-            f"before any callback can act) and would be silently inactive{engine_skip}; {ALTERNATIVE}"
+            f"before any callback can act) and would be silently inactive{engine_skip}; {ALTERNATIVE}, or, with "
+            f"StabilityTrainer, spike_rollback=False and adaptive_clip=False (DeepSpeed's own skips are then reported)"
         )
     if fsdp1_enabled():
         return (

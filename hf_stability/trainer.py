@@ -11,13 +11,14 @@ from hf_stability._compat import check_trainer_hooks, warn_untested_versions
 from hf_stability._logging import get_logger
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
+from hf_stability.callbacks.deepspeed_telemetry import DeepSpeedSkipTelemetryCallback
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
 from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
-from hf_stability.engines import engine_refusal, refuse_unsupported_engine
+from hf_stability.engines import deepspeed_enabled, engine_refusal, refuse_unsupported_engine
 
 logger = get_logger(__name__)
 
@@ -46,6 +47,10 @@ def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
         ("spike_rollback", SpikeRollbackCallback),
     ]
     callbacks: list[TrainerCallback] = [callback() for name, callback in switches if stability_option(args, name)]
+    if deepspeed_enabled(args):  # the engine skips non-finite steps itself (hf_stability.deepspeed): report those
+        skip = stability_option(args, "skip_nonfinite")
+        kept = [callback for callback in callbacks if not isinstance(callback, SkipNonFiniteCallback)]
+        return [*kept, DeepSpeedSkipTelemetryCallback(require_skip=skip)]
     return [*callbacks, LossScaleTelemetryCallback()]
 
 
@@ -96,7 +101,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 # Trainer's on_init_end has run already; it records the settings a resume must keep.
                 callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
-        if telemetry is not None:  # always: stability_callbacks adds one unless the caller passed it
+        if telemetry is not None:  # stability_callbacks adds one (not under DeepSpeed) unless the caller passed it
             telemetry.bind(self.callback_handler, merged_by_trainer=True)
         stability_types = (
             SkipNonFiniteCallback,
@@ -132,6 +137,9 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             telemetry = find_callback(self.callback_handler.callbacks, LossScaleTelemetryCallback)
             if telemetry is not None:
                 logs.update(telemetry.collect(self.callback_handler.callbacks))
+            deepspeed = find_callback(self.callback_handler.callbacks, DeepSpeedSkipTelemetryCallback)
+            if deepspeed is not None:
+                logs.update(deepspeed.metrics())
             adaptive_clip = find_callback(self.callback_handler.callbacks, AdaptiveClipCallback)
             if adaptive_clip is not None:
                 logs.update(adaptive_clip.metrics())

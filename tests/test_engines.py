@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +16,6 @@ from accelerate import ParallelismConfig
 from transformers import TrainingArguments
 
 from hf_stability import SkipNonFiniteCallback
-from hf_stability.events import read_events
 from hf_stability.engines import (
     UnsupportedEngineError,
     deepspeed_enabled,
@@ -25,12 +23,14 @@ from hf_stability.engines import (
     refuse_for_callback,
     refuse_unsupported_engine,
 )
+from hf_stability.events import read_events
 from tests.testing_utils import bert_tokenizer, run_two_ranks, subprocess_env, tiny_bert, training_args
 
 
 def test_refusal_is_one_line_naming_the_protections_and_the_alternative(tmp_path):
     with pytest.raises(UnsupportedEngineError, match="deepspeed") as raised:
-        refuse_unsupported_engine(["SkipNonFiniteCallback", "SpikeRollbackCallback"], engine_refusal(SimpleNamespace(deepspeed="ds.json")))
+        refusal = engine_refusal(SimpleNamespace(deepspeed="ds.json"))
+        refuse_unsupported_engine(["SkipNonFiniteCallback", "SpikeRollbackCallback"], refusal)
     message = str(raised.value)
     assert "\n" not in message
     assert "SkipNonFiniteCallback, SpikeRollbackCallback" in message and "FSDP2" in message
@@ -93,8 +93,11 @@ def test_deepspeed_two_ranks_refuse_before_the_first_step(tmp_path, stage):
         assert outcome["reported_skipped_steps"] == 1
         assert [(step, skipped) for step, skipped, _ in outcome["reported_log"]] == [(1, 0), (2, 1), (3, 1)]
         assert outcome["reported_log"][1][2] == math.inf  # the engine's global grad norm of the skipped step
-    events = read_events(tmp_path)
-    assert [(e["event"], e["step"], e["reason"]) for e in events] == [("skip", 2, "deepspeed_overflow")]
+        # StabilityTrainer without rollback delegates the skip to DeepSpeed and reports it the same way.
+        assert outcome["stability_log"] == [[1, 0], [2, 1], [3, 1]]  # JSON lists
+    for output_dir in (tmp_path, tmp_path / "stability"):
+        events = read_events(output_dir)
+        assert [(e["event"], e["step"], e["reason"]) for e in events] == [("skip", 2, "deepspeed_overflow")]
 
 
 def test_tensor_parallel_arguments_refuse_in_one_line(tmp_path):
@@ -111,7 +114,8 @@ def test_tensor_parallel_arguments_refuse_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_deepspeed_own_overflow_skip_leaves_every_rank_untouched_bit_for_bit(tmp_path):
     """DeepSpeed's engine (not hf-stability, which still refuses DeepSpeed) skips a step with a NaN loss on one rank
-    in ZeRO-1/2/3, fp32 and bf16 (its default ``check_grad_overflow``), and does not with that check off. fp16 cannot run on DeepSpeed's CPU
+    in ZeRO-1/2/3, fp32 and bf16 (its default ``check_grad_overflow``), and does not with that check off. fp16
+    cannot run on DeepSpeed's CPU
     accelerator here (``is_fp16_supported()`` is False without mkldnn fp16)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[dev]' installs it)")
     run_two_ranks("tests.distributed.deepspeed_skip_two_ranks", tmp_path, timeout=580)
@@ -156,3 +160,20 @@ def test_deepspeed_refusal_names_what_deepspeed_itself_does_with_a_nonfinite_ste
         refuse_for_callback(SkipNonFiniteCallback(), args)
     message = str(raised.value)
     assert "\n" not in message and says in message and message.startswith("`deepspeed`: hf-stability's Skip")
+
+
+def test_deepspeed_skip_requested_where_deepspeed_does_not_skip_refuses_telemetry_alone_warns(tmp_path, caplog):
+    from transformers import TrainerControl, TrainerState
+
+    from hf_stability.callbacks.deepspeed_telemetry import DeepSpeedSkipTelemetryCallback
+
+    unchecked = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2},
+                 "bf16": {"enabled": True, "check_grad_overflow": False}}
+    args = training_args(tmp_path, args_class=TrainingArguments, deepspeed=unchecked)
+    with pytest.raises(UnsupportedEngineError, match=r"^`deepspeed`: `skip_nonfinite` cannot be honoured: .*"
+                       r"`bf16.check_grad_overflow: false`") as raised:
+        DeepSpeedSkipTelemetryCallback(require_skip=True).on_train_begin(args, TrainerState(), TrainerControl())
+    assert "\n" not in str(raised.value)
+    with caplog.at_level("WARNING"):
+        DeepSpeedSkipTelemetryCallback().on_train_begin(args, TrainerState(), TrainerControl())
+    assert "DeepSpeed will NOT skip" in caplog.text

@@ -90,7 +90,8 @@ def main(output_dir: str) -> None:
     tokenizer = bert_tokenizer()
     rows = mlm_dataset(tokenizer, rows=64)
     batches = [default_data_collator([rows[i] for i in range(start, start + 4)]) for start in range(0, 64, 4)]
-    result = {f"zero{stage}-{precision}": run(stage, precision, tokenizer, batches, rank) for stage, precision in CONFIGS}
+    result = {f"zero{stage}-{precision}": run(stage, precision, tokenizer, batches, rank) for stage, precision in
+              CONFIGS}
     torch.save(result, os.path.join(output_dir, f"rank{rank}.pt"))
 
 

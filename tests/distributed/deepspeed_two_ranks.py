@@ -8,7 +8,8 @@ A real DeepSpeed engine (CPU accelerator, gloo) on two processes. Three checks p
 - a plain ``Trainer`` with ``SkipNonFiniteCallback`` refuses in ``train()`` before the first step;
 - the same ``Trainer`` without the callback trains (DeepSpeed really runs here), so the refusals are not a crash;
 - a plain ``Trainer`` with `DeepSpeedSkipTelemetryCallback`, rank 1 alone getting a NaN forward pass at step 2:
-  DeepSpeed skips it, the callback counts it (``stability/skipped_steps``) and writes one ``skip`` event.
+  DeepSpeed skips it, the callback counts it (``stability/skipped_steps``) and writes one ``skip`` event;
+- the same with ``StabilityTrainer(spike_rollback=False)`` (in ``OUTPUT_DIR/stability``), which installs it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ def main(output_dir: str) -> None:
     result["reported_log"] = [
         (row["step"], row.get("stability/skipped_steps"), row.get("grad_norm")) for row in reported.state.log_history
         if "loss" in row
+    ]
+    stability_dir = os.path.join(output_dir, "stability")
+    stability = StabilityTrainer(
+        tiny_bert(tokenizer),
+        training_args(stability_dir, max_steps=3, per_device_train_batch_size=2, spike_rollback=False),
+        train_dataset=data,
+        callbacks=[PoisonActivations([1], ranks=[1])],
+    )
+    stability.train()
+    result["stability_log"] = [
+        (row["step"], row.get("stability/skipped_steps")) for row in stability.state.log_history if "loss" in row
     ]
     with open(os.path.join(output_dir, f"rank{plain.args.process_index}.json"), "w") as handle:
         json.dump(result, handle)

@@ -94,7 +94,8 @@ def identical(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
 
 class Probe(TrainerCallback):
     """Records local shards around the poisoned step, at the snapshot step and right after the rollback
-    (which the test checks happened at the end of step ``THROWN + 1``, to step ``SNAPSHOT``), and throws rank 1's shards (N(0, 4) noise) after the update of step ``THROWN``."""
+    (which the test checks happened at the end of step ``THROWN + 1``, to step ``SNAPSHOT``), and throws rank 1's
+    shards (N(0, 4) noise) after the update of step ``THROWN``."""
 
     def __init__(self) -> None:
         self.around: dict[str, list[torch.Tensor]] = {}
@@ -108,7 +109,8 @@ class Probe(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step == POISONED + 1:
-            self.result["unchanged_across_poisoned_step"] = identical(self.around["before"], local_state(model, optimizer))
+            unchanged = identical(self.around["before"], local_state(model, optimizer))
+            self.result["unchanged_across_poisoned_step"] = unchanged
         if state.global_step == POISONED + 2:
             self.result["changed_after"] = not identical(self.around["before"], local_state(model, optimizer))
         if state.global_step == SNAPSHOT:
@@ -129,7 +131,8 @@ def main(output_dir: str) -> None:
     result: dict[str, object] = {}
     with accelerate_fsdp_on_cpu():
         args = fsdp_args(output_dir, 1)
-        result["fsdp1_stability_trainer"] = refusal(lambda: StabilityTrainer(tiny_bert(tokenizer, tied=False), args, train_dataset=dataset))
+        model = tiny_bert(tokenizer, tied=False)
+        result["fsdp1_stability_trainer"] = refusal(lambda: StabilityTrainer(model, args, train_dataset=dataset))
         plain = Trainer(
             tiny_bert(tokenizer, tied=False),
             fsdp_args(output_dir, 1, TrainingArguments, max_steps=2),
