@@ -1,20 +1,30 @@
-"""Which distributed engine drives training, and refusing the one the stability callbacks cannot protect.
+"""Which distributed engine drives training, and refusing the ones the stability callbacks cannot protect.
 
 Under DeepSpeed, accelerate 1.15's ``DeepSpeedEngineWrapper.backward`` runs ``engine.backward(loss)`` and, at
 the accumulation boundary, ``engine.step()``. By ``on_pre_optimizer_step`` the update is applied, so dropping
 the gradients skips nothing; the fp32 master weights and (ZeRO-partitioned) optimizer state live in the engine,
 out of reach of rollback snapshots; and gradients live in the engine's buffers, with DeepSpeed's own loss scaler,
-so telemetry would measure nothing. Each protection would be silently inactive, so training refuses to start.
+so telemetry would measure nothing.
+
+FSDP version 1 (accelerate's default ``fsdp_version: 1``) flattens each wrapped module's parameters into one
+`FlatParameter` shard per rank: per-tensor norms, snapshots and the skip's gradient check were written for
+FSDP2's per-parameter DTensors and have not been proven on flat shards.
+
+Tensor parallelism (transformers' ``tp_plan`` / accelerate's ``ParallelismConfig(tp_size>1)``) splits single
+weights across a TP group: the skip flag and norms are reduced over the data-parallel world only and snapshots
+would hold one TP shard, unproven. Each of these refuses to start rather than stay silently inactive or wrong.
 DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``) are supported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from accelerate.utils import DistributedType
 
 from hf_stability._compat import accelerate_shared_states
+from hf_stability.deepspeed import active_deepspeed_config, overflow_skip
 
 ALTERNATIVE = "use FSDP2 (recipes/accelerate_configs/fsdp.yaml) or DDP (multi_gpu.yaml)"
 
@@ -36,17 +46,62 @@ def deepspeed_enabled(args: object = None) -> bool:
     return False
 
 
-def refuse_for_callback(callback: object, args: object) -> None:
-    """Called by each stability callback in ``on_train_begin``: a plain `Trainer` under DeepSpeed stops here."""
-    refuse_unsupported_engine([type(callback).__name__], deepspeed_enabled(args))
+def fsdp1_enabled() -> bool:
+    """Whether accelerate drives FSDP version 1 (what `Accelerator.is_fsdp2` is False for under FSDP).
+
+    From accelerate's shared state, as `AcceleratorState.is_fsdp2` reads it, without creating one.
+    """
+    shared = accelerate_shared_states()[0]
+    plugin = shared.get("fsdp_plugin")
+    return shared.get("distributed_type") == DistributedType.FSDP and getattr(plugin, "fsdp_version", 1) != 2
 
 
-def refuse_unsupported_engine(protections: Iterable[str], deepspeed: bool) -> None:
-    """Raise `UnsupportedEngineError` (one line) naming ``protections`` when ``deepspeed`` is True."""
-    names = list(protections)
-    if deepspeed and names:
-        raise UnsupportedEngineError(
-            f"`deepspeed`: hf-stability's {', '.join(names)} cannot work under DeepSpeed (accelerate runs "
-            f"engine.step() inside backward, before any callback can act) and would be silently inactive; "
-            f"{ALTERNATIVE}."
+def tensor_parallel_size(args: object = None, model: Any = None) -> int:
+    """The tensor-parallel degree of this run (1 without TP), from every place transformers 5 / accelerate keep it.
+
+    ``args.parallelism_config`` and accelerate's state (`ParallelismConfig.tp_size`, where Trainer also copies a
+    TP-loaded model's size) and the model's own ``tp_size`` (set by ``from_pretrained(tp_plan=...)``).
+    """
+    configs = [getattr(args, "parallelism_config", None), accelerate_shared_states()[0].get("parallelism_config")]
+    sizes = [getattr(config, "tp_size", None) for config in configs]
+    sizes.append(getattr(model, "tp_size", None))
+    return max(int(size or 1) for size in sizes)
+
+
+def engine_refusal(args: object = None, model: Any = None) -> str | None:
+    """Why the stability protections cannot run under this run's engine (the message's start), or None."""
+    if deepspeed_enabled(args):
+        config = active_deepspeed_config(args)
+        engine_skip = "" if config is None else f"; {overflow_skip(config, args)}"
+        return (
+            "`deepspeed`: {names} cannot work under DeepSpeed (accelerate runs engine.step() inside backward, "
+            f"before any callback can act) and would be silently inactive{engine_skip}; {ALTERNATIVE}, or, with "
+            f"StabilityTrainer, spike_rollback=False and adaptive_clip=False (DeepSpeed's own skips are then reported)"
         )
+    if fsdp1_enabled():
+        return (
+            "`fsdp_version: 1`: {names} cannot run on FSDP version 1's flat parameters (accelerate's default; not "
+            "proven there); "
+            "set `fsdp_version: 2` in the accelerate config (recipes/accelerate_configs/fsdp.yaml) or "
+            "`fsdp_config={{'version': 2}}`"
+        )
+    tp_size = tensor_parallel_size(args, model)
+    if tp_size > 1:
+        return (
+            f"`tp_size={tp_size}`: {{names}} cannot run under tensor parallelism (not proven: skip flags and "
+            f"norms are reduced over the data-parallel ranks, snapshots would hold one TP shard); train without "
+            f"`tp_plan`/`tp_size`, e.g. with FSDP2"
+        )
+    return None
+
+
+def refuse_for_callback(callback: object, args: object, model: Any = None) -> None:
+    """Called by each stability callback in ``on_train_begin``: a plain `Trainer` under such an engine stops here."""
+    refuse_unsupported_engine([type(callback).__name__], engine_refusal(args, model))
+
+
+def refuse_unsupported_engine(protections: Iterable[str], refusal: str | None) -> None:
+    """Raise `UnsupportedEngineError` (one line) naming ``protections`` when ``refusal`` (`engine_refusal`) is set."""
+    names = list(protections)
+    if refusal is not None and names:
+        raise UnsupportedEngineError(refusal.format(names=f"hf-stability's {', '.join(names)}") + ".")

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability._compat import check_trainer_hooks, output_dir, warn_untested_versions
@@ -16,6 +15,7 @@ from hf_stability._logging import get_logger
 from hf_stability.alerts import AlertHook, StabilityAlerts, publish_diagnosis, uses_wandb
 from hf_stability.batch_ramp import BatchRampMixin
 from hf_stability.callbacks.adaptive_clip import AdaptiveClipCallback
+from hf_stability.callbacks.deepspeed_telemetry import DeepSpeedSkipTelemetryCallback
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.resume import check_stored_state, end_run, resume_checkpoint
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
@@ -24,7 +24,7 @@ from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
-from hf_stability.engines import refuse_unsupported_engine
+from hf_stability.engines import deepspeed_enabled, engine_refusal, refuse_unsupported_engine
 from hf_stability.events import add_listener
 from hf_stability.settings import AlertSettings
 
@@ -55,6 +55,10 @@ def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
         ("spike_rollback", SpikeRollbackCallback),
     ]
     callbacks: list[TrainerCallback] = [callback() for name, callback in switches if stability_option(args, name)]
+    if deepspeed_enabled(args):  # the engine skips non-finite steps itself (hf_stability.deepspeed): report those
+        skip = stability_option(args, "skip_nonfinite")
+        kept = [callback for callback in callbacks if not isinstance(callback, SkipNonFiniteCallback)]
+        return [*kept, DeepSpeedSkipTelemetryCallback(require_skip=skip)]
     return [*callbacks, LossScaleTelemetryCallback()]
 
 
@@ -117,7 +121,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 # Trainer's on_init_end has run already; it records the settings a resume must keep.
                 callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
-        if telemetry is not None:  # always: stability_callbacks adds one unless the caller passed it
+        if telemetry is not None:  # stability_callbacks adds one (not under DeepSpeed) unless the caller passed it
             telemetry.bind(self.callback_handler, merged_by_trainer=True)
         stability_types = (
             SkipNonFiniteCallback,
@@ -128,9 +132,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         protections = [type(callback).__name__ for callback in callbacks if isinstance(callback, stability_types)]
         if self.batch_ramp is not None:  # placeholder micro-batches would break the engine's accumulation count
             protections.append("batch_ramp")
-        refuse_unsupported_engine(
-            protections, self.is_deepspeed_enabled or self.accelerator.distributed_type == DistributedType.DEEPSPEED
-        )
+        refuse_unsupported_engine(protections, engine_refusal(self.args, self.model))
         if not isinstance(self.args, StabilityConfig) and not self.args.restore_callback_states_from_checkpoint:
             logger.warning(
                 "StabilityTrainer got TrainingArguments with restore_callback_states_from_checkpoint=False: skip and "
@@ -188,6 +190,9 @@ class StabilityTrainer(BatchRampMixin, Trainer):
             telemetry = find_callback(self.callback_handler.callbacks, LossScaleTelemetryCallback)
             if telemetry is not None:
                 logs.update(telemetry.collect(self.callback_handler.callbacks))
+            deepspeed = find_callback(self.callback_handler.callbacks, DeepSpeedSkipTelemetryCallback)
+            if deepspeed is not None:
+                logs.update(deepspeed.metrics())
             adaptive_clip = find_callback(self.callback_handler.callbacks, AdaptiveClipCallback)
             if adaptive_clip is not None:
                 logs.update(adaptive_clip.metrics())

@@ -50,8 +50,14 @@ def run_two_ranks(module: str, output_dir: object, timeout: int) -> str:
     return result.stdout + result.stderr
 
 
-def tiny_bert(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 32, layers: int = 1) -> BertForMaskedLM:
-    """A `BertForMaskedLM` small enough for a CPU step in a few milliseconds; same seed, same weights."""
+def tiny_bert(
+    tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 32, layers: int = 1, tied: bool = True
+) -> BertForMaskedLM:
+    """A `BertForMaskedLM` small enough for a CPU step in a few milliseconds; same seed, same weights.
+
+    ``tied=False`` unties the decoder from the input embeddings (and its bias from ``cls.predictions.bias``):
+    accelerate's FSDP2 wrapping places the tied bias in two FSDP groups, which torch 2.13 rejects.
+    """
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(tokenizer),
@@ -61,6 +67,7 @@ def tiny_bert(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 3
         intermediate_size=2 * hidden,
         max_position_embeddings=SEQ_LEN,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tied,
     )
     return BertForMaskedLM(config)
 

@@ -108,7 +108,7 @@ class AdaptiveClipCallback(ResumableCallback):
             self.mean, self.var, self.healthy_steps, self.clipped_steps = mean, var, int(healthy), int(clipped)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        refuse_for_callback(self, args)
+        refuse_for_callback(self, args, model)
         self.begin_run(args, state, model)
         self._stats = None  # rebuilt from the host values (restored from a checkpoint, or 0) at the first step
 

@@ -170,7 +170,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
 
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, model=None, optimizer=None,
                        lr_scheduler=None, **kwargs):
-        refuse_for_callback(self, args)
+        refuse_for_callback(self, args, model)
         carried_scale = self.lr_scale
         self.begin_run(args, state, model)  # a second train() of this object starts fresh: lr_scale 1 again
         inner = unwrap_optimizer(optimizer)

@@ -173,7 +173,7 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         return {name: getattr(self, name) for name in COUNTERS}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        refuse_for_callback(self, args)
+        refuse_for_callback(self, args, model)
         self.begin_run(args, state, model)  # resolves this run's settings
         self._health.max_consecutive_skips = self.max_consecutive_skips
         self._health.max_underflow_steps = self.settings.max_underflow_steps

@@ -120,7 +120,7 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
         self._merged_by_trainer = merged_by_trainer
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        refuse_for_callback(self, args)
+        refuse_for_callback(self, args, kwargs.get("model"))
         self.configure(args)
         self._optimizer = optimizer
         self._measured = {}

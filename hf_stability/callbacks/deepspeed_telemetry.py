@@ -1,0 +1,74 @@
+"""`DeepSpeedSkipTelemetryCallback`: under DeepSpeed, report the steps the engine's own overflow check skipped.
+
+accelerate runs ``engine.step()`` inside ``backward`` (SPEC §5), so no callback can skip a DeepSpeed step; the
+engine skips non-finite steps itself where its check exists (`hf_stability.deepspeed.overflow_skip`, measured
+bit-exact on every rank for ZeRO-1/2/3 in fp32 and bf16) but says nothing a run's logs keep (DeepSpeed issue
+8415). This callback makes those skips visible: a ``skip`` event per skipped step in
+``stability_events.jsonl`` (the file ``hf-stability report`` and the model card read) and
+``stability/skipped_steps`` in each training log entry (``log_history``; Trainer itself logs the engine's global
+``grad_norm``, inf on a skipped step). Where DeepSpeed would not skip or that is not measured — fp16 included
+(not runnable on the CPU accelerator, so no loss scale is reported yet) — it warns in one line naming the
+setting, or refuses with ``require_skip=True`` (`StabilityTrainer` sets it from ``skip_nonfinite``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+from hf_stability._logging import get_logger
+from hf_stability.deepspeed import active_deepspeed_config, overflow_skip
+from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled
+from hf_stability.events import StabilityEventLog
+
+logger = get_logger(__name__)
+
+MEASURED = "DeepSpeed's own overflow skip"
+
+
+class DeepSpeedSkipTelemetryCallback(TrainerCallback):
+    """Counts and logs the steps DeepSpeed skipped (``optimizer.step_was_skipped``: the engine's overflow flag,
+    the same on every rank, read from a host attribute: no device sync). Use with a plain `Trainer` under
+    DeepSpeed; the other hf-stability callbacks refuse DeepSpeed."""
+
+    def __init__(self, require_skip: bool = False) -> None:
+        self.require_skip = require_skip
+        self.skipped_steps = 0
+        self._events: StabilityEventLog | None = None
+        self._optimizer: Any = None
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        config = active_deepspeed_config(args) if deepspeed_enabled(args) else None
+        if config is None:
+            raise UnsupportedEngineError(
+                "`deepspeed`: DeepSpeedSkipTelemetryCallback reports DeepSpeed's own skips and needs a DeepSpeed run; "
+                "use SkipNonFiniteCallback and LossScaleTelemetryCallback elsewhere."
+            )
+        verdict = overflow_skip(config, args)
+        if not verdict.startswith(MEASURED):
+            if self.require_skip:
+                raise UnsupportedEngineError(f"`deepspeed`: `skip_nonfinite` cannot be honoured: {verdict}.")
+            logger.warning(f"DeepSpeed: non-finite steps are not skipped: {verdict}.")
+        self._optimizer = optimizer
+        self._events = StabilityEventLog(args.output_dir) if state.is_world_process_zero else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not getattr(self._optimizer, "step_was_skipped", False):
+            return
+        self.skipped_steps += 1
+        if self._events is not None:
+            self._events.append(
+                state.global_step, "skip", "deepspeed_overflow", engine="deepspeed", skipped_steps=self.skipped_steps
+            )
+
+    def metrics(self) -> dict[str, int]:
+        return {"stability/skipped_steps": self.skipped_steps}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """With a plain `Trainer`: into ``logs`` and ``log_history`` (`StabilityTrainer.log` merges them before)."""
+        if logs is not None and "loss" in logs:
+            metrics = self.metrics()
+            logs.update(metrics)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(metrics)
