@@ -36,19 +36,16 @@ from __future__ import annotations
 
 import torch
 
+from hf_stability._compat import clear_found_inf, found_inf_supported, set_found_inf
 from hf_stability.callbacks.resume import ResumableCallback, stored_count
 from hf_stability.callbacks.save_guard import CheckpointJudge
 from hf_stability.callbacks.signals import StepSignals, active_grad_scaler, completing_step
 from hf_stability.callbacks.skip_decision import (
     TrainedParameters,
-    clear_found_inf,
-    found_inf_supported,
     innermost,
     judge_flagged_weights,
     measure_step,
     parameters_nonfinite,
-    scaler_found_inf,
-    set_found_inf,
     update_dropped,
     weights_nonfinite,
 )
@@ -64,7 +61,6 @@ __all__ = [
     "PARAMETERS",
     "SkipNonFiniteCallback",
     "parameters_nonfinite",
-    "scaler_found_inf",
     "weights_nonfinite",
 ]
 

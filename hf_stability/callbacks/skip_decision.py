@@ -16,15 +16,13 @@ non-finite gradients is then dropped in one of two ways:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import cast
 
 import torch
 
-from hf_stability import _compat
-from hf_stability._compat import foreach_norm, scaler_scale, unwrap_optimizer
+from hf_stability._compat import foreach_norm, found_inf_per_device, scaler_scale, unwrap_optimizer
 from hf_stability.callbacks.signals import (
     StepSignals,
     global_grad_norm,
@@ -34,55 +32,23 @@ from hf_stability.callbacks.signals import (
 )
 from hf_stability.callbacks.skip_queue import GRADIENTS, PARAMETERS, QueuedStep, ReadStep
 
-# torch optimizers whose fused step skips an update bit-exactly when given ``found_inf`` = 1, first step
-# included (checked on CPU, torch 2.13). Fused SGD honours the flag too, but a skipped first step still
-# creates its momentum buffer, so the next update differs from an unskipped run: SGD takes the host path.
-_FOUND_INF_SKIPS_EXACTLY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
-
 
 def innermost(optimizer: object) -> torch.optim.Optimizer:
     """The user's optimizer under accelerate's wrapper: a user's own wrapper (Lookahead) is kept whole."""
     return cast(torch.optim.Optimizer, unwrap_optimizer(optimizer))
 
 
-def found_inf_supported(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step()`` skips the update on device when its ``found_inf`` attribute is 1.
-
-    torch marks such optimizers with ``_step_supports_amp_scaling`` (set by Adam, AdamW, SGD and Adagrad
-    with ``fused=True``; `GradScaler.step` relies on it to pass ``found_inf`` the same way: torch 2.4–2.13)
-    and reads the attribute in ``_fused_adam``/``_fused_adagrad``, which restore the step count. Older
-    optimizers taking a ``grad_scaler`` keyword instead read no attribute.
-    """
-    return (
-        isinstance(optimizer, _FOUND_INF_SKIPS_EXACTLY)
-        and getattr(optimizer, "_step_supports_amp_scaling", False)
-        and all(group.get("fused") for group in optimizer.param_groups)
-        and "grad_scaler" not in inspect.signature(optimizer.step).parameters
-    )
-
-
-def set_found_inf(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
-    """Have the next ``step()`` skip its update iff ``flag`` (a 0-d bool on device) is True: no host read."""
-    optimizer.found_inf = flag.float().reshape(())  # type: ignore[attr-defined]  # 0-d: shape [1] fails
-
-
-def clear_found_inf(optimizer: torch.optim.Optimizer) -> None:
-    """Take the flag back after the step, so no later step (nor a GradScaler's) inherits it."""
-    if hasattr(optimizer, "found_inf"):
-        del optimizer.found_inf
-
-
-def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[torch.Tensor]:
+def unscaled_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[torch.Tensor]:
     """The scaler's per-device found-inf tensors for this step, unscaling first if Trainer has not.
 
     Trainer unscales through ``accelerator.clip_grad_norm_`` before ``on_pre_optimizer_step`` even
     with ``max_grad_norm=0``; the explicit ``unscale_`` only covers custom training loops.
     """
     inner = innermost(optimizer)
-    found = _compat.scaler_found_inf(scaler, inner)
+    found = found_inf_per_device(scaler, inner)
     if not found:
         scaler.unscale_(inner)
-        found = _compat.scaler_found_inf(scaler, inner)
+        found = found_inf_per_device(scaler, inner)
     return list(found.values())
 
 
@@ -174,7 +140,7 @@ def measure_step(
     the unscaled ones are NaN with the flag clear. In fp16 the reduced flag is written back into the scaler, so
     every rank skips and lowers its scale alike.
     """
-    found_inf = scaler_found_inf(scaler, optimizer) if scaler is not None else None
+    found_inf = unscaled_found_inf(scaler, optimizer) if scaler is not None else None
     if grad_norm is None:
         grad_norm = parameters.grad_norm()
     grad_norm = replicated(grad_norm)
