@@ -62,6 +62,7 @@ from hf_stability.callbacks.signals import (
     StepSignals,
     active_grad_scaler,
     completing_step,
+    distributed,
     global_grad_norm,
     gradients,
     is_logging_step,
@@ -359,30 +360,43 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
     ) -> bool:
         """Put back (in ``left_out``) the values of steps that started from non-finite weights: a spike, no skip.
 
-        Judged only when a left-out value is buffered (one parameter check, one read; all ranks agree, the
-        flags being all-reduced). Weights an update blew up stay non-finite until a restore, so the steps
-        that started from them are the trailing run of left-out or non-finite values. They are also handed to
-        the skip callback (`StepSignals.nonfinite_weight_steps`), which reports them as such at its next flush
-        even when this rollback has restored the weights by then. Returns whether the weights are non-finite now.
+        Judged only when a left-out value is buffered on some rank (one parameter check, one read; with several
+        ranks, one more all-reduce first so that all of them take part in the check's). Weights an update blew up
+        stay non-finite until a restore, so the steps that started from them are the trailing run of left-out or
+        non-finite values. They are also handed to the skip callback (`StepSignals.nonfinite_weight_steps`), which
+        reports them as such at its next flush even when this rollback has restored the weights by then. Returns
+        whether a buffered step started from non-finite weights.
         """
         signals = StepSignals.for_model(model)
         known = signals.nonfinite_weight_steps
-        if not any(flag and s not in known for s, flag in zip(steps, left_out, strict=True)):
+        unexplained = any(flag and s not in known for s, flag in zip(steps, left_out, strict=True))
+        if distributed():
+            # A left-out fp16 overflow also depends on this rank's loss: agree before the check's all-reduce.
+            unexplained = reduce_across_ranks(torch.tensor(float(unexplained)), "max").item() > 0
+        if not unexplained:
             for index, s in enumerate(steps):
                 if s in known:
                     left_out[index] = 0.0
             return False
         here, anywhere = weights_check(model)
-        signals.weights_verdict = (step, anywhere)
+        run = []
         if anywhere:
             for index in reversed(range(len(steps))):
                 if not (left_out[index] or not math.isfinite(values[index])):
                     break
-                known.setdefault(steps[index], here)
+                run.append(steps[index])
+        # Weights that no buffered step started from were written by this very step's update: the next steps'
+        # flags show them, as for any update, and the check after them judges them (no earlier, no later).
+        if run:
+            signals.weights_verdict = (step, True)
+            for s in run:
+                known.setdefault(s, here)
+        elif not anywhere:
+            signals.weights_verdict = (step, False)
         for index, s in enumerate(steps):
             if s in known:
                 left_out[index] = 0.0
-        return anywhere
+        return bool(run)
 
     # ---- rollback ------------------------------------------------------------------------------
 
