@@ -8,7 +8,7 @@ non-finite gradients is then dropped in one of two ways:
 
 - **on device, no host read**: the grad scaler's found-inf flag (fp16; the reduced flag is written back
   into it), or, without a scaler, the optimizer's ``found_inf`` attribute when the optimizer honours it
-  (:func:`found_inf_supported`): its step leaves parameters, state and step count bit-identical;
+  (`_compat.found_inf_supported`): its step leaves parameters, state and step count bit-identical;
 - **on the host**: every gradient set to ``None`` (torch optimizers then leave parameters, state and
   ``step`` alone) and the user's ``optimizer.step()`` not run at all (a wrapper's own logic, e.g. a
   Lookahead's interpolation, would run on ``None`` gradients), which needs the flags on the host first.
