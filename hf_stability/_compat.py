@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import transformers.optimization as transformers_optimization
@@ -165,6 +165,21 @@ def calling_trainer(callback: Any) -> Any:
             return owner
         frame = frame.f_back
     return None
+
+
+_List = TypeVar("_List", bound=list)
+
+
+def ordered_callback_list(trainer: Any, list_class: type[_List]) -> _List:
+    """``trainer``'s callback list as a ``list_class`` (a list subclass that keeps an order), swapped in once.
+
+    transformers 5.x: `CallbackHandler` keeps its callbacks in the plain list attribute ``callbacks`` and adds to
+    it with ``append`` (``add_callback`` and the restore of ``resume_from_checkpoint``), the calls a subclass sees.
+    """
+    handler = trainer.callback_handler
+    if not isinstance(handler.callbacks, list_class):
+        handler.callbacks = list_class(handler.callbacks)
+    return handler.callbacks
 
 
 def route_checkpoint_writes(
@@ -329,13 +344,46 @@ foreach_mul = torch._foreach_mul
 foreach_mul_ = torch._foreach_mul_
 
 
-def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> dict[Any, torch.Tensor]:
+def found_inf_per_device(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> dict[Any, torch.Tensor]:
     """The scaler's per-device found-inf flags of ``optimizer`` for this step (empty until unscaled).
 
     torch 2.13: `GradScaler.unscale_` stores them in `_per_optimizer_states[id(optimizer)]["found_inf_per_device"]`,
     and `step`/`update` read them from there, so a flag written back into them is what the scaler acts on.
     """
     return scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+
+
+# torch optimizers whose fused step skips an update bit-exactly when given ``found_inf`` = 1, first step
+# included (checked on CPU, torch 2.13). Fused SGD honours the flag too, but a skipped first step still
+# creates its momentum buffer, so the next update differs from an unskipped run: SGD takes the host path.
+_FOUND_INF_SKIPS_EXACTLY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
+
+
+def found_inf_supported(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` skips the update on device when its ``found_inf`` attribute is 1.
+
+    torch marks such optimizers with ``_step_supports_amp_scaling`` (set by Adam, AdamW, SGD and Adagrad
+    with ``fused=True``; `GradScaler.step` relies on it to pass ``found_inf`` the same way: torch 2.4–2.13)
+    and reads the attribute in ``_fused_adam``/``_fused_adagrad``, which restore the step count. Older
+    optimizers taking a ``grad_scaler`` keyword instead read no attribute.
+    """
+    return (
+        isinstance(optimizer, _FOUND_INF_SKIPS_EXACTLY)
+        and getattr(optimizer, "_step_supports_amp_scaling", False)
+        and all(group.get("fused") for group in optimizer.param_groups)
+        and "grad_scaler" not in inspect.signature(optimizer.step).parameters
+    )
+
+
+def set_found_inf(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
+    """Have the next ``step()`` skip its update iff ``flag`` (a 0-d bool on device) is True: no host read."""
+    optimizer.found_inf = flag.float().reshape(())  # type: ignore[attr-defined]  # 0-d: shape [1] fails
+
+
+def clear_found_inf(optimizer: torch.optim.Optimizer) -> None:
+    """Take the flag back after the step, so no later step (nor a GradScaler's) inherits it."""
+    if hasattr(optimizer, "found_inf"):
+        del optimizer.found_inf
 
 
 def scaler_scale(scaler: torch.amp.GradScaler) -> torch.Tensor:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hf_stability import metric_names as names
 from hf_stability._compat import collator_with_removed_columns, num_items_in_batch, remove_unused_columns
 from hf_stability.settings import BatchRampSettings, RampUnit
 
@@ -243,5 +244,5 @@ class BatchRampMixin(_MixedInto):
         if self.batch_ramp is None or self.state.global_step < 1:
             return {}
         consumed, size = self.batch_ramp.at(self.state.global_step - 1)
-        return {"stability/global_batch_size": size, "stability/consumed_samples": consumed + size}
+        return {names.GLOBAL_BATCH_SIZE: size, names.CONSUMED_SAMPLES: consumed + size}
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_stability import metric_names as names
 from hf_stability._extras import require
 from hf_stability.event_digest import EventDigest, read_event_digest
 from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX
@@ -38,8 +39,6 @@ _STORED_COUNTERS = {
 }
 PLOT_FILENAME = "training_curves.png"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# `LossScaleTelemetryCallback` logs ``stability/grad_norm/<parameter name>`` with ``log_layer_grad_norms``.
-LAYER_GRAD_NORM_PREFIX = "stability/grad_norm/"
 # A layer whose median gradient norm over the run is below VANISHING_RATIO or above EXPLODING_RATIO times the
 # median layer's is named. Healthy 40-step runs of the tiny BERT/BART/T5 recipes span 1.1e-3x (BART's query
 # projections, whose gradient is small while attention logits start near 0) to 2.1e3x (BART's tied embedding and
@@ -119,7 +118,7 @@ class RunRecord:
     def summary(self) -> dict[str, Any]:
         """The run's figures as plain values (used by the model card and the ``report`` command)."""
         losses = self.series("loss")
-        scales = [value for _, value in self.series("stability/loss_scale")]
+        scales = [value for _, value in self.series(names.LOSS_SCALE)]
         grad_norms = [value for _, value in self.series("grad_norm")]
         eval_losses = self.series("eval_loss")
         stop = self.event_digest.last_stop
@@ -131,8 +130,8 @@ class RunRecord:
             "min_loss": min((value for _, value in losses), default=None),
             "last_eval_loss": eval_losses[-1][1] if eval_losses else None,
             "max_grad_norm": max(grad_norms, default=None),
-            "skipped_steps": self.counter("stability/skipped_steps", "skip"),
-            "rollbacks": self.counter("stability/rollbacks", "rollback"),
+            "skipped_steps": self.counter(names.SKIPPED_STEPS, "skip"),
+            "rollbacks": self.counter(names.ROLLBACKS, "rollback"),
             "loss_scale_min": min(scales, default=None),
             "loss_scale_max": max(scales, default=None),
             "events": self.events,
@@ -286,8 +285,8 @@ def layer_grad_norms(run: RunRecord) -> dict[str, list[tuple[int, float]]]:
             continue
         norms: dict[str, list[float]] = {}
         for key, value in entry.items():
-            if key.startswith(LAYER_GRAD_NORM_PREFIX) and isinstance(value, (int, float)):
-                parameter = key.removeprefix(LAYER_GRAD_NORM_PREFIX)
+            if key.startswith(names.LAYER_GRAD_NORM_PREFIX) and isinstance(value, (int, float)):
+                parameter = key.removeprefix(names.LAYER_GRAD_NORM_PREFIX)
                 norms.setdefault(parameter.rpartition(".")[0] or parameter, []).append(float(value))
         for layer, values in norms.items():
             norm = math.hypot(*values)
@@ -375,7 +374,7 @@ def draw_training_curves(run: RunRecord) -> Any:
     from matplotlib.ticker import MaxNLocator
 
     losses, eval_losses = run.series("loss"), run.series("eval_loss")
-    grad_norms, scales = run.series("grad_norm"), run.series("stability/loss_scale")
+    grad_norms, scales = run.series("grad_norm"), run.series(names.LOSS_SCALE)
     layer_norms = layer_grad_norms(run)
     heights = [3.2] * (2 if grad_norms or scales else 1)
     if layer_norms:

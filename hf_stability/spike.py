@@ -22,7 +22,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-from hf_stability.config import checked_number
+from hf_stability.settings import checked_number
 
 # A deviation below this fraction of |mean| is treated as this fraction: float noise on a flat signal
 # is not a spike, while any real spike (orders of magnitude above 6 x 0.1 % of the mean) still is.

@@ -195,7 +195,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
                 logs.update(deepspeed.metrics())
             adaptive_clip = find_callback(self.callback_handler.callbacks, AdaptiveClipCallback)
             if adaptive_clip is not None:
-                logs.update(adaptive_clip.metrics())
+                adaptive_clip.merge_into(logs)
             logs.update(self.batch_ramp_metrics())
         super().log(logs, start_time)
 

@@ -3,6 +3,7 @@ from DefaultFlowCallback match it; the verified range starts at pyproject's floo
 
 from __future__ import annotations
 
+import ast
 import itertools
 import re
 import sys
@@ -171,3 +172,53 @@ def test_two_ranks_print_each_warning_once(tmp_path):
         "hidden from the logged `loss` by `logging_nan_inf_filter=True`",  # a UserWarning
     ):
         assert output.count(warning) == 1, (warning, output[-3000:])
+
+
+UPSTREAM_PACKAGES = ("torch", "transformers", "accelerate", "datasets")
+OWN_PRIVATE_ATTRIBUTES = {"_fields"}  # namedtuple's public protocol, despite the underscore
+
+
+def _upstream_private_names() -> set[str]:
+    """The private upstream names `_compat` wraps: its ``x._name`` attributes and ``"_name"`` string constants."""
+    tree = ast.parse((ROOT / "hf_stability" / "_compat.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            names.add(node.attr)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"_[a-z]\w*", node.value):
+            names.add(node.value)
+    return names - OWN_PRIVATE_ATTRIBUTES
+
+
+def test_every_private_upstream_name_goes_through_compat():
+    # The seam's promise: a module other than _compat imports no private upstream name, reads no private attribute
+    # of an upstream package or one `_compat` wraps, and asks getattr/hasattr for no private upstream attribute.
+    wrapped = _upstream_private_names()
+    found = []
+    for path in sorted((ROOT / "hf_stability").rglob("*.py")):
+        if path.name == "_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UPSTREAM_PACKAGES:
+                module_private = any(part.startswith("_") for part in (node.module or "").split("."))
+                found += [f"{where} imports {node.module}.{alias.name}" for alias in node.names
+                          if module_private or alias.name.startswith("_")]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                upstream_module = isinstance(node.value, ast.Name) and node.value.id in UPSTREAM_PACKAGES
+                if upstream_module or (node.attr in wrapped and not _is_self(node.value)):
+                    found.append(f"{where} reads .{node.attr}")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) > 1
+                  and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+                  and re.fullmatch(r"_[a-z]\w*", node.args[1].value)
+                  and not node.args[1].value.startswith("_hf_stability")
+                  and node.args[1].value not in OWN_PRIVATE_ATTRIBUTES):
+                found.append(f"{where} {node.func.id}(..., {node.args[1].value!r})")
+    assert not found, "private upstream names outside hf_stability/_compat.py:\n" + "\n".join(found)
+
+
+def _is_self(node: ast.expr) -> bool:
+    """``self``/``cls``, or ``super()``: a Trainer hook overridden here, which `_compat.TRAINER_HOOKS` checks."""
+    is_super = isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+    return is_super or (isinstance(node, ast.Name) and node.id in ("self", "cls"))

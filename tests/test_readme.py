@@ -17,8 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Quickstart's names, as a reader going on from the README does.
 PAGES = [REPO / "README.md"] + [
     REPO / "docs" / name
-    for name in ("recipes.md", "trainer.md", "rollback.md", "remedies.md", "collators.md", "benchmarks.md", "events.md",
-                 "doctor.md")
+    for name in (
+        "recipes.md", "trainer.md", "rollback.md", "remedies.md", "collators.md", "benchmarks.md", "events.md",
+        "doctor.md", "architecture.md",
+    )
 ]
 # Runs the blocks in order in one namespace, as a reader following the README does (later blocks reuse the
 # Quickstart's names), and names the block that failed.

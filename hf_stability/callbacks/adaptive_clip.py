@@ -16,14 +16,13 @@ import math
 
 import torch
 
+from hf_stability import metric_names as names
 from hf_stability._compat import foreach_mul_
 from hf_stability._logging import get_logger
 from hf_stability.callbacks.resume import ResumableCallback, stored_count, stored_number
 from hf_stability.callbacks.signals import StepSignals, completing_step, global_grad_norm, gradients
 from hf_stability.engines import refuse_for_callback
 from hf_stability.settings import AdaptiveClipSettings
-
-PREFIX = "stability/"
 
 logger = get_logger(__name__)
 
@@ -80,6 +79,7 @@ class AdaptiveClipCallback(ResumableCallback):
         self.mean, self.var, self.healthy_steps, self.clipped_steps = 0.0, 0.0, 0, 0
         self._stats: torch.Tensor | None = None  # [mean, var, healthy_steps, clipped_steps] on the gradients' device
         self._clipped_norm_warned = False
+        self._merged = False  # `StabilityTrainer.log` merged the metrics into the entry being logged
 
     @property
     def z(self) -> float:
@@ -183,11 +183,19 @@ class AdaptiveClipCallback(ResumableCallback):
             bound, clipped = self.bound().item(), float(self.clipped_steps)
         else:
             bound, clipped = torch.stack([self.bound(), self._stats[3]]).tolist()
-        return {f"{PREFIX}zclip_bound": bound, f"{PREFIX}zclip_clipped_steps": int(clipped)}
+        return {names.ZCLIP_BOUND: bound, names.ZCLIP_CLIPPED_STEPS: int(clipped)}
+
+    def merge_into(self, logs: dict[str, float]) -> None:
+        """Add the metrics to a training log entry before the loggers see it (`StabilityTrainer.log`)."""
+        logs.update(self.metrics())
+        self._merged = True  # this entry's on_log adds nothing
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Plain-Trainer path: add the metrics to the training log entry (StabilityTrainer merges them in ``log``)."""
-        if logs is None or "loss" not in logs or f"{PREFIX}zclip_bound" in logs:
+        if logs is None or "loss" not in logs:
+            return
+        if self._merged:
+            self._merged = False
             return
         metrics = self.metrics()
         logs.update(metrics)

@@ -27,6 +27,8 @@ from typing import Any, SupportsIndex, TypeVar
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
+from hf_stability._compat import ordered_callback_list
+
 _Callback = TypeVar("_Callback", bound=TrainerCallback)
 
 
@@ -68,7 +70,5 @@ class _PriorityOrder(list):
 
 def keep_in_priority_order(trainer: Trainer) -> None:
     """Sort ``trainer``'s callbacks by priority now, and again whenever one is added (a resume's restore too)."""
-    handler = trainer.callback_handler
-    if not isinstance(handler.callbacks, _PriorityOrder):
-        handler.callbacks = _PriorityOrder(handler.callbacks)
-    handler.callbacks.arrange()
+    callbacks = ordered_callback_list(trainer, _PriorityOrder)
+    callbacks.arrange()

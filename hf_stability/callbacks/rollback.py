@@ -62,12 +62,14 @@ from hf_stability.callbacks.signals import (
     StepSignals,
     active_grad_scaler,
     completing_step,
+    distributed,
     global_grad_norm,
     gradients,
     is_logging_step,
     reduce_across_ranks,
 )
 from hf_stability.callbacks.skip import weights_nonfinite
+from hf_stability.callbacks.skip_decision import weights_check
 from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
 from hf_stability.settings import RollbackSettings, SnapshotStorage, SpikeMetric
@@ -256,7 +258,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         )
         if not check_due or self._detector is None:
             return control
-        spike = self._check(args.device, step, weights_bad)
+        spike = self._check(args.device, step, weights_bad, model)
         if spike is not None:
             self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
         elif snapshot_due and not last_step:
@@ -267,7 +269,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         """Judge what is still buffered (and weights the flags found bad) before an epoch-strategy checkpoint."""
         if control.should_save and self._detector is not None:
             weights_bad = self._weights_bad(model, state.global_step)
-            spike = self._check(args.device, state.global_step, weights_bad)
+            spike = self._check(args.device, state.global_step, weights_bad, model)
             if spike is not None:
                 self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
         return control
@@ -290,7 +292,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         written instead (or, without a trusted snapshot, stop unsaved)."""
         if self._detector is None:
             return
-        spike = self._check(args.device, state.global_step, weights_bad=True)
+        spike = self._check(args.device, state.global_step, True, model)
         if spike is not None:  # always: non-finite weights are a spike
             self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
 
@@ -308,7 +310,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         return self._detector, self._store
 
     def _check(
-        self, device: torch.device, step: int, weights_bad: bool
+        self, device: torch.device, step: int, weights_bad: bool, model: torch.nn.Module | None
     ) -> tuple[int, float, float | None, bool] | None:
         """Judge the buffered steps; on a spike return ``(step, value, threshold, seen_here)``.
 
@@ -316,6 +318,10 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         rank's own value spiked there, the value and threshold being this rank's. Non-finite weights at
         the end of ``step`` (``weights_bad``, agreed by all ranks) are a spike at ``step`` when no buffered
         value spiked: an update made them, and no loss has shown it yet.
+
+        A value left out as a skipped batch may be a step that started from non-finite weights (their
+        gradients are non-finite too): when one is buffered, the weights are judged once here
+        (:meth:`_unskip_nonfinite_weights`), so ordinary steps never walk the parameters.
         """
         pending, self._pending = self._pending, []
         judged = [(step, value, left_out) for step, value, left_out in pending if value is not None]
@@ -327,6 +333,8 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
                 for value, (_, _, left_out) in zip(device_values, judged, strict=True)
             ]
             values, left_out = torch.stack([torch.stack(device_values), torch.stack(flags)]).tolist()  # one host sync
+            if model is not None:
+                weights_bad |= self._unskip_nonfinite_weights(model, step, [s for s, _, _ in judged], values, left_out)
             kept = [index for index, flag in enumerate(left_out) if not flag]
             judged, values = [judged[i] for i in kept], [values[i] for i in kept]
         if self._resumed_from is not None and self._first_resumed_step is None and judged:
@@ -345,6 +353,50 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             return None
         verdict = verdicts[first]
         return judged[first][0], verdict.value, verdict.threshold, verdict.spike
+
+    @staticmethod
+    def _unskip_nonfinite_weights(
+        model: torch.nn.Module, step: int, steps: list[int], values: list[float], left_out: list[float]
+    ) -> bool:
+        """Put back (in ``left_out``) the values of steps that started from non-finite weights: a spike, no skip.
+
+        Judged only when a left-out value is buffered on some rank (one parameter check, one read; with several
+        ranks, one more all-reduce first so that all of them take part in the check's). Weights an update blew up
+        stay non-finite until a restore, so the steps that started from them are the trailing run of left-out or
+        non-finite values. They are also handed to the skip callback (`StepSignals.nonfinite_weight_steps`), which
+        reports them as such at its next flush even when this rollback has restored the weights by then. Returns
+        whether a buffered step started from non-finite weights.
+        """
+        signals = StepSignals.for_model(model)
+        known = signals.nonfinite_weight_steps
+        unexplained = any(flag and s not in known for s, flag in zip(steps, left_out, strict=True))
+        if distributed():
+            # A left-out fp16 overflow also depends on this rank's loss: agree before the check's all-reduce.
+            unexplained = reduce_across_ranks(torch.tensor(float(unexplained)), "max").item() > 0
+        if not unexplained:
+            for index, s in enumerate(steps):
+                if s in known:
+                    left_out[index] = 0.0
+            return False
+        here, anywhere = weights_check(model)
+        run = []
+        if anywhere:
+            for index in reversed(range(len(steps))):
+                if not (left_out[index] or not math.isfinite(values[index])):
+                    break
+                run.append(steps[index])
+        # Weights that no buffered step started from were written by this very step's update: the next steps'
+        # flags show them, as for any update, and the check after them judges them (no earlier, no later).
+        if run:
+            signals.weights_verdict = (step, True)
+            for s in run:
+                known.setdefault(s, here)
+        elif not anywhere:
+            signals.weights_verdict = (step, False)
+        for index, s in enumerate(steps):
+            if s in known:
+                left_out[index] = 0.0
+        return bool(run)
 
     # ---- rollback ------------------------------------------------------------------------------
 

@@ -93,6 +93,10 @@ class StepSignals:
         # The latest host verdict on the weights: ``(step, True)`` when some parameter was NaN/Inf at the end
         # of ``step`` (all ranks agree). Such a step is no skip: its loss stays in the spike detector's view.
         self.weights_verdict: tuple[int, bool] | None = None
+        # Steps that started from non-finite weights (step -> this rank's own verdict), found by the skip
+        # callback's flush or by spike rollback's check (before it restores them): each reads the other's, so
+        # such a step is reported as non-finite weights, not as a skip, and judged by the rollback as a spike.
+        self.nonfinite_weight_steps: dict[int, bool] = {}
         # True while a callback (spike rollback) answers non-finite weights by restoring a trusted snapshot.
         self.recovery = False
 

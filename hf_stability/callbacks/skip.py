@@ -6,16 +6,17 @@ becomes NaN), so the norm of the gradients (Trainer's pre-clip norm) tells wheth
 gradient to ``None``: torch optimizers then leave parameters, moments and their ``step`` count alone
 (zeroing to 0 would not — Adam still decays its moments and counts the step).
 
-Per step this costs one fused norm and one all-reduce of a 3-element flag vector (gradients, loss,
-parameters), and no device-to-host read when the update can be dropped on device. The gradient flag reuses
-the pre-clip norm Trainer has just computed in ``clip_grad_norm_`` (shared by `StabilityTrainer`; it is
-non-finite exactly when a gradient is), so no gradient norm is computed again; under a plain `Trainer`,
-which does not share it, the gradients are measured here (one fused norm). The weights are judged every
-step, by one fused norm over the parameter list taken once per run (no walk of the module tree, no
-per-tensor Python call): the step must know whether it starts from non-finite weights before its loss is
-handed on, because spike rollback answers such weights with a restore and a NaN batch with nothing, and
-both give a NaN loss and NaN gradients; a NaN that the update of step ``k`` writes is thus found at step
-``k + 1``, and the update of a checkpoint step by the check before the save. The drops: in fp16 the
+Per step this costs an all-reduce of a 3-element flag vector (gradients, loss, parameters), and no
+device-to-host read when the update can be dropped on device. The gradient flag reuses the pre-clip norm
+Trainer has just computed in ``clip_grad_norm_`` (shared by `StabilityTrainer`; it is non-finite exactly when
+a gradient is), so no gradient norm is computed again; under a plain `Trainer`, which does not share it, the
+gradients are measured here (one fused norm). The weights are not judged on ordinary steps: a NaN/Inf that
+the update of step ``k`` writes makes the loss and gradients of step ``k + 1`` and every later step
+non-finite, which the gradient and loss flags already see. The weights are judged (one fused norm over the
+parameter list taken once per run) on a flush step, in the same read as its flags, and otherwise only where
+a flag is set: at a flush that reads a flagged step (`skip_decision.judge_flagged_weights`) and at a spike
+rollback's check holding a left-out value, which tell non-finite weights (a spike: restore) from a bad batch
+(skip). The update of a checkpoint step is judged by the check before the save. The drops: in fp16 the
 reduced gradient flag is written into the grad scaler's found-inf and the scaler skips the update itself;
 in fp32/bf16 a fused Adam/AdamW/Adagrad (the Trainer default ``adamw_torch_fused``) is given the reduced flag as its
 ``found_inf`` attribute, the way `GradScaler` does, and skips bit-exactly on device. The step's flags then
@@ -35,19 +36,16 @@ from __future__ import annotations
 
 import torch
 
+from hf_stability._compat import clear_found_inf, found_inf_supported, set_found_inf
 from hf_stability.callbacks.resume import ResumableCallback, stored_count
 from hf_stability.callbacks.save_guard import CheckpointJudge
 from hf_stability.callbacks.signals import StepSignals, active_grad_scaler, completing_step
 from hf_stability.callbacks.skip_decision import (
     TrainedParameters,
-    clear_found_inf,
-    counted_skip,
-    found_inf_supported,
     innermost,
+    judge_flagged_weights,
     measure_step,
     parameters_nonfinite,
-    scaler_found_inf,
-    set_found_inf,
     update_dropped,
     weights_nonfinite,
 )
@@ -63,7 +61,6 @@ __all__ = [
     "PARAMETERS",
     "SkipNonFiniteCallback",
     "parameters_nonfinite",
-    "scaler_found_inf",
     "weights_nonfinite",
 ]
 
@@ -93,8 +90,9 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
     Also reported (event, counter and warning; no skip): a non-finite training loss with finite gradients
     (``"nonfinite_loss"``, e.g. a batch without a single label: 0/0).
 
-    Non-finite weights are no bad batch: the third flag checks the parameters each step starts from (one
-    fused norm, read with the other flags). Such a step is not counted as skipped (``"nonfinite_parameters"``,
+    Non-finite weights are no bad batch: the third flag judges the parameters a step starts from, on flush
+    steps and wherever a gradient or loss flag is set (they make every later gradient non-finite, so ordinary
+    steps need no check). Such a step is not counted as skipped (``"nonfinite_parameters"``,
     ``nonfinite_parameter_steps``) and its update is dropped; `SpikeRollbackCallback`, when installed, treats
     it as a spike and restores a trusted snapshot. Alone, this callback stops training at once without a
     checkpoint. Before every checkpoint write, whoever asked for it, the weights are checked once more (one read,
@@ -196,20 +194,24 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         record = StepSignals.for_model(model)
         if self._parameters is None:
             self._parameters = TrainedParameters(model)
-        entry = measure_step(step, self._parameters, record.loss(step), record.grad_norm(step), scaler, optimizer)
-        self._queue.append(entry)
         # The update can be dropped on device: by the grad scaler (fp16), or by a fused optimizer's found_inf flag.
         device_skip = None if scaler is not None else self._takes_found_inf(optimizer)
-        if (scaler is not None or device_skip is not None) and not self._queue.due(
-            args, state, step, self.max_consecutive_skips
-        ):
+        queued = (scaler is not None or device_skip is not None) and not self._queue.due(
+            args, state, step, self.max_consecutive_skips, adding=1
+        )
+        # A flush step reads its flags at once: the weights it started from are judged in the same read.
+        entry = measure_step(
+            step, self._parameters, record.loss(step), record.grad_norm(step), scaler, optimizer, not queued
+        )
+        self._queue.append(entry)
+        if queued:
             if device_skip is not None:
                 set_found_inf(device_skip, update_dropped(entry))
                 self._found_inf_set = device_skip
-            # Non-finite weights are no skipped batch: the rollback must see their loss.
-            record.mark_pending(step, counted_skip(entry), "fp16_overflow" if scaler else "nonfinite_gradients")
+            # Until a flush or the rollback's check judges the weights, a flagged step counts as a skipped batch.
+            record.mark_pending(step, update_dropped(entry), "fp16_overflow" if scaler else "nonfinite_gradients")
             return control
-        reason = self._flush(args, state, control, step, record)
+        reason = self._flush(args, state, control, step, record, weights_measured=True)
         if reason is not None or record.weights_verdict == (step, True):
             model.zero_grad(set_to_none=True)  # no update: neither a bad batch's nor one made from NaN weights
             hold_step(optimizer)  # nor a wrapper optimizer's own step logic (a Lookahead's interpolation)
@@ -223,9 +225,15 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
             clear_found_inf(self._found_inf_set)
             self._found_inf_set = None
 
-    def _flush(self, args, state, control, now: int, record: StepSignals) -> str | None:
-        """Read the queued steps at once, count and report them; the skip reason of the last one (or None)."""
+    def _flush(self, args, state, control, now: int, record: StepSignals, weights_measured: bool = False) -> str | None:
+        """Read the queued steps at once, count and report them; the skip reason of the last one (or None).
+
+        ``weights_measured``: the last queued step was measured with its weights' flag (a flush step).
+        """
         steps, local = self._queue.drain()
+        steps, local = judge_flagged_weights(
+            steps, local, self._parameters, record.nonfinite_weight_steps, weights_measured
+        )
         return self._health.apply(args, state, control, steps, local, now, record)
 
     def judge_nonfinite_checkpoint(self, args, state, control, model, optimizer, lr_scheduler) -> None:

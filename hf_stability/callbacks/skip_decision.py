@@ -1,12 +1,14 @@
 """The skip decision of one step, on device: flags, one all-reduce, and how the update is dropped.
 
-Three checks per step (gradients, training loss, the weights the step started from) make a flag vector,
-all-reduced (max) so every rank decides alike. The update of a step with non-finite gradients or weights
-is then dropped in one of two ways:
+Two checks per step (gradients, training loss) fill a 3-element flag vector, all-reduced (max) so every
+rank decides alike; its third place, the weights the step started from, is judged only when a flag is set
+(:func:`judge_flagged_weights`): non-finite weights make every later loss and gradient non-finite, so no
+step needs a walk of its parameters until its gradient or loss flag says so. The update of a step with
+non-finite gradients is then dropped in one of two ways:
 
 - **on device, no host read**: the grad scaler's found-inf flag (fp16; the reduced flag is written back
   into it), or, without a scaler, the optimizer's ``found_inf`` attribute when the optimizer honours it
-  (:func:`found_inf_supported`): its step leaves parameters, state and step count bit-identical;
+  (`_compat.found_inf_supported`): its step leaves parameters, state and step count bit-identical;
 - **on the host**: every gradient set to ``None`` (torch optimizers then leave parameters, state and
   ``step`` alone) and the user's ``optimizer.step()`` not run at all (a wrapper's own logic, e.g. a
   Lookahead's interpolation, would run on ``None`` gradients), which needs the flags on the host first.
@@ -14,14 +16,13 @@ is then dropped in one of two ways:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import cast
 
 import torch
 
-from hf_stability import _compat
-from hf_stability._compat import foreach_norm, scaler_scale, unwrap_optimizer
+from hf_stability._compat import foreach_norm, found_inf_per_device, scaler_scale, unwrap_optimizer
 from hf_stability.callbacks.signals import (
     StepSignals,
     global_grad_norm,
@@ -29,12 +30,7 @@ from hf_stability.callbacks.signals import (
     reduce_across_ranks,
     replicated,
 )
-from hf_stability.callbacks.skip_queue import GRADIENTS, PARAMETERS, QueuedStep
-
-# torch optimizers whose fused step skips an update bit-exactly when given ``found_inf`` = 1, first step
-# included (checked on CPU, torch 2.13). Fused SGD honours the flag too, but a skipped first step still
-# creates its momentum buffer, so the next update differs from an unskipped run: SGD takes the host path.
-_FOUND_INF_SKIPS_EXACTLY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
+from hf_stability.callbacks.skip_queue import GRADIENTS, PARAMETERS, QueuedStep, ReadStep
 
 
 def innermost(optimizer: object) -> torch.optim.Optimizer:
@@ -42,44 +38,17 @@ def innermost(optimizer: object) -> torch.optim.Optimizer:
     return cast(torch.optim.Optimizer, unwrap_optimizer(optimizer))
 
 
-def found_inf_supported(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step()`` skips the update on device when its ``found_inf`` attribute is 1.
-
-    torch marks such optimizers with ``_step_supports_amp_scaling`` (set by Adam, AdamW, SGD and Adagrad
-    with ``fused=True``; `GradScaler.step` relies on it to pass ``found_inf`` the same way: torch 2.4–2.13)
-    and reads the attribute in ``_fused_adam``/``_fused_adagrad``, which restore the step count. Older
-    optimizers taking a ``grad_scaler`` keyword instead read no attribute.
-    """
-    return (
-        isinstance(optimizer, _FOUND_INF_SKIPS_EXACTLY)
-        and getattr(optimizer, "_step_supports_amp_scaling", False)
-        and all(group.get("fused") for group in optimizer.param_groups)
-        and "grad_scaler" not in inspect.signature(optimizer.step).parameters
-    )
-
-
-def set_found_inf(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
-    """Have the next ``step()`` skip its update iff ``flag`` (a 0-d bool on device) is True: no host read."""
-    optimizer.found_inf = flag.float().reshape(())  # type: ignore[attr-defined]  # 0-d: shape [1] fails
-
-
-def clear_found_inf(optimizer: torch.optim.Optimizer) -> None:
-    """Take the flag back after the step, so no later step (nor a GradScaler's) inherits it."""
-    if hasattr(optimizer, "found_inf"):
-        del optimizer.found_inf
-
-
-def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[torch.Tensor]:
+def unscaled_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[torch.Tensor]:
     """The scaler's per-device found-inf tensors for this step, unscaling first if Trainer has not.
 
     Trainer unscales through ``accelerator.clip_grad_norm_`` before ``on_pre_optimizer_step`` even
     with ``max_grad_norm=0``; the explicit ``unscale_`` only covers custom training loops.
     """
     inner = innermost(optimizer)
-    found = _compat.scaler_found_inf(scaler, inner)
+    found = found_inf_per_device(scaler, inner)
     if not found:
         scaler.unscale_(inner)
-        found = _compat.scaler_found_inf(scaler, inner)
+        found = found_inf_per_device(scaler, inner)
     return list(found.values())
 
 
@@ -108,6 +77,12 @@ class TrainedParameters:
         with torch.no_grad():
             return ~torch.isfinite(self._global_norm(foreach_norm(self.parameters)))
 
+    def verdict(self) -> tuple[bool, bool]:
+        """``(this rank's weights non-finite, any rank's)``: one fused norm, one all-reduce, one host read."""
+        local = self.nonfinite().float().reshape(1)
+        here, anywhere = torch.cat([local, reduce_across_ranks(local, "max")]).tolist()
+        return here > 0, anywhere > 0
+
     def grad_norm(self) -> torch.Tensor:
         """The norm of the gradients as they are now (the fallback where Trainer's pre-clip norm is out of reach)."""
         grads = gradients(self.parameters)
@@ -119,6 +94,13 @@ class TrainedParameters:
 def parameters_nonfinite(model: torch.nn.Module) -> torch.Tensor:
     """A 0-d device bool: some parameter of this rank holds NaN/Inf (one fused norm, no host read)."""
     return ~torch.isfinite(global_grad_norm([p.detach() for p in model.parameters()]))
+
+
+def weights_check(model: torch.nn.Module) -> tuple[bool, bool]:
+    """``(this rank's weights non-finite, any rank's)`` now: one all-reduce and one host read (rare paths)."""
+    local = parameters_nonfinite(model).float().reshape(1)
+    here, anywhere = torch.cat([local, reduce_across_ranks(local, "max")]).tolist()
+    return here > 0, anywhere > 0
 
 
 def weights_nonfinite(model: torch.nn.Module, step: int) -> bool:
@@ -142,8 +124,12 @@ def measure_step(
     grad_norm: torch.Tensor | None,
     scaler: torch.amp.GradScaler | None,
     optimizer: object,
+    judge_weights: bool = False,
 ) -> QueuedStep:
     """The step's flags, local and all-reduced, with its event values, all on device.
+
+    ``judge_weights``: also check the weights the step started from (one fused norm), on a step whose flags are
+    read at once anyway (a flush); ordinary steps leave that flag 0 (`judge_flagged_weights`).
 
     ``grad_norm`` is Trainer's pre-clip norm of the (unscaled) gradients when the trainer shares it
     (`StabilityTrainer`): it is non-finite exactly when a gradient is, so it is not computed again. ``None``
@@ -154,7 +140,7 @@ def measure_step(
     the unscaled ones are NaN with the flag clear. In fp16 the reduced flag is written back into the scaler, so
     every rank skips and lowers its scale alike.
     """
-    found_inf = scaler_found_inf(scaler, optimizer) if scaler is not None else None
+    found_inf = unscaled_found_inf(scaler, optimizer) if scaler is not None else None
     if grad_norm is None:
         grad_norm = parameters.grad_norm()
     grad_norm = replicated(grad_norm)
@@ -164,9 +150,10 @@ def measure_step(
     device = grads_bad.device
     no_flag = torch.zeros((), dtype=torch.bool, device=device)
     loss_bad = ~torch.isfinite(loss).to(device) if loss is not None else no_flag
-    # The weights this step's forward used: after an update that blew them up, every later loss and gradient
-    # is non-finite, which is no bad batch.
-    params_bad = parameters.nonfinite().to(device)
+    # The weights this step's forward used are not judged here: after an update that blew them up, every later
+    # loss and gradient is non-finite, so the flags above see it, and a flush judges the weights of flagged
+    # steps once (`judge_flagged_weights`).
+    params_bad = parameters.nonfinite().to(device) if judge_weights else no_flag
     local = torch.stack([grads_bad, loss_bad, params_bad]).float()
     reduced = reduce_across_ranks(local, "max")
     for flag in found_inf or ():
@@ -190,10 +177,57 @@ def _scale_copy(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Ten
 
 
 def update_dropped(entry: QueuedStep) -> torch.Tensor:
-    """0-d device bool: the update of ``entry``'s step must not happen (non-finite gradients or weights)."""
-    return (entry.reduced[GRADIENTS] > 0) | (entry.reduced[PARAMETERS] > 0)
+    """0-d device bool: the update of ``entry``'s step must not happen (non-finite gradients, non-finite weights
+    included: they make every gradient non-finite).
+
+    Until a flush judges the weights, the step also counts as a skipped batch on device (the flag spike rollback
+    reads); the flush or the rollback's own check turns it into a non-finite-weights step when the weights are.
+    """
+    return entry.reduced[GRADIENTS] > 0
 
 
-def counted_skip(entry: QueuedStep) -> torch.Tensor:
-    """0-d device bool: the step counts as skipped (non-finite gradients from finite weights: a bad batch)."""
-    return (entry.reduced[GRADIENTS] > 0) & (entry.reduced[PARAMETERS] == 0)
+def judge_flagged_weights(
+    steps: list[ReadStep],
+    local: torch.Tensor | None,
+    parameters: TrainedParameters | None,
+    known: dict[int, bool],
+    weights_measured: bool = False,
+) -> tuple[list[ReadStep], torch.Tensor | None]:
+    """Mark the read ``steps`` that started from non-finite weights, judging the weights once if a step is flagged.
+
+    Weights blown up by an update stay non-finite (every later gradient is, so every later update is dropped)
+    until a restore: if they are non-finite now, the steps that started from them are the trailing run of
+    steps with non-finite gradients. ``known`` holds steps already judged so (``step`` -> this rank's own
+    verdict), by a spike rollback before it restored them or by an earlier flush; the steps found here are
+    added to it, for the rollback's check of the same steps. ``weights_measured``: the last step's flags
+    hold its weights' verdict (a flush step measures it with the others, `measure_step`), so no read is
+    added; otherwise the weights are judged here when a step is flagged (one read), and never without one.
+    """
+    if not steps or (not weights_measured and not any(step.reduced.gradients or step.reduced.loss for step in steps)):
+        return steps, local
+    labels = {step.step: known[step.step] for step in steps if step.step in known}
+    if weights_measured:
+        here, anywhere = steps[-1].local.parameters, steps[-1].reduced.parameters
+    else:
+        here, anywhere = parameters.verdict() if parameters is not None else (False, False)
+    if anywhere:
+        for index in reversed(range(len(steps))):
+            if not (steps[index].reduced.gradients or (weights_measured and index == len(steps) - 1)):
+                break
+            labels[steps[index].step] = here
+    known.update(labels)
+    if not labels:
+        return steps, local
+    rows = [index for index, step in enumerate(steps) if step.step in labels]
+    marked = list(steps)
+    for index in rows:
+        step = steps[index]
+        marked[index] = replace(
+            step,
+            local=replace(step.local, parameters=labels[step.step]),
+            reduced=replace(step.reduced, parameters=True),
+        )
+    if local is not None:
+        local = local.clone()
+        local[rows, PARAMETERS] = torch.tensor([float(labels[steps[i].step]) for i in rows], device=local.device)
+    return marked, local

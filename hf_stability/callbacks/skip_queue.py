@@ -75,13 +75,16 @@ class StepQueue:
     def append(self, entry: QueuedStep) -> None:
         self._steps.append(entry)
 
-    def due(self, args: TrainingArguments, state: TrainerState, step: int, limit: int) -> bool:
-        """Flush before logs and checkpoints read the counters, and at least every ``limit`` steps to stop in time."""
+    def due(self, args: TrainingArguments, state: TrainerState, step: int, limit: int, adding: int = 0) -> bool:
+        """Flush before logs and checkpoints read the counters, and at least every ``limit`` steps to stop in time.
+
+        ``adding``: steps about to be appended (a step asks before it is measured, to measure what a flush reads).
+        """
         return (
             is_logging_step(args, state, step)
             or is_saving_step(args, state, step)
             or (state.max_steps > 0 and step >= state.max_steps)
-            or len(self._steps) >= limit
+            or len(self._steps) + adding >= limit
         )
 
     def drain(self) -> tuple[list[ReadStep], torch.Tensor | None]:

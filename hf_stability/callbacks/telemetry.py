@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
+from hf_stability import metric_names as names
 from hf_stability._compat import foreach_abs, foreach_mul, scaler_scale
 from hf_stability._logging import get_logger
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
@@ -33,7 +34,6 @@ logger = get_logger(__name__)
 
 FP16_MAX = 65504.0
 FP16_SMALLEST_SUBNORMAL = 2.0**-24
-PREFIX = "stability/"
 
 
 class LossScaleTelemetryCallback(ConfiguredCallback):
@@ -147,7 +147,7 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
         if self.log_layer_grad_norms:
             norms = tensor_norms(grads)  # global norms under FSDP2
             for (name, _), norm in zip(named, norms, strict=True):
-                self._measured[f"{PREFIX}grad_norm/{name}"] = norm
+                self._measured[names.layer_grad_norm(name)] = norm
 
     def collect(self, callbacks: Sequence[TrainerCallback] | None = None) -> dict[str, float]:
         """The ``stability/*`` metrics for the log entry being built (one device-to-host read).
@@ -161,16 +161,16 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
         if callbacks is not None:
             skip = find_callback(callbacks, SkipNonFiniteCallback)
             if skip is not None:
-                metrics[f"{PREFIX}skipped_steps"] = skip.skipped_steps
-                metrics[f"{PREFIX}nonfinite_loss_steps"] = skip.nonfinite_loss_steps
-                metrics[f"{PREFIX}underflow_steps"] = skip.underflow_steps
+                metrics[names.SKIPPED_STEPS] = skip.skipped_steps
+                metrics[names.NONFINITE_LOSS_STEPS] = skip.nonfinite_loss_steps
+                metrics[names.UNDERFLOW_STEPS] = skip.underflow_steps
             rollback = find_callback(callbacks, SpikeRollbackCallback)
-            metrics[f"{PREFIX}rollbacks"] = rollback.rollbacks if rollback is not None else 0
+            metrics[names.ROLLBACKS] = rollback.rollbacks if rollback is not None else 0
         device_values = dict(self._measured)
         self._measured = {}
         scaler = active_grad_scaler(self._optimizer)
         if scaler is not None:
-            device_values[f"{PREFIX}loss_scale"] = scaler_scale(scaler)
+            device_values[names.LOSS_SCALE] = scaler_scale(scaler)
         if device_values:
             device = next(iter(device_values.values())).device
             values = torch.stack([v.detach().float().reshape(()).to(device) for v in device_values.values()]).tolist()
@@ -203,6 +203,6 @@ def fp16_pressure(grads: list[torch.Tensor], scale: torch.Tensor | None) -> dict
     largest = torch.stack([m.max().float() for m in magnitudes if m.numel()]).max()
     headroom = math.log2(FP16_MAX) - torch.log2(largest)
     return {
-        f"{PREFIX}fp16_underflow_fraction": underflow.float() / nonzero.float(),
-        f"{PREFIX}fp16_headroom_log2": headroom,
+        names.FP16_UNDERFLOW_FRACTION: underflow.float() / nonzero.float(),
+        names.FP16_HEADROOM_LOG2: headroom,
     }

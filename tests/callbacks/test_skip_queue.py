@@ -10,8 +10,9 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_stability import read_events
 from hf_stability.callbacks.signals import StepSignals
+from hf_stability.callbacks.skip_decision import TrainedParameters, judge_flagged_weights
 from hf_stability.callbacks.skip_health import SkipHealth
-from hf_stability.callbacks.skip_queue import Flags, QueuedStep, StepQueue
+from hf_stability.callbacks.skip_queue import PARAMETERS, Flags, QueuedStep, StepQueue
 from tests.testing_utils import counting_host_reads
 
 HEALTHY, BAD_GRADIENTS, BAD_LOSS, BAD_WEIGHTS = (0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 1)
@@ -156,3 +157,47 @@ def test_all_zero_gradients_with_a_finite_loss_are_reported_once_and_stop_after_
     zero = "all gradients exactly zero"
     assert events[:2] == [(2, "underflow", zero), (4, "underflow", zero)]
     assert events[2][:2] == (6, "stop") and "max_underflow_steps=3" in events[2][2]
+
+
+def _model_with(weight: float) -> torch.nn.Module:
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = weight
+    return model
+
+
+@pytest.mark.parametrize("weight", [math.nan, 1.0], ids=["nonfinite-weights", "finite-weights"])
+def test_a_flush_judges_the_weights_once_and_only_when_a_step_is_flagged(weight):
+    # Steps 3 and 4 have NaN gradients. Weights NaN now: they started from them (the trailing run of flagged
+    # steps; step 1's bad gradients, before a healthy step, were a bad batch). Weights finite: both bad batches.
+    parameters = TrainedParameters(_model_with(weight))
+    queue = StepQueue()
+    for step, flags in [(1, BAD_GRADIENTS), (2, HEALTHY), (3, BAD_GRADIENTS), (4, BAD_GRADIENTS)]:
+        queue.append(queued(step, flags))
+    steps, local = queue.drain()
+    known: dict[int, bool] = {}
+    with counting_host_reads() as reads:
+        marked, marked_local = judge_flagged_weights(steps, local, parameters, known)
+    assert sum(reads.values()) == 1, "one read for the weights' verdict"
+    expected = [False, False, True, True] if math.isnan(weight) else [False] * 4
+    assert [step.reduced.parameters for step in marked] == expected
+    assert [step.local.parameters for step in marked] == expected
+    assert marked_local is not None and marked_local[:, PARAMETERS].tolist() == [float(e) for e in expected]
+    assert known == ({3: True, 4: True} if math.isnan(weight) else {})
+
+
+def test_a_flush_without_a_flagged_step_reads_nothing_and_takes_the_steps_a_rollback_found():
+    parameters = TrainedParameters(_model_with(math.nan))  # never looked at: no flag is set
+    queue = StepQueue()
+    for step in (1, 2):
+        queue.append(queued(step, HEALTHY))
+    steps, local = queue.drain()
+    with counting_host_reads() as reads:
+        same, _ = judge_flagged_weights(steps, local, parameters, {})
+    assert sum(reads.values()) == 0 and same == steps
+    # Steps a spike rollback judged to start from non-finite weights (and restored) are reported as such.
+    queue.append(queued(5, BAD_GRADIENTS))
+    queue.append(queued(6, HEALTHY))
+    steps, local = queue.drain()
+    marked, _ = judge_flagged_weights(steps, local, TrainedParameters(_model_with(1.0)), {5: True})
+    assert [(step.step, step.reduced.parameters) for step in marked] == [(5, True), (6, False)]
