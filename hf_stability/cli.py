@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from hf_stability.doctor import diagnose, format_findings  # the report ends with its diagnosis
     from hf_stability.report import format_summary, load_run, plot_training_curves
 
     try:
@@ -63,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hf-stability {args.command}: error: {error}", file=sys.stderr)
         return 2
     print(format_summary(run))
+    print("\n".join(["  Diagnosis (hf-stability doctor):", *format_findings(diagnose(run), indent="    ")]))
     if not args.no_plot:
         try:
             print(f"  plot: {plot_training_curves(run, args.plot)}")

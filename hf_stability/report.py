@@ -213,9 +213,6 @@ def format_summary(run: RunRecord) -> str:
     if health is not None:
         headline, *outliers = gradient_health_lines(health)
         lines += [f"  {headline}", *(f"    {line}" for line in outliers)]
-    from hf_stability.doctor import diagnose, format_findings  # the doctor builds on this module
-
-    lines += ["  Diagnosis (hf-stability doctor):", *format_findings(diagnose(run), indent="    ")]
     return "\n".join(lines)
 
 
