@@ -150,7 +150,7 @@ def check_trainer_hooks(upstream: type) -> None:
 def calling_trainer(callback: Any) -> Any:
     """The `Trainer` whose callback list holds ``callback`` and that is calling it now, or ``None``.
 
-    Trainer hands callbacks no reference to itself (5.19-5.24: `CallbackHandler.call_event` passes the model,
+    Trainer hands callbacks no reference to itself (5.19-5.25: `CallbackHandler.call_event` passes the model,
     optimizer, scheduler and dataloaders), but every event reaches them from a `Trainer` method, whose frame
     holds it as ``self``; `StabilityTrainer.__init__` calls ``on_init_end`` itself, likewise. ``None`` when no
     Trainer is calling (a custom loop).
