@@ -7,22 +7,10 @@ fails every write of ``stability_events.jsonl`` with EFBIG, as a full disk fails
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.testing_utils import subprocess_env
-
-
-def run_module(module: str, *args: object, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        env=subprocess_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.testing_utils import run_module
 
 
 @pytest.mark.parametrize(

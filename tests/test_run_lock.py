@@ -10,17 +10,7 @@ import sys
 from pathlib import Path
 
 from hf_stability.run_lock import LOCK_FILENAME
-from tests.testing_utils import subprocess_env
-
-
-def run_module(module: str, *args: object, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        env=subprocess_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.testing_utils import run_module, subprocess_env
 
 
 def start_holder(output: Path, release: Path) -> subprocess.Popen:

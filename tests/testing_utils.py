@@ -37,6 +37,17 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     return {**os.environ, **overrides, "PYTHONPATH": path}
 
 
+def run_module(module: str, *args: object, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> ARGS`` in one CPU process with this checkout's code; return the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_two_ranks(module: str, output_dir: object, timeout: int) -> str:
     """Run ``python -m <module> OUTPUT_DIR`` on 2 CPU ranks under torchrun; assert it succeeded, return its output."""
     result = subprocess.run(

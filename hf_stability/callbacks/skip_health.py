@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import astuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -170,11 +171,7 @@ class SkipHealth:
             f"(max_underflow_steps={self.max_underflow_steps}); stopping at step {step} and saving a checkpoint: "
             "the updates carry no signal. Resume from an earlier checkpoint with a lower learning rate, or in bf16."
         )
-        logger.error(message)
-        control.should_training_stop = True
-        control.should_save = True
-        if state.is_world_process_zero:
-            StabilityEventLog(args.output_dir).append(step, "stop", message, consecutive_underflow=consecutive)
+        _stop_training(args, state, control, step, message, save=True, consecutive_underflow=consecutive)
 
     def _report_skip(self, args, state, step: ReadStep, reason: str, flagged: dict[str, list[int]]) -> None:
         self.skipped_steps += 1
@@ -222,12 +219,8 @@ class SkipHealth:
             "checkpoint, so the last finite checkpoint stays the newest. Resume from it with a lower learning rate, "
             "or enable spike rollback."
         )
-        logger.error(message)
-        control.should_training_stop = True
-        control.should_save = False
         self.weights_stop = True
-        if state.is_world_process_zero:
-            StabilityEventLog(args.output_dir).append(now, "stop", message, nonfinite_weights_step=step)
+        _stop_training(args, state, control, now, message, save=False, nonfinite_weights_step=step)
 
     def _stop(self, args, state, control, step: int, consecutive: int) -> None:
         message = (
@@ -236,11 +229,7 @@ class SkipHealth:
             "nothing, so it holds the weights of the last update before them, checked finite; check the data around "
             "these steps, lower the learning rate or resume from an earlier checkpoint."
         )
-        logger.error(message)
-        control.should_training_stop = True
-        control.should_save = True
-        if state.is_world_process_zero:
-            StabilityEventLog(args.output_dir).append(step, "stop", message, consecutive=consecutive)
+        _stop_training(args, state, control, step, message, save=True, consecutive=consecutive)
 
     def _report_loss(self, args, state, step: int, ranks: list[int], loss: float | None) -> None:
         self.nonfinite_loss_steps += 1
@@ -266,3 +255,12 @@ class SkipHealth:
         logger.error("Step %d: non-finite weights on ranks %s (%s).", step, ranks, action[recovery])
         if state.is_world_process_zero:
             StabilityEventLog(args.output_dir).append(step, "nonfinite_parameters", reason, ranks=ranks, loss=loss)
+
+
+def _stop_training(args, state, control, step: int, message: str, save: bool, **fields: Any) -> None:
+    """End training at ``step``: log ``message``, ask Trainer for a checkpoint or none, record a ``stop`` event."""
+    logger.error(message)
+    control.should_training_stop = True
+    control.should_save = save
+    if state.is_world_process_zero:
+        StabilityEventLog(args.output_dir).append(step, "stop", message, **fields)
