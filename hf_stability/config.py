@@ -16,6 +16,7 @@ from hf_stability.settings import (
     AlertSettings,
     BatchRampSettings,
     ComponentSettings,
+    ForensicsSettings,
     RollbackSettings,
     SkipSettings,
     TelemetrySettings,
@@ -33,6 +34,7 @@ COMPONENT_SETTINGS: tuple[type[ComponentSettings], ...] = (
     AdaptiveClipSettings,
     BatchRampSettings,
     AlertSettings,
+    ForensicsSettings,
 )
 
 
@@ -113,6 +115,9 @@ class StabilityConfig(TrainingArguments):
     stability_alert_skip_burst: int = setting(AlertSettings, "skip_burst")
     stability_alert_skip_window: int = setting(AlertSettings, "skip_window")
     stability_alert_interval: float = setting(AlertSettings, "interval")
+
+    # Bad-batch forensics, see `hf_stability.samples`
+    stability_sample_losses: bool = setting(ForensicsSettings, "sample_losses")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -334,6 +334,22 @@ class BatchRampSettings(ComponentSettings):
         self.check_number("length", int, minimum=0)
 
 
+@dataclass
+class ForensicsSettings(ComponentSettings):
+    """Bad-batch forensics of `StabilityTrainer` (`hf_stability.samples`)."""
+
+    sample_losses: bool = option(
+        True,
+        "stability_sample_losses",
+        "When a skip, non-finite loss, rollback or stop event fires, recompute each sample's loss of the flagged "
+        "micro-batches without gradients (one forward per sample) and name the worst samples in the event. Keeps a "
+        "reference to the recent micro-batches' inputs (see docs/events.md); off under FSDP and DeepSpeed.",
+    )
+
+    def __post_init__(self) -> None:
+        self.check_flag("sample_losses")
+
+
 # Events an alert can be raised on; ``skip_burst`` is `AlertSettings.skip_burst` skips within a window of steps.
 ALERT_EVENTS = ("stop", "rollback", "skip_burst", "skip", "nonfinite_loss", "nonfinite_parameters")
 
