@@ -311,10 +311,13 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
                  nonfinite_weights: bool) -> dict[str, Any]:
         """The event fields naming the spiking step's samples (and the steps between the restored snapshot and
         the spike), per-sample losses from the weights now in place; on every rank (they are gathered). The
-        spiking step's samples go into ``stability_bad_samples.json``, unless the weights were non-finite."""
+        spiking step's samples go into ``stability_bad_samples.json``; with non-finite weights (an update blew
+        them up) only those whose own loss is non-finite on the weights now in place (the data, not the state)."""
         between = None if restored is None else (restored, spike_step)
         fields = event_samples(StepSignals.for_model(model).samples, spike_step, seen_here, between)
-        if state.is_world_process_zero and not nonfinite_weights:
+        if nonfinite_weights:
+            fields["_blamed"] = [s for s in fields.get("_blamed", []) if not math.isfinite(s.get("loss", 0.0))]
+        if state.is_world_process_zero:
             record_bad_samples(args.output_dir, event, fields)
         return public(fields)
 
