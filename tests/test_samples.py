@@ -20,7 +20,14 @@ from transformers import default_data_collator
 from hf_stability import StabilityTrainer
 from hf_stability.doctor import diagnose, read_bad_samples
 from hf_stability.samples import BAD_SAMPLES_FILENAME, DATASET_INDEX, STREAM_POSITION
-from tests.testing_utils import mlm_dataset, poison_embeddings, poison_samples, tiny_bert, training_args
+from tests.testing_utils import (
+    mlm_dataset,
+    poison_embeddings,
+    poison_samples,
+    run_two_ranks,
+    tiny_bert,
+    training_args,
+)
 
 POISONED = {5, 40}
 
@@ -159,3 +166,26 @@ def test_a_rollback_names_the_spiking_step_and_the_steps_since_the_restored_snap
     # The NaN update left non-finite weights: blamed are only the samples NaN on the restored weights.
     assert rollback["nonfinite_weights"]
     assert {i: [e["step"] for e in named] for i, named in read_bad_samples(tmp_path).items()} == {5: [2], 40: [11]}
+
+
+@pytest.mark.distributed
+def test_two_ranks_name_each_ranks_own_samples(tmp_path, bert_tokenizer):
+    """Sample 6 reaches rank 1 at step 1, sample 33 rank 0 at step 5 (sequential batches of 4, dealt to the ranks
+    in turn); with a stream, rank 0 reads both ranks' batches and accelerate dispatches them with their tags."""
+    run_two_ranks("tests.distributed.samples_two_ranks", tmp_path, timeout=600)
+    dataset = poison_samples(mlm_dataset(bert_tokenizer, rows=64), [6, 33], len(bert_tokenizer) - 1)  # the script's
+    for run, kind in (("map", DATASET_INDEX), ("stream", STREAM_POSITION)):
+        built = {rank: {tuple(map(tuple, batch)) for batch in json.loads((tmp_path / run / f"rank{rank}.json")
+                                                                             .read_text())} for rank in (0, 1)}
+        skips = events(tmp_path / run, "skip")
+        assert [(e["step"], e["loss_ranks"]) for e in skips] == [(1, [1]), (5, [0])]
+        for event in skips:
+            assert event["index_kind"] == kind and [r["rank"] for r in event["samples"]] == [0, 1]
+            for part in event["samples"]:
+                (indices,) = part["micro_batches"]
+                # A stream's batches are all built on rank 0, which dispatches them.
+                assert tuple(map(tuple, dataset[indices]["input_ids"])) in built[part["rank"] if run == "map" else 0]
+        assert [(w["rank"], w["index"], w["loss"]) for w in (e["worst_samples"][0] for e in skips)] == [
+            (1, 6, "nan"), (0, 33, "nan")]
+        assert {i: [(e["step"], e["rank"]) for e in named] for i, named in read_bad_samples(tmp_path / run).items()} \
+            == {6: [(1, 1)], 33: [(5, 0)]}

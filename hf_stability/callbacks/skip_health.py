@@ -180,7 +180,9 @@ class SkipHealth:
                      samples: SampleRecord | None) -> None:
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        fields = event_samples(samples, step.step, process_rank() in flagged["gradients"])  # on every rank
+        # Gradients are averaged across ranks: a rank's own non-finite loss tells where the batch went bad.
+        origin = flagged["loss"] or flagged["gradients"]
+        fields = event_samples(samples, step.step, process_rank() in origin)  # on every rank
         if state.is_world_process_zero:
             record_bad_samples(args.output_dir, "skip", fields)
             StabilityEventLog(args.output_dir).append(
