@@ -100,13 +100,22 @@ class TaggingCollator:
         self.collator = collator
 
     def __call__(self, features: list) -> Any:
-        tags = [f.get(SAMPLE_INDEX_KEY) if isinstance(f, Mapping) else None for f in features]
-        features = [{k: v for k, v in f.items() if k != SAMPLE_INDEX_KEY} if isinstance(f, Mapping) else f
-                    for f in features]
-        batch = self.collator(features)
-        if tags and None not in tags and isinstance(batch, MutableMapping):
-            batch[SAMPLE_INDEX_KEY] = torch.tensor(tags, dtype=torch.int64)
-        return batch
+        tags, features = take_tags(features)
+        return put_tags(self.collator(features), tags)
+
+
+def take_tags(features: list) -> tuple[list[int | None], list]:
+    """The tags of ``features`` and the features without them."""
+    tags = [f.get(SAMPLE_INDEX_KEY) if isinstance(f, Mapping) else None for f in features]
+    return tags, [{k: v for k, v in f.items() if k != SAMPLE_INDEX_KEY} if isinstance(f, Mapping) else f
+                  for f in features]
+
+
+def put_tags(batch: Any, tags: list[int | None]) -> Any:
+    """``batch`` with ``tags`` as an int64 tensor under `SAMPLE_INDEX_KEY` (when every feature had one)."""
+    if tags and None not in tags and isinstance(batch, MutableMapping):
+        batch[SAMPLE_INDEX_KEY] = torch.tensor(tags, dtype=torch.int64)
+    return batch
 
 
 def pop_sample_indices(inputs: Any) -> torch.Tensor | None:
