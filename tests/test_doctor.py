@@ -120,7 +120,9 @@ def test_a_stop_after_consecutive_skips_names_the_first_bad_step(tmp_path, bert_
     assert finding.steps == [5, 6, 7]
     assert "3 consecutive skipped steps (5..7; skip reasons in this run: nonfinite_gradients)" in finding.evidence[0]
     assert "holds the weights of step 4" in finding.evidence[1]
-    assert "the step's samples are not recorded in this run" in finding.remedy[0]
+    # The gradients are poisoned, not a sample: every sample of the sequential batch of step 5 (8 x 4..) is named.
+    assert finding.samples == list(range(32, 40))
+    assert finding.remedy[0] == "inspect the batches of step 5 on (samples 32, 33, 34, 35, 36, 37, 38, 39)"
     assert "1. [stop_after_skips]" in _doctor(tmp_path, capsys)
 
 
