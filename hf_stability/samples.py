@@ -21,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,10 +106,8 @@ class TaggingCollator:
 
 
 def take_tags(features: list) -> tuple[list[int | None], list]:
-    """The tags of ``features`` and the features without them."""
-    tags = [f.get(SAMPLE_INDEX_KEY) if isinstance(f, Mapping) else None for f in features]
-    return tags, [{k: v for k, v in f.items() if k != SAMPLE_INDEX_KEY} if isinstance(f, Mapping) else f
-                  for f in features]
+    """The tags of ``features`` and the features without them (taken out of the dicts `_tag` made)."""
+    return [f.pop(SAMPLE_INDEX_KEY, None) if isinstance(f, MutableMapping) else None for f in features], features
 
 
 def put_tags(batch: Any, tags: list[int | None]) -> Any:
@@ -151,19 +150,23 @@ class SampleRecord:
     def __init__(self, index_kind: str, loss_fn: LossFunction | None) -> None:
         self.index_kind = index_kind
         self.loss_fn = loss_fn
-        self._steps: dict[int, list[MicroBatch]] = {}
+        self._steps: dict[int, list[MicroBatch]] = {}  # in step order: steps only grow within a run
+        self._with_inputs: deque[int] = deque()  # the steps whose inputs are still held, oldest first
         self._holds: dict[str, int] = {}
         self._input_holds: dict[str, int] = {}
 
     def clear(self) -> None:
         """A new run starts: forget every step and holder."""
         self._steps, self._holds, self._input_holds = {}, {}, {}
+        self._with_inputs.clear()
 
     def add(self, step: int, indices: torch.Tensor, loss: torch.Tensor | None, inputs: Mapping[str, Any]) -> None:
         """Record one micro-batch of ``step`` (no host read)."""
         if step not in self._steps:
             self._steps[step] = []
             self._prune(step)
+            if self.loss_fn is not None:
+                self._with_inputs.append(step)
         keep_inputs = self.loss_fn is not None
         self._steps[step].append(MicroBatch(indices, None if loss is None else loss.detach(),
                                             inputs if keep_inputs else None))
@@ -174,14 +177,14 @@ class SampleRecord:
         self._input_holds[owner] = indices_from if inputs_from is None else inputs_from
 
     def _prune(self, current: int) -> None:
+        """Drop the steps no holder may report, and the inputs no holder may need (oldest first: O(dropped))."""
         keep = min(self._holds.values(), default=current)
+        while self._steps and (oldest := next(iter(self._steps))) < keep:
+            del self._steps[oldest]
         keep_inputs = min(self._input_holds.values(), default=current)
-        for step in [s for s in self._steps if s < keep]:
-            del self._steps[step]
-        for step, micro_batches in self._steps.items():
-            if step < keep_inputs:
-                for micro_batch in micro_batches:
-                    micro_batch.inputs = None
+        while self._with_inputs and self._with_inputs[0] < keep_inputs:
+            for micro_batch in self._steps.get(self._with_inputs.popleft(), []):
+                micro_batch.inputs = None
 
     def steps(self) -> list[int]:
         """The steps recorded, oldest first."""

@@ -19,7 +19,7 @@ from transformers import default_data_collator
 
 from hf_stability import StabilityTrainer
 from hf_stability.doctor import diagnose, read_bad_samples
-from hf_stability.samples import BAD_SAMPLES_FILENAME, DATASET_INDEX, STREAM_POSITION
+from hf_stability.samples import BAD_SAMPLES_FILENAME, DATASET_INDEX, STREAM_POSITION, SampleRecord
 from tests.testing_utils import (
     mlm_dataset,
     poison_embeddings,
@@ -189,3 +189,21 @@ def test_two_ranks_name_each_ranks_own_samples(tmp_path, bert_tokenizer):
             (1, 6, "nan"), (0, 33, "nan")]
         assert {i: [(e["step"], e["rank"]) for e in named] for i, named in read_bad_samples(tmp_path / run).items()} \
             == {6: [(1, 1)], 33: [(5, 0)]}
+
+
+def test_the_record_keeps_only_what_a_holder_may_still_report():
+    """Indices from the oldest step any holder may name, inputs from the oldest step any may recompute."""
+    record = SampleRecord(DATASET_INDEX, lambda inputs, count: torch.zeros(count))
+    record.hold("skip", 1)
+    record.hold("rollback", 3, inputs_from=5)
+    for step in range(1, 8):
+        record.add(step, torch.tensor([step]), torch.tensor(0.0), {"input_ids": torch.ones(1, 2)})
+    assert record.steps() == list(range(1, 8))  # the skip callback still holds step 1
+    record.hold("skip", 8)
+    record.add(8, torch.tensor([8]), torch.tensor(0.0), {"input_ids": torch.ones(1, 2)})
+    assert record.steps() == list(range(3, 9))
+    assert [record.sample_losses(step) is not None for step in record.steps()] == [False] * 2 + [True] * 4
+    assert record.host_indices([3, 8]) == {3: [[3]], 8: [[8]]}
+    without_losses = SampleRecord(DATASET_INDEX, None)
+    without_losses.add(1, torch.tensor([0]), None, {"input_ids": torch.ones(1, 2)})
+    assert without_losses.steps() == [1] and without_losses.sample_losses(1) is None
