@@ -118,6 +118,7 @@ class StabilityConfig(TrainingArguments):
 
     # Bad-batch forensics, see `hf_stability.samples`
     stability_sample_losses: bool = setting(ForensicsSettings, "sample_losses")
+    spike_replay: bool = setting(ForensicsSettings, "spike_replay")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -259,19 +259,25 @@ def rule_fp16_range(evidence: RunEvidence) -> Finding | None:
 def rule_recurring_samples(evidence: RunEvidence) -> Finding | None:
     """The same samples named by events at several steps: the data, not the optimisation."""
     recurring = {index: sorted({e["step"] for e in events}) for index, events in evidence.bad_samples.items()}
-    recurring = {index: steps for index, steps in recurring.items() if len(steps) >= RECURRING_SAMPLE_STEPS}
+    # A spike replayed from the restored state that came back (``spike_replay``) is the data at one step already.
+    replayed = {index for index, events in evidence.bad_samples.items() if any(e.get("reproduced") for e in events)}
+    recurring = {index: steps for index, steps in recurring.items()
+                 if len(steps) >= RECURRING_SAMPLE_STEPS or index in replayed}
     if not recurring:
         return None
     indices = sorted(recurring)
     facts = [f"sample {index}: events at steps {_steps_text(recurring[index])} "
              f"({', '.join(sorted({e.get('event', '?') for e in evidence.bad_samples[index]}))})"
+             + ("; the spike came back when its step was replayed from the restored state" if index in replayed
+                else "")
              for index in indices[:10]]
     if len(indices) > 10:
         facts.append(f"... and {len(indices) - 10} more sample(s), all in {BAD_SAMPLES_FILENAME}")
     return Finding(
         "recurring_samples",
         f"Likely bad data: {len(indices)} sample(s) were in the batches of trouble at {RECURRING_SAMPLE_STEPS} or "
-        "more different steps.",
+        "more different steps" + (" or spiked again when their step was replayed" if replayed & recurring.keys()
+                                  else "") + ".",
         facts,
         [f"leave them out: {BAD_SAMPLES_FILENAME} lists them; resume with `--exclude_samples auto` "
          "(StabilityConfig.exclude_samples)", "inspect them: `hf-stability report OUTPUT_DIR --bad-samples`"],

@@ -132,6 +132,7 @@ class MicroBatch:
 
 
 LossFunction = Callable[[Mapping[str, Any], int], torch.Tensor]  # (inputs, samples) -> per-sample losses
+ReplayFunction = Callable[[list[Mapping[str, Any]]], tuple[torch.Tensor, torch.Tensor]]  # -> (loss, grad norm)
 
 
 class SampleRecord:
@@ -144,12 +145,15 @@ class SampleRecord:
     for inputs, the step after its last check (at most ``spike_check_interval`` back). Older steps are dropped
     when a new step starts; with no holder only the current step is kept.
 
-    ``loss_fn`` (the trainer's loss of one batch of inputs) enables per-sample losses; ``None`` keeps no inputs.
+    ``loss_fn`` (the trainer's per-sample losses of a micro-batch) enables per-sample losses, ``replay_fn`` (the
+    trainer's loss and gradient norm of a step's micro-batches, no update) the spike replay; with neither, no
+    inputs are kept.
     """
 
-    def __init__(self, index_kind: str, loss_fn: LossFunction | None) -> None:
+    def __init__(self, index_kind: str, loss_fn: LossFunction | None, replay_fn: ReplayFunction | None = None) -> None:
         self.index_kind = index_kind
         self.loss_fn = loss_fn
+        self.replay_fn = replay_fn
         self._steps: dict[int, list[MicroBatch]] = {}  # in step order: steps only grow within a run
         self._with_inputs: deque[int] = deque()  # the steps whose inputs are still held, oldest first
         self._holds: dict[str, int] = {}
@@ -165,11 +169,15 @@ class SampleRecord:
         if step not in self._steps:
             self._steps[step] = []
             self._prune(step)
-            if self.loss_fn is not None:
+            if self.keeps_inputs:
                 self._with_inputs.append(step)
-        keep_inputs = self.loss_fn is not None
+        keep_inputs = self.keeps_inputs
         self._steps[step].append(MicroBatch(indices, None if loss is None else loss.detach(),
                                             inputs if keep_inputs else None))
+
+    @property
+    def keeps_inputs(self) -> bool:
+        return self.loss_fn is not None or self.replay_fn is not None
 
     def hold(self, owner: str, indices_from: int, inputs_from: int | None = None) -> None:
         """``owner`` may still report steps from ``indices_from`` on, with per-sample losses from ``inputs_from``."""
@@ -227,6 +235,17 @@ class SampleRecord:
             entry["loss"] = value
         return sorted(found, key=_worst_first)
 
+    def replay(self, step: int) -> dict[str, float] | None:
+        """``step``'s micro-batches run again from the weights now in place: ``{"loss", "grad_norm"}`` (one read),
+        or ``None`` when the replay is off or the inputs are no longer held."""
+        micro_batches = self._steps.get(step, [])
+        batches = [mb.inputs for mb in micro_batches if mb.inputs is not None]
+        if self.replay_fn is None or not micro_batches or len(batches) < len(micro_batches):
+            return None
+        values = self.replay_fn(batches)
+        loss, grad_norm = torch.stack([value.detach().float().reshape(()) for value in values]).tolist()
+        return {"loss": loss, "grad_norm": grad_norm}
+
 
 def _worst_first(entry: dict[str, Any]) -> tuple[bool, float]:
     """Sort key: non-finite losses first, then the largest."""
@@ -247,6 +266,20 @@ def per_sample_losses(model: torch.nn.Module, loss_of: Callable[[dict[str, Any]]
                                 for row in range(count)])
         finally:
             model.train(training)
+
+
+def replay_step(model: torch.nn.Module, loss_of: Callable[[dict[str, Any]], torch.Tensor],
+                batches: list[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss (mean over the micro-batches) and its gradient norm of one step's micro-batches, in training mode,
+    without touching ``.grad`` (`torch.autograd.grad`: no gradient accumulation, no DDP hook) and with the RNG
+    state restored after: nothing of the training state changes."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    with torch.random.fork_rng(devices=devices):
+        loss = torch.stack([loss_of(dict(inputs)).float().reshape(()) for inputs in batches]).mean()
+        grads = [g for g in torch.autograd.grad(loss, parameters, allow_unused=True) if g is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return loss.detach(), norm
 
 
 def _row(inputs: Mapping[str, Any], row: int, count: int) -> dict[str, Any]:
@@ -270,13 +303,15 @@ def _gather(local: Any) -> list[Any]:
 
 
 def event_samples(record: SampleRecord | None, step: int, flagged: bool,
-                  between: tuple[int, int] | None = None) -> dict[str, Any]:
+                  between: tuple[int, int] | None = None, replay: dict[str, Any] | None = None) -> dict[str, Any]:
     """The event fields naming ``step``'s samples on every rank; **call it on every rank** (it gathers).
 
     ``flagged``: this rank raised the flag the event is about (only its micro-batches get per-sample losses,
     when the record computes them). ``between``: also list the recorded steps strictly inside this ``(first,
     last)`` range (a rollback's steps between the restored snapshot and the spike), the ``LISTED_STEPS`` nearest
-    the spike, the count of the others in ``between_truncated``. Returns ``{}`` without a record (a plain `Trainer`).
+    the spike, the count of the others in ``between_truncated``. ``replay``: this rank's spike replay
+    (`SampleRecord.replay` and its verdict ``reproduced``), gathered into the ``replay`` field. Returns ``{}``
+    without a record (a plain `Trainer`).
     """
     if record is None:
         return {}
@@ -288,7 +323,7 @@ def event_samples(record: SampleRecord | None, step: int, flagged: bool,
     indices = record.host_indices([step, *listed])
     worst = record.sample_losses(step) if flagged else None
     local = {"rank": process_rank(), "flagged": flagged, "micro_batches": indices[step],
-             "losses": worst, "between": {s: indices[s] for s in listed}}
+             "losses": worst, "between": {s: indices[s] for s in listed}, "replay": replay}
     ranks = _gather(local)
     fields: dict[str, Any] = {
         "index_kind": record.index_kind,
@@ -302,6 +337,13 @@ def event_samples(record: SampleRecord | None, step: int, flagged: bool,
         fields["between_steps"] = [{"step": s, "samples": [{"rank": r["rank"], "micro_batches": r["between"][s]}
                                                            for r in ranks]} for s in listed]
         fields["between_truncated"] = truncated
+    replays = [{"rank": r["rank"], "flagged": r["flagged"], **r["replay"]} for r in ranks if r["replay"]]
+    if replays:  # the figures of the first rank whose own value spiked; every rank's when several train
+        shown = next((r for r in replays if r["flagged"]), replays[0])
+        fields["replay"] = {"reproduced": any(r["reproduced"] for r in replays), "loss": shown["loss"],
+                            "grad_norm": shown["grad_norm"]}
+        if len(ranks) > 1:
+            fields["replay"]["ranks"] = [{k: v for k, v in r.items() if k != "flagged"} for r in replays]
     fields["_blamed"] = _blamed(ranks, step)
     return fields
 
@@ -341,6 +383,8 @@ def record_bad_samples(output_dir: str | os.PathLike, event: str, fields: dict[s
                   "index_kind": fields["index_kind"]}
         if "loss" in entry:
             record["loss"] = entry["loss"] if math.isfinite(entry["loss"]) else str(entry["loss"])  # JSON has no NaN
+        if "replay" in fields:
+            record["reproduced"] = fields["replay"]["reproduced"]
         data.setdefault(str(entry["index"]), []).append(record)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -346,8 +346,17 @@ class ForensicsSettings(ComponentSettings):
         "reference to the recent micro-batches' inputs (see docs/events.md); off under FSDP and DeepSpeed.",
     )
 
+    spike_replay: bool = option(
+        False,
+        "spike_replay",
+        "After a rollback, run the spiking step's micro-batches again from the restored state (forward and backward, "
+        "no update) and record in the rollback event whether the spike reproduces: the data (or the state), or a "
+        "transient fault. Costs one forward and backward of that step per rollback; off under FSDP and DeepSpeed.",
+    )
+
     def __post_init__(self) -> None:
         self.check_flag("sample_losses")
+        self.check_flag("spike_replay")
 
 
 # Events an alert can be raised on; ``skip_burst`` is `AlertSettings.skip_burst` skips within a window of steps.

@@ -27,7 +27,15 @@ from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
 from hf_stability.engines import deepspeed_enabled, engine_refusal, refuse_unsupported_engine
 from hf_stability.events import add_listener
-from hf_stability.samples import DATASET_INDEX, LossFunction, SampleRecord, per_sample_losses, pop_sample_indices
+from hf_stability.samples import (
+    DATASET_INDEX,
+    LossFunction,
+    ReplayFunction,
+    SampleRecord,
+    per_sample_losses,
+    pop_sample_indices,
+    replay_step,
+)
 from hf_stability.settings import AlertSettings, ForensicsSettings
 
 logger = get_logger(__name__)
@@ -111,7 +119,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         # Registered for the model the callbacks receive while this trainer trains (`train`).
         self.step_signals = StepSignals()
         # The samples of the recent steps, named by the stability events (`hf_stability.samples`).
-        self.step_signals.samples = self.sample_record = SampleRecord(DATASET_INDEX, self._sample_loss_function())
+        loss_fn, replay_fn = self._forensics_functions()
+        self.step_signals.samples = self.sample_record = SampleRecord(DATASET_INDEX, loss_fn, replay_fn)
         # The loss fed is the return of the `training_step` Trainer calls: a subclass's override, with or without
         # super(), cannot bypass it (it would leave loss-based rollback judging nothing).
         self.training_step = self._feeding_loss(self.training_step)  # type: ignore[method-assign]
@@ -264,19 +273,24 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         finally:
             self.train_dataset, self.data_collator, self.args.remove_unused_columns = kept
 
-    def _sample_loss_function(self) -> LossFunction | None:
-        """The loss Trainer computes for a batch of inputs, for per-sample losses; ``None`` when they are off
-        (``stability_sample_losses``) or the weights are sharded (FSDP, DeepSpeed: a forward needs every rank)."""
-        if not ForensicsSettings.resolve({}, self.args).sample_losses or self.is_fsdp_enabled:
-            return None
-        if deepspeed_enabled(self.args):
-            return None
+    def _forensics_functions(self) -> tuple[LossFunction | None, ReplayFunction | None]:
+        """The per-sample losses and the spike replay of the sample record, with the loss Trainer computes; each
+        ``None`` when off (``stability_sample_losses``, ``spike_replay``) or the weights are sharded (FSDP,
+        DeepSpeed: a forward needs every rank)."""
+        settings = ForensicsSettings.resolve({}, self.args)
+        if self.is_fsdp_enabled or deepspeed_enabled(self.args):
+            return None, None
 
-        def loss_of(row: dict[str, Any]) -> torch.Tensor:
+        def loss_of(inputs: dict[str, Any]) -> torch.Tensor:
             with self.compute_loss_context_manager():
-                return cast(torch.Tensor, self.compute_loss(self.model, row))  # type: ignore[arg-type]
+                return cast(torch.Tensor, self.compute_loss(self.model, inputs))  # type: ignore[arg-type]
 
-        return lambda inputs, count: per_sample_losses(cast(torch.nn.Module, self.model), loss_of, inputs, count)
+        def model() -> torch.nn.Module:  # the one training now (`model_init` replaces it in `train`)
+            return cast(torch.nn.Module, self.model)
+
+        return ((lambda inputs, count: per_sample_losses(model(), loss_of, inputs, count)) if settings.sample_losses
+                else None,
+                (lambda batches: replay_step(model(), loss_of, batches)) if settings.spike_replay else None)
 
     def _feeding_loss(self, training_step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``training_step`` whose return (the loss backpropagated and logged, per micro-batch) feeds `step_signals`.

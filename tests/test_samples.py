@@ -21,6 +21,7 @@ from hf_stability import StabilityTrainer
 from hf_stability.doctor import diagnose, read_bad_samples
 from hf_stability.samples import BAD_SAMPLES_FILENAME, DATASET_INDEX, STREAM_POSITION, SampleRecord
 from tests.testing_utils import (
+    PoisonActivations,
     mlm_dataset,
     poison_embeddings,
     poison_samples,
@@ -51,14 +52,14 @@ def poisoned(bert_tokenizer):
     return poison_samples(mlm_dataset(bert_tokenizer, rows=64), POISONED, token), token
 
 
-def train(output_dir, tokenizer, poisoned, train_dataset=None, resume=None, **overrides) -> Collated:
+def train(output_dir, tokenizer, poisoned, train_dataset=None, resume=None, callbacks=None, **overrides) -> Collated:
     dataset, token = poisoned
     model = tiny_bert(tokenizer)
     poison_embeddings(model, token)
     collated = Collated()
     args = training_args(output_dir, per_device_train_batch_size=4, logging_steps=100, **overrides)
     trainer = StabilityTrainer(model, args, train_dataset=dataset if train_dataset is None else train_dataset,
-                               data_collator=collated)
+                               data_collator=collated, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return collated
 
@@ -152,10 +153,15 @@ def test_length_grouping_the_batch_ramp_and_a_stream_name_the_poisoned_samples(
 
 def test_a_rollback_names_the_spiking_step_and_the_steps_since_the_restored_snapshot(
         tmp_path, bert_tokenizer, poisoned):
-    """Sequential sampling: step s (from 1) holds samples 4(s-1) .. 4s-1, so sample 40 spikes step 11."""
-    train(tmp_path, bert_tokenizer, poisoned, max_steps=14, skip_nonfinite=False, spike_rollback=True,
-          snapshot_interval=4, spike_check_interval=2, spike_warmup=2, spike_window=8, spike_sigma=100.0)
+    """Sequential sampling: step s (from 1) holds samples 4(s-1) .. 4s-1, so sample 40 spikes step 11. A NaN forward
+    during step 6 alone (no sample to blame) spikes too: the replay tells the two apart."""
+    train(tmp_path, bert_tokenizer, poisoned, callbacks=[PoisonActivations([5])], max_steps=14, skip_nonfinite=False,
+          spike_rollback=True, snapshot_interval=4, spike_check_interval=2, spike_warmup=2, spike_window=8,
+          spike_sigma=100.0, spike_replay=True)
     batch = {step: [list(range(4 * (step - 1), 4 * step))] for step in range(1, 15)}
+    replays = {e["spike_step"]: e["replay"] for e in events(tmp_path, "rollback")}
+    assert {step: replay["reproduced"] for step, replay in replays.items()} == {2: True, 6: False, 11: True}
+    assert replays[11]["loss"] == "nan" and math.isfinite(replays[6]["loss"]) and replays[6]["grad_norm"] > 0
     (rollback,) = [e for e in events(tmp_path, "rollback") if e["spike_step"] == 11]
     assert rollback["samples"] == [{"rank": 0, "micro_batches": batch[11]}]
     assert rollback["worst_samples"][0] == {"rank": 0, "index": 40, "micro_batch": 0, "loss": "nan"}
@@ -166,6 +172,10 @@ def test_a_rollback_names_the_spiking_step_and_the_steps_since_the_restored_snap
     # The NaN update left non-finite weights: blamed are only the samples NaN on the restored weights.
     assert rollback["nonfinite_weights"]
     assert {i: [e["step"] for e in named] for i, named in read_bad_samples(tmp_path).items()} == {5: [2], 40: [11]}
+    # The transient step's samples are not blamed: their own losses were finite on the restored weights.
+    assert [e["reproduced"] for e in read_bad_samples(tmp_path)[40]] == [True]
+    finding = next(f for f in diagnose(tmp_path) if f.rule == "recurring_samples")  # named once, but reproduced
+    assert finding.samples == [5, 40] and "spiked again when their step was replayed" in finding.cause
 
 
 @pytest.mark.distributed

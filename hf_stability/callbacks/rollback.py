@@ -308,13 +308,22 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             samples.hold("rollback", oldest + 1, checked + 1)
 
     def _samples(self, args, state, model, event: str, spike_step: int, seen_here: bool, restored: int | None,
-                 nonfinite_weights: bool) -> dict[str, Any]:
+                 nonfinite_weights: bool, threshold: float | None = None, replay: bool = False) -> dict[str, Any]:
         """The event fields naming the spiking step's samples (and the steps between the restored snapshot and
         the spike), per-sample losses from the weights now in place; on every rank (they are gathered). The
         spiking step's samples go into ``stability_bad_samples.json``; with non-finite weights (an update blew
-        them up) only those whose own loss is non-finite on the weights now in place (the data, not the state)."""
+        them up) only those whose own loss is non-finite on the weights now in place (the data, not the state).
+
+        ``replay`` (``spike_replay``, after a restore): the spiking step's micro-batches run again from the restored
+        state, no update; the spike *reproduces* when this rank's value is non-finite or above ``threshold``.
+        """
+        samples = StepSignals.for_model(model).samples
+        again = samples.replay(spike_step) if replay and samples is not None else None
+        if again is not None:
+            value = again["loss"] if self.settings.metric == SpikeMetric.LOSS else again["grad_norm"]
+            again["reproduced"] = not math.isfinite(value) or (threshold is not None and value > threshold)
         between = None if restored is None else (restored, spike_step)
-        fields = event_samples(StepSignals.for_model(model).samples, spike_step, seen_here, between)
+        fields = event_samples(samples, spike_step, seen_here, between, again)
         if nonfinite_weights:
             fields["_blamed"] = [s for s in fields.get("_blamed", []) if not math.isfinite(s.get("loss", 0.0))]
         if state.is_world_process_zero:
@@ -489,8 +498,8 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             + (f" Replaced {removed}, whose update the spike judged, by a checkpoint of the restored state." if removed
                else "")
         )
-        event_fields.update(
-            self._samples(args, state, model, "rollback", spike_step, seen_here, target.step, nonfinite_weights))
+        event_fields.update(self._samples(args, state, model, "rollback", spike_step, seen_here, target.step,
+                                          nonfinite_weights, threshold, replay=True))
         if events is not None:
             events.append(state.global_step, "rollback", reason, restored_step=target.step, rollbacks=self.rollbacks,
                           lr_scale=self.lr_scale, removed_checkpoint=removed, **event_fields)
