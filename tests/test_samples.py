@@ -21,6 +21,7 @@ from hf_stability import StabilityTrainer
 from hf_stability.doctor import diagnose, read_bad_samples
 from hf_stability.samples import BAD_SAMPLES_FILENAME, DATASET_INDEX, STREAM_POSITION, SampleRecord
 from tests.testing_utils import (
+    NoLabelBatches,
     PoisonActivations,
     mlm_dataset,
     poison_embeddings,
@@ -217,3 +218,21 @@ def test_the_record_keeps_only_what_a_holder_may_still_report():
     without_losses = SampleRecord(DATASET_INDEX, None)
     without_losses.add(1, torch.tensor([0]), None, {"input_ids": torch.ones(1, 2)})
     assert without_losses.steps() == [1] and without_losses.sample_losses(1) is None
+
+
+def test_a_nonfinite_loss_names_the_batch_that_lost_its_labels(tmp_path, bert_tokenizer):
+    """The third sequential batch (samples 8..11, step 3) has no label: its loss is 0/0 = NaN with finite
+    gradients, and so is each of its samples' own loss. Spike rollback (on by default) rolls the NaN loss back."""
+    args = training_args(tmp_path, max_steps=4, per_device_train_batch_size=4, logging_steps=100)
+    StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=mlm_dataset(bert_tokenizer, rows=32),
+                     data_collator=NoLabelBatches([2])).train()
+    loss, rollback = events(tmp_path)
+    assert (loss["event"], loss["step"], rollback["event"], rollback["spike_step"]) == (
+        "nonfinite_loss", 3, "rollback", 3)
+    for event in (loss, rollback):
+        assert event["samples"] == [{"rank": 0, "micro_batches": [[8, 9, 10, 11]]}]
+        assert sorted(w["index"] for w in event["worst_samples"]) == [8, 9, 10, 11]
+        assert all(w["loss"] == "nan" for w in event["worst_samples"])
+    bad = read_bad_samples(tmp_path)
+    assert sorted(bad) == [8, 9, 10, 11]
+    assert all([e["event"] for e in named] == ["nonfinite_loss", "rollback"] for named in bad.values())
