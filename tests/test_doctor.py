@@ -14,6 +14,7 @@ import pytest
 from transformers import TrainerCallback
 
 from hf_stability import StabilityTrainer
+from hf_stability.alerts import StabilityAlert
 from hf_stability.cli import main as cli_main
 from hf_stability.doctor import BAD_SAMPLES_FILENAME, Finding, diagnose, read_bad_samples
 from hf_stability.events import read_events
@@ -45,9 +46,12 @@ def dataset(bert_tokenizer):
     return mlm_dataset(bert_tokenizer, rows=128)
 
 
-def _train(output_dir: Path, tokenizer, dataset, callbacks: list, fp16_scale: float | None = None, **overrides):
+def _train(output_dir: Path, tokenizer, dataset, callbacks: list, fp16_scale: float | None = None,
+           alerts: list[StabilityAlert] | None = None, **overrides):
     args = training_args(output_dir, fp16=fp16_scale is not None, **overrides)
     trainer = StabilityTrainer(tiny_bert(tokenizer), args, train_dataset=dataset, callbacks=callbacks)
+    if alerts is not None:
+        trainer.on_stability_event(alerts.append)
     if fp16_scale is not None:
         emulate_fp16_scaler(trainer, init_scale=fp16_scale)
     trainer.train()
@@ -130,10 +134,15 @@ def test_non_finite_weights_mean_the_update_overflowed(tmp_path, bert_tokenizer,
 def test_spikes_recurring_after_rollbacks_with_the_lr_cut_point_to_the_optimisation(
     tmp_path, bert_tokenizer, dataset, capsys
 ):
+    alerts: list[StabilityAlert] = []
     _train(tmp_path, bert_tokenizer, dataset, [ThrowWeights([25, 40])], max_steps=50, max_grad_norm=0.0,
-           warmup_steps=5, spike_window=16, spike_warmup=10, snapshot_interval=5, rollback_lr_factor=0.5)
+           warmup_steps=5, spike_window=16, spike_warmup=10, snapshot_interval=5, rollback_lr_factor=0.5,
+           alerts=alerts, stability_alerts="rollback", stability_alert_interval=0)
     rollbacks = [e for e in read_events(tmp_path) if e["event"] == "rollback"]
     assert [e["spike_step"] for e in rollbacks] == [26, 41]
+    # Each rollback alerts the registered callable, with the event and, at the second, the doctor's finding so far.
+    assert [(alert.kind, alert.event["spike_step"]) for alert in alerts] == [("rollback", 26), ("rollback", 41)]
+    assert alerts[1].top_finding is not None and alerts[1].top_finding.startswith("[recurring_spikes]")
     finding = _only(diagnose(tmp_path), "recurring_spikes")
     assert finding.cause.startswith("Likely an optimisation instability")
     assert finding.steps == [26, 41]
