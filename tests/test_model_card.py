@@ -87,7 +87,7 @@ def test_the_card_states_the_settings_of_the_callbacks_that_ran(tmp_path, bert_t
     )
     trainer.train()
     (rollback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SpikeRollbackCallback)]
-    assert rollback.settings.sigma == 4.0  # what ran
+    assert rollback.settings.spike_sigma == 4.0  # what ran
     trainer.create_model_card()
     text = ModelCard.load(tmp_path / "README.md").text
     for row in ("spike_rollback | True", "spike_sigma | 4.0", "snapshot_interval | 50", "spike_window | 32"):

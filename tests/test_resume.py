@@ -78,7 +78,7 @@ def test_settings_given_for_the_resumed_run_win_and_counters_come_back(tmp_path,
     callbacks = resumed.callback_handler.callbacks
     skip, rollback = find_callback(callbacks, SkipNonFiniteCallback), find_callback(callbacks, SpikeRollbackCallback)
     assert skip.max_consecutive_skips == 7 and skip.skipped_steps == 1
-    assert rollback.settings.sigma == 4.0
+    assert rollback.settings.spike_sigma == 4.0
     assert rollback.state()["attributes"]["detector_window"][:3] == window
     stored_args = stored_callbacks(tmp_path / "checkpoint-6")["SkipNonFiniteCallback"]["args"]
     assert stored_args == {"max_consecutive_skips": 7, "max_underflow_steps": 100}
@@ -102,7 +102,7 @@ def test_plain_trainer_callback_arguments_win_over_the_checkpoint(tmp_path, bert
     callbacks = run(6, 3, 8, True)
     skip, rollback = find_callback(callbacks, SkipNonFiniteCallback), find_callback(callbacks, SpikeRollbackCallback)
     assert skip.max_consecutive_skips == 3 and skip.skipped_steps == 1
-    assert rollback.settings.window == 8
+    assert rollback.settings.spike_window == 8
 
 
 def test_resume_supersedes_later_events_and_keeps_them_aside(tmp_path, bert_tokenizer, dataset):

@@ -157,7 +157,7 @@ def test_statistics_survive_resume_from_checkpoint(tmp_path, bert_tokenizer, dat
     first.train()
     saved = json.loads((tmp_path / "checkpoint-8" / "trainer_state.json").read_text())
     exported = saved["stateful_callbacks"]["AdaptiveClipCallback"]
-    assert exported["args"] == {"z": 2.5, "alpha": 0.97, "warmup": WARMUP}
+    assert exported["args"] == {"adaptive_clip_z": 2.5, "adaptive_clip_alpha": 0.97, "adaptive_clip_warmup": WARMUP}
     assert exported["attributes"]["healthy_steps"] == 8 and exported["attributes"]["mean"] > 0
 
     resumed, _ = run(tmp_path, bert_tokenizer, dataset, adaptive_clip=True, save_strategy="steps", save_steps=8)

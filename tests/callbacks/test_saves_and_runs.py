@@ -127,7 +127,7 @@ def test_a_second_trainer_on_one_model_keeps_the_first_ones_callback_settings(be
     Trainer(model, training_args(tmp_path / "two", max_steps=40), train_dataset=dataset,
             callbacks=[SpikeRollbackCallback()])
     first.train()
-    assert given.settings.warmup == 8
+    assert given.settings.spike_warmup == 8
     (rollback,) = read_events(tmp_path / "one")
     assert (rollback["event"], rollback["spike_step"]) == ("rollback", 26)
 
