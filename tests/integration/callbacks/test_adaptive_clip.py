@@ -13,12 +13,12 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from benchmarks.host_reads import counting_host_reads
 from hf_stability import AdaptiveClipCallback, StabilityConfig, StabilityTrainer
 from hf_stability.callbacks.order import find_callback
 from hf_stability.callbacks.signals import completing_step, global_grad_norm, gradients
 from tests.testing_utils import (
     PoisonGradient,
-    counting_host_reads,
     emulate_fp16_scaler,
     mlm_dataset,
     tiny_bert,

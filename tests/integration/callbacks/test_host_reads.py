@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 from transformers import Trainer, TrainerCallback
 
+from benchmarks.host_reads import counting_host_reads
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
 from tests.testing_utils import (
     bart_layout_model,
-    counting_host_reads,
     emulate_fp16_scaler,
     mlm_dataset,
     seq2seq_dataset,

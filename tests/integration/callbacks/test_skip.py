@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
+from benchmarks.host_reads import counting_host_reads
 from hf_stability import SkipNonFiniteCallback, StabilityTrainer, read_events
 from hf_stability.callbacks.order import find_callback
 from hf_stability.callbacks.signals import StepSignals
@@ -183,55 +184,35 @@ def test_fp16_overflow_queued_before_a_best_model_checkpoint_is_in_its_counters(
     assert saved["stateful_callbacks"]["SkipNonFiniteCallback"]["attributes"]["skipped_steps"] == 1
 
 
-class HostReadCounter(TrainerCallback):
-    """Counts device-to-host reads made inside the hf-stability callbacks' per-step hooks, per step.
+class StabilityHookStep:
+    """The step whose hf-stability callback hook is running (None outside them): where a host read is attributed.
 
-    Every tensor method that copies a value to the host is wrapped while training runs (``.cpu()``
-    included, although on CPU it copies nothing: it would on an accelerator); a read counts only
-    while one of the stability callbacks' ``on_pre_optimizer_step``/``on_optimizer_step``/``on_step_end``
-    runs, attributed to the step being completed.
+    Wraps the stability callbacks' ``on_pre_optimizer_step``/``on_optimizer_step``/``on_step_end``; used as
+    ``counting_host_reads(attribute_to=StabilityHookStep(trainer))``, so a read counts only while one of them runs,
+    under the step being completed.
     """
 
-    METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
     HOOKS = ("on_pre_optimizer_step", "on_optimizer_step", "on_step_end")
 
     def __init__(self, trainer: Trainer) -> None:
-        self.reads: dict[int, int] = {}
         self._step: int | None = None
-        self._originals = {name: getattr(torch.Tensor, name) for name in self.METHODS}
         for callback in trainer.callback_handler.callbacks:
             if type(callback).__module__.startswith("hf_stability."):
                 for hook in self.HOOKS:
                     setattr(callback, hook, self._inside(getattr(callback, hook)))
 
+    def __call__(self) -> int | None:
+        return self._step
+
     def _inside(self, hook):
         def wrapper(args, state, control, **kwargs):
             self._step = state.global_step + (hook.__name__ != "on_step_end")
-            self.reads.setdefault(self._step, 0)
             try:
                 return hook(args, state, control, **kwargs)
             finally:
                 self._step = None
 
         return wrapper
-
-    def _counted(self, name):
-        original = self._originals[name]
-
-        def wrapper(tensor, *args, **kwargs):
-            if self._step is not None:
-                self.reads[self._step] += 1
-            return original(tensor, *args, **kwargs)
-
-        return wrapper
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        for name in self.METHODS:
-            setattr(torch.Tensor, name, self._counted(name))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        for name, original in self._originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 @pytest.mark.parametrize(
@@ -259,15 +240,12 @@ def test_host_reads_per_step_none_with_a_device_skip_one_on_the_host_path(
     trainer = StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=dataset)
     if regime == "fp16":
         emulate_fp16_scaler(trainer)
-    counter = HostReadCounter(trainer)
+    hook_step = StabilityHookStep(trainer)
     trainer.add_callback(PoisonGradient([POISONED]))  # a skipped step must not cost a read either
-    trainer.add_callback(counter)
-    try:
+    with counting_host_reads(attribute_to=hook_step) as reads:
         trainer.train()
-    finally:
-        counter.on_train_end(None, None, None)
-    assert [counter.reads[step] for step in range(1, 6)] == [expected] * 5
-    assert counter.reads[6] >= 1, "the flush/check step reads; the counter must see it"
+    assert [reads[step] for step in range(1, 6)] == [expected] * 5
+    assert reads[6] >= 1, "the flush/check step reads; the counter must see it"
     assert find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback).skipped_steps == 1
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from benchmarks.host_reads import counting_host_reads
 from hf_stability import read_events
 from hf_stability.callbacks.signals import StepSignals
 from hf_stability.callbacks.skip_decision import TrainedParameters, judge_flagged_weights
 from hf_stability.callbacks.skip_health import SkipHealth
 from hf_stability.callbacks.skip_queue import PARAMETERS, Flags, QueuedStep, StepQueue
-from tests.testing_utils import counting_host_reads
 
 HEALTHY, BAD_GRADIENTS, BAD_LOSS, BAD_WEIGHTS = (0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 1)
 
