@@ -7,13 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from tokenizers import Tokenizer, models
-from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from hf_stability.collators import DataCollatorForBartDenoising
 from hf_stability.collators.bart import POISSON_LAMBDA_RANGE, _draw_span_lengths, _poisson_cdf
-from tests.integration.collators.trainer_check import assert_trainer_steps
 
 OFF = dict(mask_ratio=0.0, permute_sentence_ratio=0.0, rotate_ratio=0.0, insert_ratio=0.0)
 
@@ -481,29 +479,3 @@ def test_errors_name_the_argument(bart_tokenizer, corpus_rows):
         collator([{"input_ids": [tok.bos_token_id, -100, tok.eos_token_id]}])
     with pytest.raises(ValueError, match="Every row .* empty"):
         collator([{"input_ids": []}, {"input_ids": []}])
-
-
-def test_trainer_steps_with_tiny_bart(bart_tokenizer, corpus_rows, tmp_path):
-    tok = bart_tokenizer
-    config = BartConfig(
-        vocab_size=len(tok),
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    assert_trainer_steps(
-        BartForConditionalGeneration(config),
-        Dataset.from_dict({"input_ids": corpus_rows[:16]}),
-        DataCollatorForBartDenoising(tok, seed=0),
-        tmp_path,
-    )
