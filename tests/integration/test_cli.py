@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import hf_stability
-from tests.scripts.plain_trainer_run import POISONED_STEP, train_plain_run
+from tests.integration.plain_trainer_run import POISONED_STEP, train_plain_run
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -84,7 +84,7 @@ def test_the_installed_trainer_passes_the_check(tmp_path, bert_tokenizer, datase
     ids=["rollback", "adaptive_clip"],
 )
 def test_a_missing_pre_clip_norm_is_an_error_under_stability_trainer(settings, tmp_path, bert_tokenizer, dataset):
-    # A plain Trainer only warns (tests/callbacks); here the user was promised the pre-clip norm.
+    # A plain Trainer only warns (tests/integration/callbacks); here the user was promised the pre-clip norm.
     trainer = NoPreClipNorm(tiny_bert(bert_tokenizer), training_args(tmp_path, **settings), train_dataset=dataset)
     with pytest.raises(UpstreamChangedError, match=f"no pre-clip gradient norm for step 1.*{SUPPORTED}"):
         trainer.train()

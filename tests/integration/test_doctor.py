@@ -2,7 +2,7 @@
 
 Every run is a real tiny BERT under the real `StabilityTrainer`; faults are injected into the real backward pass
 or update (`PoisonGradient`, `ThrowWeights`, `NanWeights`, a gradient-growing hook), and fp16 is emulated on CPU
-with a real `torch.amp.GradScaler("cpu")`. The clean recipes' "no findings" is checked in tests/recipes.
+with a real `torch.amp.GradScaler("cpu")`. The clean recipes' "no findings" is checked in tests/integration/recipes.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Engine support: under DeepSpeed and tensor parallelism every stability protection refuses to start instead of
-staying silently inactive (FSDP version 1: tests/test_fsdp2.py)."""
+staying silently inactive (FSDP version 1: tests/integration/test_engines_fsdp2.py)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from hf_stability import StabilityTrainer
 from hf_stability.cli import main as cli_main
 from hf_stability.events import StabilityEventLog
 from hf_stability.report import format_summary, load_run, plot_training_curves
-from tests.scripts.plain_trainer_run import POISONED_STEP, STEPS, train_plain_run
+from tests.integration.plain_trainer_run import POISONED_STEP, STEPS, train_plain_run
 from tests.testing_utils import PoisonGradient, mlm_dataset, subprocess_env, tiny_bert, training_args
 
 

@@ -1,4 +1,5 @@
-"""Launched by tests/test_engines.py: ``torchrun --nproc_per_node 2 -m tests.scripts.deepspeed_skip_two_ranks OUT``.
+"""Launched by tests/integration/test_engines.py:
+``torchrun --nproc_per_node 2 -m tests.scripts.deepspeed_skip_two_ranks OUT``.
 
 What DeepSpeed's own overflow skip leaves untouched, measured per ZeRO stage and precision on DeepSpeed's CPU
 accelerator (gloo, 2 processes, client AdamW + LambdaLR). For each configuration: two healthy steps (Adam state

@@ -1,4 +1,4 @@
-"""Launched by tests/test_engines.py:
+"""Launched by tests/integration/test_engines.py:
 ``accelerate launch --config_file DS.yaml -m tests.scripts.deepspeed_two_ranks OUTPUT_DIR``.
 
 A real DeepSpeed engine (CPU accelerator, gloo) on two processes. Three checks per rank, written to

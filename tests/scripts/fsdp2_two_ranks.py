@@ -1,4 +1,5 @@
-"""Launched by tests/test_fsdp2.py: ``torchrun --nproc_per_node 2 -m tests.scripts.fsdp2_two_ranks OUTPUT_DIR``.
+"""Launched by tests/integration/test_engines_fsdp2.py:
+``torchrun --nproc_per_node 2 -m tests.scripts.fsdp2_two_ranks OUTPUT_DIR``.
 
 Raw FSDP2 (``fully_shard``, gloo, CPU) on a tiny BERT, driven step by step with the real stability callbacks and
 hand-built `TrainerState`/`TrainerControl` (`Trainer` refuses FSDP on CPU). Each rank writes

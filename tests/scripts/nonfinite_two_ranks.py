@@ -1,4 +1,4 @@
-"""Launched by tests/callbacks/test_rollback.py:
+"""Launched by tests/integration/callbacks/test_rollback.py:
 ``torchrun --nproc_per_node 2 -m tests.scripts.nonfinite_two_ranks OUTPUT_DIR``.
 
 Only rank 1's weights turn NaN after the update of step 25 (an overflow inside its update). DDP averages the NaN

@@ -1,4 +1,4 @@
-"""Launched by tests/callbacks/test_rollback.py:
+"""Launched by tests/integration/callbacks/test_rollback.py:
 ``torchrun --nproc_per_node 2 -m tests.scripts.rollback_two_ranks OUTPUT_DIR``.
 
 Only rank 1's weights are thrown at step 30, so only rank 1's loss spikes. Both ranks must roll back

@@ -1,4 +1,4 @@
-"""Launched by tests/callbacks/test_saves_and_runs.py:
+"""Launched by tests/integration/callbacks/test_save_guard.py:
 ``torchrun --nproc_per_node 2 -m tests.scripts.save_two_ranks OUTPUT_DIR``.
 
 Only rank 1's weights turn NaN in the update of step 25, and a user callback asks for a checkpoint at step 25 (no

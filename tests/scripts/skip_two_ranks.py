@@ -1,4 +1,4 @@
-"""Launched by tests/callbacks/test_skip.py:
+"""Launched by tests/integration/callbacks/test_skip.py:
 ``torchrun --nproc_per_node 2 -m tests.scripts.skip_two_ranks OUTPUT_DIR``.
 
 Rank 1 alone gets a NaN forward pass at one step. Each rank checks that its parameters and optimizer

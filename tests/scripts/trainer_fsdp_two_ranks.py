@@ -1,4 +1,5 @@
-"""Launched by tests/test_fsdp2.py: ``torchrun --nproc_per_node 2 -m tests.scripts.trainer_fsdp_two_ranks OUT``.
+"""Launched by tests/integration/test_engines_fsdp2.py:
+``torchrun --nproc_per_node 2 -m tests.scripts.trainer_fsdp_two_ranks OUT``.
 
 The real `Trainer` + accelerate FSDP (gloo, CPU, 2 ranks) with the stability callbacks. One test-only override
 makes that possible (`accelerate_fsdp_on_cpu`); everything after it is accelerate's and Trainer's own path.

@@ -1,4 +1,5 @@
-"""Launched by tests/test_compat.py: ``torchrun --nproc_per_node 2 -m tests.scripts.warnings_two_ranks OUTPUT_DIR``.
+"""Launched by tests/integration/test_compat.py:
+``torchrun --nproc_per_node 2 -m tests.scripts.warnings_two_ranks OUTPUT_DIR``.
 
 Both ranks build a `StabilityTrainer` from plain `TrainingArguments` (a construction warning) and get a NaN
 loss at one step (a skip warning and the `logging_nan_inf_filter` UserWarning): each must be printed once.

@@ -7,7 +7,7 @@ the tokenizer the recipe trains on the fly, which ``hf_stability.corpus`` makes 
 
 After an intended change, regenerate the traces with one command and review the diff of ``tests/assets/``:
 
-    HF_STABILITY_UPDATE_GOLDENS=1 python -m pytest tests/recipes/test_golden_losses.py
+    HF_STABILITY_UPDATE_GOLDENS=1 python -m pytest tests/integration/recipes/test_golden_losses.py
 """
 
 from __future__ import annotations
