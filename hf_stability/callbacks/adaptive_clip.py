@@ -34,8 +34,8 @@ class AdaptiveClipCallback(ResumableCallback):
     in fp16, already clipped by Trainer's ``max_grad_norm``):
 
     - The statistics follow the pre-clip norm (Trainer's own, shared by `StabilityTrainer`; with a plain
-      `Trainer`, the norm of the gradients as they arrive). The first ``warmup`` healthy steps only build
-      them (plain mean and variance); afterwards each step updates them with weight ``1 - alpha`` (mean
+      `Trainer`, the norm of the gradients as they arrive). The first ``adaptive_clip_warmup`` healthy steps only
+      build them (plain mean and variance); afterwards each step updates them with weight ``1 - alpha`` (mean
       ``m += w·(x - m)``, variance ``v = (1 - w)·(v + w·(x - m_old)²)``), feeding in the norm *after* the
       adaptive clip so that a burst does not inflate its own bound.
     - After the warm-up, gradients whose norm (after ``max_grad_norm``) exceeds the bound are rescaled to

@@ -7,7 +7,7 @@ How a step flows through the callback:
    sync. Steps that `SkipNonFiniteCallback` skipped are never judged: a host decision leaves the value
    out at once; an fp16 decision still on device (`StepSignals.skip_flag`) is buffered next to the value
    and read with it, as are fp16 overflows seen by the grad-norm metric without the skip callback.
-2. ``on_step_end``, on *check steps* only — every `check_interval` (10) steps, every logging step (Trainer
+2. ``on_step_end``, on *check steps* only — every `spike_check_interval` (10) steps, every logging step (Trainer
    synchronises there anyway), every snapshot and checkpoint step, the step after a checkpoint (its loss
    judges the update the checkpoint holds), the steps until the first judged loss after a resume, steps
    with non-finite weights and the last step — the buffered values are copied to
@@ -27,7 +27,7 @@ checkpoint) instead of rolling back to that same state.
 Why "trusted": the loss of step k is computed before step k's update, so a bad update at step k first
 shows in the loss of step k+1 (or later, once Adam's moments carry it). A snapshot taken at the end of
 step k may therefore already hold the update that caused the spike; it becomes a rollback target only
-when a check has judged all of steps k+1 .. k+`check_interval` healthy. Untrusted snapshots are discarded
+when a check has judged all of steps k+1 .. k+`spike_check_interval` healthy. Untrusted snapshots are discarded
 on a spike. The snapshot taken when training begins is trusted at once: it is the state the run started
 from, which no update of this run can have spoiled.
 
@@ -37,7 +37,7 @@ scheduler *is* restored (its position is part of the snapshot) and then scaled b
 per rollback, everywhere the scheduler reads the LR from (`hf_stability.user_optimizer.scale_learning_rate`).
 
 Memory: ``snapshot_keep`` trusted snapshots plus the untrusted ones awaiting confirmation (one when
-``snapshot_interval >= check_interval``), each ≈ 3x the fp32 parameter
+``snapshot_interval >= spike_check_interval``), each ≈ 3x the fp32 parameter
 size with Adam (weights + two moments), per rank — see `hf_stability.snapshots`. Use
 ``snapshot_storage="disk"`` when that does not fit in host memory.
 """
@@ -370,7 +370,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             if weights_bad:
                 return step, math.nan, None, True
             if judged:
-                # A snapshot vouched for by `check_interval` healthy steps after it becomes a rollback target.
+                # A snapshot vouched for by `spike_check_interval` healthy steps after it becomes a rollback target.
                 store.trust_through(judged[-1][0] - self.settings.spike_check_interval + 1)
                 self._resumed_from = self._unjudged_checkpoint = None  # healthy losses vouch for both
             return None
