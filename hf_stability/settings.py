@@ -16,7 +16,9 @@ alias (`ConfiguredCallback.aliases`); it is translated on entry.
 
 One validation per value (`check_knob`, the one place a knob is judged): a value is checked where it enters:
 a `StabilityConfig` field when it is set (creation or a later assignment), a callback constructor keyword
-when the callback is built, a checkpoint's stored value when it is read. Defaults are valid by construction
+when the callback is built, a checkpoint's stored value when it is read (under `StabilityTrainer` that is twice:
+before Trainer loads the checkpoint, naming it, and when Trainer rebuilds the callback from the stored values,
+which the resumed run's own settings then replace). Defaults are valid by construction
 (tests check them once). Combining values (`ComponentSettings.resolve`: trainer built, training begins,
 resume) checks no knob again, only the relations between knobs (`check_relations`), and only when the
 combination is new.
