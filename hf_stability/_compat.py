@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     # in the private `transformers._typing`, 5.19-5.25); at runtime it returns a `logging.Logger`.
     from transformers._typing import TransformersLogger as TransformersLogger
 
-# The one home of the tested range, which README.md and docs/trainer.md cite (tests/test_compat.py checks both):
-# what CI runs the suite on. The floors are pyproject.toml's (`make test-floor`); the tops are the latest releases
-# that `make install` resolved in CI (`make test`). Raise a top when CI passes on a newer release.
+# The one home of the tested range, which README.md and docs/trainer.md cite (tests/integration/test_compat.py
+# checks both): what CI runs the suite on. The floors are pyproject.toml's (`make test-floor`); the tops are the
+# latest releases that `make install` resolved in CI (`make test`). Raise a top when CI passes on a newer release.
 TRANSFORMERS_VERIFIED = ("5.19.0", "5.25.0")
 ACCELERATE_VERIFIED = ("1.10.1", "1.16.0")
 TORCH_VERIFIED = "2.13"

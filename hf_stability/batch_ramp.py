@@ -58,7 +58,8 @@ class BatchRamp:
     unit: RampUnit | str = RampUnit.SAMPLES
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "unit", RampUnit.checked("batch_ramp_unit", self.unit))
+        if not isinstance(self.unit, RampUnit):  # built by hand; from the settings it was checked when set
+            object.__setattr__(self, "unit", RampUnit.checked("batch_ramp_unit", self.unit))
         if not 0 < self.start < self.target:
             raise ValueError(f"`batch_ramp_start` must be in (0, target={self.target}), got {self.start}.")
         if self.increment < 1 or (self.target - self.start) % self.increment:
@@ -183,7 +184,7 @@ class BatchRampMixin(_MixedInto):
     def _build_batch_ramp(self) -> None:
         args = self.args
         ramp = BatchRampSettings.resolve({}, args)  # a plain TrainingArguments gets start 0: no ramp
-        if not ramp.start:
+        if not ramp.batch_ramp_start:
             return
         if args.train_sampling_strategy not in ("random", "sequential"):
             raise ValueError(
@@ -192,13 +193,14 @@ class BatchRampMixin(_MixedInto):
             )
         micro, world = args.per_device_train_batch_size, args.world_size
         target = micro * args.gradient_accumulation_steps * world
-        for name in ("start", "increment"):
+        for name in ("batch_ramp_start", "batch_ramp_increment"):
             if getattr(ramp, name) % (micro * world):
                 raise ValueError(
-                    f"`batch_ramp_{name}` ({getattr(ramp, name)}) must be a multiple of per_device_train_batch_size x "
+                    f"`{name}` ({getattr(ramp, name)}) must be a multiple of per_device_train_batch_size x "
                     f"world size ({micro} x {world}): the batch grows in whole micro-batches."
                 )
-        self.batch_ramp = BatchRamp(ramp.start, ramp.increment, ramp.length, target, ramp.unit)
+        self.batch_ramp = BatchRamp(ramp.batch_ramp_start, ramp.batch_ramp_increment, ramp.batch_ramp_length, target,
+                                    ramp.batch_ramp_unit)
 
     def tagged_training_data(self) -> tuple[TaggedDataset | TaggedIterable, TaggingCollator]:
         """The train dataset with each item tagged by its index, and the collator moving the tags into the batch

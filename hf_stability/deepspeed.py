@@ -1,6 +1,7 @@
 """What DeepSpeed itself does with a non-finite step, read from the run's DeepSpeed config.
 
-Measured in ``tests/test_engines.py`` (DeepSpeed 0.19.8, CPU accelerator, 2 processes, NaN loss on one rank):
+Measured in ``tests/integration/test_engines.py`` (DeepSpeed 0.19.8, CPU accelerator, 2 processes, NaN loss on one
+rank):
 ZeRO-1/2/3 in fp32 and in bf16 with ``bf16.check_grad_overflow`` on (its default) skip the step on every rank,
 bit for bit; bf16 with that check off applies the NaN step and counts nothing. Everything else is not measured:
 fp16 (the CPU accelerator cannot run it), ZeRO stage 0, optimizer offload, and the `BF16_Optimizer` path (bf16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
@@ -288,9 +288,14 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         def model() -> torch.nn.Module:  # the one training now (`model_init` replaces it in `train`)
             return cast(torch.nn.Module, self.model)
 
-        return ((lambda inputs, count: per_sample_losses(model(), loss_of, inputs, count)) if settings.sample_losses
-                else None,
-                (lambda batches: replay_step(model(), loss_of, batches)) if settings.spike_replay else None)
+        def losses(inputs: Mapping[str, Any], count: int) -> torch.Tensor:
+            return per_sample_losses(model(), loss_of, inputs, count)
+
+        def replay(batches: list[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+            return replay_step(model(), loss_of, batches)
+
+        return (losses if settings.stability_sample_losses else None,
+                replay if settings.spike_replay else None)
 
     def _feeding_loss(self, training_step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``training_step`` whose return (the loss backpropagated and logged, per micro-batch) feeds `step_signals`.
