@@ -118,6 +118,9 @@ def test_a_stop_after_consecutive_skips_names_the_first_bad_step(tmp_path, bert_
     _train(tmp_path, bert_tokenizer, dataset, [PoisonGradient(range(4, 20))], max_steps=12, max_consecutive_skips=3)
     (stop,) = [e for e in read_events(tmp_path) if e["event"] == "stop"]
     assert stop["step"] == 7
+    # The stop names the samples of the step that reached the limit (sequential batches of 8: step 7 is 48..55).
+    assert (stop["index_kind"], stop["samples"]) == ("dataset_index", [{"rank": 0, "micro_batches": [
+        list(range(48, 56))]}])
     finding = _only(diagnose(tmp_path), "stop_after_skips")
     assert finding.cause == ("Likely the data or the model is broken from step 5 on: every step since then had "
                              "non-finite gradients.")
