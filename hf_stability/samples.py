@@ -21,6 +21,8 @@ import json
 import math
 import os
 import tempfile
+import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -345,6 +347,9 @@ def event_samples(record: SampleRecord | None, step: int, flagged: bool,
         if len(ranks) > 1:
             fields["replay"]["ranks"] = [{k: v for k, v in r.items() if k != "flagged"} for r in replays]
     fields["_blamed"] = _blamed(ranks, step)
+    if "replay" in fields:
+        for entry in fields["_blamed"]:
+            entry["reproduced"] = fields["replay"]["reproduced"]
     return fields
 
 
@@ -366,25 +371,45 @@ def record_bad_samples(output_dir: str | os.PathLike, event: str, fields: dict[s
     """Add the samples ``fields`` blame (from `event_samples`) to ``stability_bad_samples.json`` (main process).
 
     The file maps each sample index to the events that named it; an existing file (a resumed run's) is merged
-    into, and the new one replaces it atomically.
+    into, and the new one replaces it atomically. A side file never stops training: a file that cannot be read is
+    moved aside (``stability_bad_samples.unreadable-<time>.json``), one that cannot be written is warned about.
     """
     blamed = fields.get("_blamed") or []
     if not blamed:
         return
     path = Path(output_dir) / BAD_SAMPLES_FILENAME
-    data: dict[str, list[dict[str, Any]]] = {}
-    if path.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(loaded, dict):
-                data = loaded
+    try:
+        _write_bad_samples(path, _read_or_move_aside(path), event, fields["index_kind"], blamed)
+    except OSError as error:
+        warnings.warn(f"{path}: could not write the bad samples ({error}); training goes on, the events name them.",
+                      UserWarning, stacklevel=2)
+
+
+def _read_or_move_aside(path: Path) -> dict[str, list[dict[str, Any]]]:
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(loaded, dict) and all(isinstance(events, list) for events in loaded.values()):
+            return loaded
+    except (ValueError, UnicodeDecodeError):
+        pass
+    aside = path.with_name(f"{path.stem}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+    path.replace(aside)
+    warnings.warn(f"{path} could not be read as sample index -> events: moved to {aside.name}, a new one is started.",
+                  UserWarning, stacklevel=3)
+    return {}
+
+
+def _write_bad_samples(path: Path, data: dict[str, list[dict[str, Any]]], event: str, index_kind: str,
+                       blamed: list[dict[str, Any]]) -> None:
     for entry in blamed:
         record = {"step": entry["step"], "event": event, "rank": entry["rank"], "micro_batch": entry["micro_batch"],
-                  "index_kind": fields["index_kind"]}
+                  "index_kind": index_kind}
         if "loss" in entry:
             record["loss"] = entry["loss"] if math.isfinite(entry["loss"]) else str(entry["loss"])  # JSON has no NaN
-        if "replay" in fields:
-            record["reproduced"] = fields["replay"]["reproduced"]
+        if "reproduced" in entry:
+            record["reproduced"] = entry["reproduced"]
         data.setdefault(str(entry["index"]), []).append(record)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
