@@ -23,10 +23,12 @@ from hf_stability.samples import BAD_SAMPLES_FILENAME, DATASET_INDEX, STREAM_POS
 from tests.testing_utils import (
     NoLabelBatches,
     PoisonActivations,
+    bart_layout_model,
     mlm_dataset,
     poison_embeddings,
     poison_samples,
     run_two_ranks,
+    seq2seq_dataset,
     tiny_bert,
     training_args,
 )
@@ -202,12 +204,17 @@ def test_two_ranks_name_each_ranks_own_samples(tmp_path, bert_tokenizer):
             == {6: [(1, 1)], 33: [(5, 0)]}
 
 
-def test_a_nonfinite_loss_names_the_batch_that_lost_its_labels(tmp_path, bert_tokenizer):
+@pytest.mark.parametrize("model", ["bert_mlm", "bart_seq2seq"])
+def test_a_nonfinite_loss_names_the_batch_that_lost_its_labels(tmp_path, bert_tokenizer, model):
     """The third sequential batch (samples 8..11, step 3) has no label: its loss is 0/0 = NaN with finite
-    gradients, and so is each of its samples' own loss. Spike rollback (on by default) rolls the NaN loss back."""
+    gradients, and so is each of its samples' own loss (recomputed row by row, with a masked LM and with a
+    seq2seq model alike). Spike rollback (on by default) rolls the NaN loss back."""
     args = training_args(tmp_path, max_steps=4, per_device_train_batch_size=4, logging_steps=100)
-    StabilityTrainer(tiny_bert(bert_tokenizer), args, train_dataset=mlm_dataset(bert_tokenizer, rows=32),
-                     data_collator=NoLabelBatches([2])).train()
+    if model == "bert_mlm":
+        network, dataset = tiny_bert(bert_tokenizer), mlm_dataset(bert_tokenizer, rows=32)
+    else:
+        network, dataset = bart_layout_model(), seq2seq_dataset(rows=32)
+    StabilityTrainer(network, args, train_dataset=dataset, data_collator=NoLabelBatches([2])).train()
     loss, rollback = events(tmp_path)
     assert (loss["event"], loss["step"], rollback["event"], rollback["spike_step"]) == (
         "nonfinite_loss", 3, "rollback", 3)
