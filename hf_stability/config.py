@@ -16,6 +16,7 @@ from hf_stability.settings import (
     AlertSettings,
     BatchRampSettings,
     ComponentSettings,
+    ExcludeSettings,
     RollbackSettings,
     SkipSettings,
     TelemetrySettings,
@@ -33,6 +34,7 @@ COMPONENT_SETTINGS: tuple[type[ComponentSettings], ...] = (
     AdaptiveClipSettings,
     BatchRampSettings,
     AlertSettings,
+    ExcludeSettings,
 )
 
 
@@ -114,6 +116,9 @@ class StabilityConfig(TrainingArguments):
     stability_alert_skip_window: int = setting(AlertSettings, "skip_window")
     stability_alert_interval: float = setting(AlertSettings, "interval")
 
+    # The exclude list, see `hf_stability.exclude`
+    exclude_samples: str = setting(ExcludeSettings, "samples")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         # One validation: build every component's settings from these fields and keep the normalised values.
@@ -127,3 +132,8 @@ class StabilityConfig(TrainingArguments):
             target = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
             BatchRamp(self.batch_ramp_start, self.batch_ramp_increment, self.batch_ramp_length, target,
                       self.batch_ramp_unit)
+        if self.exclude_samples:
+            from hf_stability._compat import output_dir
+            from hf_stability.exclude import read_exclude_list
+
+            read_exclude_list(self.exclude_samples, output_dir(self))  # a bad path or file fails here, in one line

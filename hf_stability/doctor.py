@@ -116,8 +116,11 @@ def read_bad_samples(output_dir: str | os.PathLike) -> dict[int, list[dict[str, 
     """``stability_bad_samples.json`` (``{"<index>": [event, ...]}``, each event with an integer ``step``) as
     sample index -> events; an absent file means none. A file of another shape raises a one-line `ValueError`."""
     path = Path(output_dir) / BAD_SAMPLES_FILENAME
-    if not path.is_file():
-        return {}
+    return read_bad_samples_file(path) if path.is_file() else {}
+
+
+def read_bad_samples_file(path: Path) -> dict[int, list[dict[str, Any]]]:
+    """A bad-samples file at any path (`read_bad_samples`; also what ``exclude_samples`` names)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:

@@ -32,6 +32,8 @@ from hf_stability.event_digest import EventDigest, read_event_digest
 from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX
 
 STATE_FILENAME = "trainer_state.json"
+# What a run left out (`hf_stability.exclude`): {"exclude_samples", "file", "index_kind", "samples"}.
+EXCLUDED_FILENAME = "stability_excluded_samples.json"
 # Event kind -> (callback, attribute) whose checkpointed value counts it.
 _STORED_COUNTERS = {
     "skip": ("SkipNonFiniteCallback", "skipped_steps"),

@@ -376,6 +376,30 @@ class AlertSettings(ComponentSettings):
         return tuple(name for name in self.events.split(",") if name)
 
 
+# `ExcludeSettings.samples` naming the output directory's own bad-samples file (`hf_stability.exclude`).
+EXCLUDE_AUTO = "auto"
+
+
+@dataclass
+class ExcludeSettings(ComponentSettings):
+    """The exclude list: samples the train dataloader leaves out (`hf_stability.exclude`)."""
+
+    samples: str = option(
+        "",
+        "exclude_samples",
+        "A bad-samples JSON file (`{\"<index>\": [event, ...]}`, as a run writes to stability_bad_samples.json) whose "
+        "samples the train dataloader leaves out (dataset indices; stream positions for an IterableDataset), or "
+        f"'{EXCLUDE_AUTO}': `<output_dir>/stability_bad_samples.json` when it exists (on a resume). Empty: none.",
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples, str):
+            raise ValueError(
+                f"`{self.label('samples')}` must be a file path or '{EXCLUDE_AUTO}', got {self.samples!r}."
+            )
+        self.samples = self.samples.strip()
+
+
 def setting(settings_class: type[ComponentSettings], name: str) -> Any:
     """A `StabilityConfig` field declared from setting ``name`` of ``settings_class``: same default and help.
 
