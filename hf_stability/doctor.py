@@ -276,8 +276,10 @@ def rule_recurring_samples(evidence: RunEvidence) -> Finding | None:
         f"Likely bad data: {len(indices)} sample(s) were in the batches of trouble at {RECURRING_SAMPLE_STEPS} or "
         "more different steps.",
         facts,
-        [f"leave them out: {BAD_SAMPLES_FILENAME} lists them; resume with `--exclude_samples auto` "
-         "(StabilityConfig.exclude_samples)", "inspect them: `hf-stability report OUTPUT_DIR --bad-samples`"],
+        [f"leave them out (StabilityConfig.exclude_samples): resume in this output directory with "
+         f"`--exclude_samples auto --resume_from_checkpoint latest`, or rerun with "
+         f"`--exclude_samples {evidence.run.output_dir / BAD_SAMPLES_FILENAME}`",
+         f"inspect them: `hf-stability report {evidence.run.output_dir} --bad-samples`"],
         70, steps=sorted({step for steps in recurring.values() for step in steps}), samples=indices,
     )
 

@@ -138,6 +138,7 @@ class RunRecord:
             "loss_scale_max": max(scales, default=None),
             "events": self.events,
             "superseded": [path.name for path in self.superseded],
+            "excluded_samples": len((read_excluded(self.output_dir) or {}).get("samples", [])),
         }
 
 
@@ -173,6 +174,16 @@ def load_run(output_dir: str | os.PathLike) -> RunRecord:
     )
 
 
+def read_excluded(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """What the run left out (`EXCLUDED_FILENAME`, written by `hf_stability.exclude`), or ``None``."""
+    path = Path(output_dir) / EXCLUDED_FILENAME
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("samples"), list) else None
+
+
 def superseded_event_files(output_dir: Path) -> list[Path]:
     """The event files moved aside in ``output_dir`` (earlier runs, or steps replayed after a resume), oldest first."""
     return sorted(output_dir.glob(f"{SUPERSEDED_PREFIX}*.jsonl"))
@@ -206,6 +217,9 @@ def format_summary(run: RunRecord) -> str:
         lines.append(f"  max grad norm: {figures['max_grad_norm']:.4g}")
     lines.append(f"  skipped steps: {figures['skipped_steps']}")
     lines.append(f"  rollbacks: {figures['rollbacks']}")
+    if figures["excluded_samples"]:
+        lines.append(f"  excluded samples: {figures['excluded_samples']} (exclude_samples; `--bad-samples` lists "
+                     "what the events named)")
     if figures["loss_scale_min"] is not None:
         lines.append(f"  loss scale: {figures['loss_scale_min']:g} .. {figures['loss_scale_max']:g}")
     lines += event_summary_lines(run.event_digest)
