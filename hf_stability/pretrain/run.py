@@ -345,7 +345,8 @@ def _check_world_size(training_args: StabilityConfig) -> None:
 
 def _setup_logging(training_args: StabilityConfig) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    # The package's logger: the recipe's progress and the trainer's own info lines (e.g. the excluded samples).
+    logging.getLogger("hf_stability").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
 
 
 def _tokenizer(
