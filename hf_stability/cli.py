@@ -66,11 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report" and args.json and not args.bad_samples:
         parser.error("report: --json needs --bad-samples")
     try:
+        if args.command == "report" and args.bad_samples:  # needs only the bad-samples file, not a trainer state
+            return _bad_samples(args.output_dir, args.json)
         run = load_run(args.output_dir)
         if args.command == "doctor":
             return _doctor(run, args.json)
-        if args.bad_samples:
-            return _bad_samples(run, args.json)
     except ValueError as error:
         print(f"hf-stability {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -85,10 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _bad_samples(run: RunRecord, as_json: bool) -> int:
+def _bad_samples(output_dir: str, as_json: bool) -> int:
     from hf_stability.sample_report import bad_samples_listing, format_bad_samples
 
-    listing = bad_samples_listing(run.output_dir)
+    listing = bad_samples_listing(output_dir)
     print(json.dumps(listing, indent=2) if as_json else format_bad_samples(listing))
     return 0
 

@@ -70,6 +70,8 @@ def bad_samples_listing(directory: str | os.PathLike) -> dict[str, Any]:
     """The run's bad samples by index (each with the events that named it and its text), the exclusion the run ran
     with, and the command that leaves the samples out. Raises a one-line `ValueError` on a damaged file."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"`output_dir` {str(directory)!r} is not a directory.")
     samples = read_bad_samples(directory)
     texts, unavailable = sample_texts(directory, sorted(samples)) if samples else ({}, None)
     excluded = read_excluded(directory)

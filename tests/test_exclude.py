@@ -20,6 +20,7 @@ from transformers import Trainer, default_data_collator
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hf_stability import StabilityTrainer, read_events
+from hf_stability.cli import main as cli
 from hf_stability.doctor import BAD_SAMPLES_FILENAME
 from hf_stability.exclude import ExcludeSamplesSampler, excluding_sampler, read_exclude_list
 from hf_stability.report import EXCLUDED_FILENAME
@@ -111,7 +112,7 @@ def train(tmp_path, tokenizer, dataset, trainer_class=StabilityTrainer, resume: 
 
 
 def test_random_order_run_skips_the_poisoned_samples_and_a_rerun_excluding_them_skips_none(
-    tmp_path, bert_tokenizer, rows, caplog
+    tmp_path, bert_tokenizer, rows, caplog, capsys
 ):
     _, fed, skips = train(tmp_path / "poisoned", bert_tokenizer, Rows(rows), train_sampling_strategy="random")
     assert sorted(fed) == list(range(ROWS)) and fed != sorted(fed)  # one shuffled epoch
@@ -128,6 +129,22 @@ def test_random_order_run_skips_the_poisoned_samples_and_a_rerun_excluding_them_
     assert f"Excluding {len(POISONED)} sample(s) (dataset indices) listed in {listed}" in caplog.text
     record = json.loads((tmp_path / "rerun" / EXCLUDED_FILENAME).read_text())
     assert record["samples"] == list(POISONED) and record["index_kind"] == "dataset_index"
+
+    # The report on this run directory (a script's run: no recorded data, so no text), and its JSON.
+    bad_samples_file(tmp_path / "rerun" / BAD_SAMPLES_FILENAME)
+    capsys.readouterr()
+    assert cli(["report", str(tmp_path / "rerun"), "--bad-samples", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [(s["index"], s["events"][0]["step"], s["text"]) for s in listing["samples"]] == [
+        (i, 1, None) for i in POISONED]
+    assert "no stability_data.json" in listing["text_unavailable"] and listing["excluded"]["samples"] == [5, 18, 27]
+    assert cli(["report", str(tmp_path / "rerun"), "--bad-samples"]) == 0
+    text = capsys.readouterr().out
+    assert "this run left out 3 sample(s) (dataset_index)" in text
+    assert "text unavailable: no stability_data.json" in text
+    assert "  sample 18:\n    step 1, rank 0, micro-batch 0: skip\n  sample 27:" in text
+    with pytest.raises(SystemExit, match="2"):
+        cli(["report", str(tmp_path / "rerun"), "--json"])  # --json lists bad samples only
 
 
 def test_auto_on_resume_leaves_out_what_the_earlier_run_listed(tmp_path, bert_tokenizer, rows):
