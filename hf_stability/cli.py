@@ -86,10 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bad_samples(output_dir: str, as_json: bool) -> int:
+    from hf_stability.events import _json_safe
     from hf_stability.sample_report import bad_samples_listing, format_bad_samples
 
     listing = bad_samples_listing(output_dir)
-    print(json.dumps(listing, indent=2) if as_json else format_bad_samples(listing))
+    # Valid JSON for every reader: a NaN or infinite loss is written as a string, as in the events file.
+    print(json.dumps(_json_safe(listing), indent=2, allow_nan=False) if as_json else format_bad_samples(listing))
     return 0
 
 

@@ -93,7 +93,8 @@ def rows(bert_tokenizer):
 
 def bad_samples_file(path: Path) -> Path:
     """A bad-samples file listing `POISONED`, written by hand in the shape a run writes."""
-    path.write_text(json.dumps({str(i): [{"step": 1, "event": "skip", "rank": 0, "micro_batch": 0}] for i in POISONED}))
+    event = {"step": 1, "event": "skip", "rank": 0, "micro_batch": 0, "loss": float("nan")}
+    path.write_text(json.dumps({str(i): [event] for i in POISONED}))
     return path
 
 
@@ -135,14 +136,14 @@ def test_random_order_run_skips_the_poisoned_samples_and_a_rerun_excluding_them_
     capsys.readouterr()
     assert cli(["report", str(tmp_path / "rerun"), "--bad-samples", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert [(s["index"], s["events"][0]["step"], s["text"]) for s in listing["samples"]] == [
-        (i, 1, None) for i in POISONED]
+    assert [(s["index"], s["events"][0]["step"], s["events"][0]["loss"], s["text"]) for s in listing["samples"]] == [
+        (i, 1, "nan", None) for i in POISONED]  # strict JSON: the NaN loss as a string
     assert "no stability_data.json" in listing["text_unavailable"] and listing["excluded"]["samples"] == [5, 18, 27]
     assert cli(["report", str(tmp_path / "rerun"), "--bad-samples"]) == 0
     text = capsys.readouterr().out
     assert "this run left out 3 sample(s) (dataset_index)" in text
     assert "text unavailable: no stability_data.json" in text
-    assert "  sample 18:\n    step 1, rank 0, micro-batch 0: skip\n  sample 27:" in text
+    assert "  sample 18:\n    step 1, rank 0, micro-batch 0: skip, loss nan\n  sample 27:" in text
     with pytest.raises(SystemExit, match="2"):
         cli(["report", str(tmp_path / "rerun"), "--json"])  # --json lists bad samples only
 
