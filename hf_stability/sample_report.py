@@ -27,7 +27,10 @@ TEXT_CHARS = 200
 def write_data_reference(directory: str | os.PathLike, rows: Any, tokenizer: str) -> None:
     """Record where the training ``rows`` (a `datasets` dataset) and the ``tokenizer`` (a path or Hub name) are, so
     that the report can decode the samples by index: the rows' own Arrow cache files, else a Parquet copy of their
-    ``input_ids`` (rows built in memory, e.g. the embedded corpus). A streamed set (no index) is recorded as such."""
+    ``input_ids`` (rows built in memory, e.g. the embedded corpus). A streamed set (no index) is recorded as such.
+
+    Row ``i`` of the rows is row ``i`` of their cache files: the recipes map documents to rows and keep a prefix
+    (``max_train_samples``), never reorder them (Trainer's sampler shuffles)."""
     import datasets
 
     directory = Path(directory)
