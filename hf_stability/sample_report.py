@@ -34,6 +34,11 @@ def write_data_reference(directory: str | os.PathLike, rows: Any, tokenizer: str
     import datasets
 
     directory = Path(directory)
+    # Paths inside the output directory are stored relative to it (the directory may move), others absolute.
+    if Path(tokenizer).resolve() == directory.resolve():
+        tokenizer = "."
+    elif Path(tokenizer).exists():
+        tokenizer = str(Path(tokenizer).resolve())
     reference: dict[str, Any] = {"tokenizer": tokenizer, "column": "input_ids"}
     if not isinstance(rows, datasets.Dataset):
         reference["rows"] = None
@@ -42,7 +47,7 @@ def write_data_reference(directory: str | os.PathLike, rows: Any, tokenizer: str
         reference["rows"] = [entry["filename"] for entry in rows.cache_files]
     else:
         rows.select_columns(["input_ids"]).to_parquet(str(directory / ROWS_COPY_FILENAME))
-        reference["rows"] = [str(directory / ROWS_COPY_FILENAME)]
+        reference["rows"] = [ROWS_COPY_FILENAME]
     (directory / DATA_FILENAME).write_text(json.dumps(reference, indent=1), encoding="utf-8")
 
 
@@ -59,10 +64,12 @@ def sample_texts(directory: str | os.PathLike, indices: list[int]) -> tuple[dict
         from pyarrow import parquet
         from transformers import AutoTokenizer
 
+        files = [str(Path(directory) / name) for name in reference["rows"]]  # an absolute name stays itself
         parts = [datasets.Dataset(parquet.read_table(name)) if name.endswith(".parquet")
-                 else datasets.Dataset.from_file(name) for name in reference["rows"]]
+                 else datasets.Dataset.from_file(name) for name in files]
         rows = datasets.concatenate_datasets(parts)
-        tokenizer = AutoTokenizer.from_pretrained(reference["tokenizer"])
+        local = Path(directory) / reference["tokenizer"]
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else reference["tokenizer"])
         column = reference["column"]
         return {index: str(tokenizer.decode(rows[index][column])) for index in indices if index < len(rows)}, None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:

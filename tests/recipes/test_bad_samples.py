@@ -20,7 +20,7 @@ from hf_stability.exclude import read_exclude_list
 from hf_stability.pretrain import main
 from hf_stability.pretrain.run import parse_recipe_args
 from hf_stability.report import EXCLUDED_FILENAME
-from hf_stability.sample_report import DATA_FILENAME
+from hf_stability.sample_report import DATA_FILENAME, bad_samples_listing, write_data_reference
 from tests.recipes.recipe_utils import TINY_RUN, load_recipe
 
 BAD = {
@@ -43,7 +43,8 @@ def test_report_lists_the_bad_samples_with_their_rows_and_the_doctors_commands_e
     assert listing["samples"][0]["events"] == BAD["3"]
     # The text is the recipe's packed row, decoded: the rows and tokenizer the run recorded, read back here.
     reference = json.loads((output_dir / DATA_FILENAME).read_text())
-    rows = datasets.Dataset.from_parquet(reference["rows"][0])
+    assert reference["tokenizer"] == "." and reference["rows"] == ["stability_train_rows.parquet"]  # movable
+    rows = datasets.Dataset.from_parquet(str(output_dir / reference["rows"][0]))
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     for sample in listing["samples"]:
         assert sample["text"] == tokenizer.decode(rows[sample["index"]]["input_ids"])
@@ -65,3 +66,22 @@ def test_report_lists_the_bad_samples_with_their_rows_and_the_doctors_commands_e
     assert "Training samples left out (`exclude_samples`, known bad): **2**" in (output_dir / "README.md").read_text()
     training_args = parse_recipe_args(bert, ["--output_dir", str(tmp_path / "rerun"), *rerun])[-1]
     assert read_exclude_list(training_args.exclude_samples, training_args.output_dir) == {3, 7}
+
+
+def test_rows_in_cache_files_are_referenced_not_copied_and_decode_by_index(tmp_path, bert_tokenizer):
+    """Rows from a data file live in `datasets`' Arrow cache files: the reference names them (no copy), and the
+    listing decodes row i of them; the tokenizer is found by absolute path from any working directory."""
+    texts = ["the first row of a file", "a second, poisoned row", "and the third one"]
+    datasets.Dataset.from_dict({"input_ids": bert_tokenizer(texts)["input_ids"]}).save_to_disk(tmp_path / "rows")
+    rows = datasets.load_from_disk(str(tmp_path / "rows"))
+    bert_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    write_data_reference(output_dir, rows, str(tmp_path / "tokenizer"))
+    reference = json.loads((output_dir / DATA_FILENAME).read_text())
+    assert reference["rows"] == [entry["filename"] for entry in rows.cache_files]
+    assert reference["tokenizer"] == str((tmp_path / "tokenizer").resolve())
+    assert not (output_dir / "stability_train_rows.parquet").exists()
+    (output_dir / BAD_SAMPLES_FILENAME).write_text(json.dumps({"1": [{"step": 4, "event": "skip"}]}))
+    (sample,) = bad_samples_listing(output_dir)["samples"]
+    assert sample["text"] == "[CLS] a second, poisoned row [SEP]"
