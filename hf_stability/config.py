@@ -16,6 +16,7 @@ from hf_stability.settings import (
     AlertSettings,
     BatchRampSettings,
     ComponentSettings,
+    ExcludeSettings,
     ForensicsSettings,
     RollbackSettings,
     SkipSettings,
@@ -35,6 +36,7 @@ COMPONENT_SETTINGS: tuple[type[ComponentSettings], ...] = (
     AdaptiveClipSettings,
     BatchRampSettings,
     AlertSettings,
+    ExcludeSettings,
     ForensicsSettings,
 )
 # Flat knob name -> the settings class that checks it.
@@ -121,6 +123,9 @@ class StabilityConfig(TrainingArguments):
     stability_alert_skip_window: int = setting(AlertSettings, "stability_alert_skip_window")
     stability_alert_interval: float = setting(AlertSettings, "stability_alert_interval")
 
+    # The exclude list, see `hf_stability.exclude`
+    exclude_samples: str = setting(ExcludeSettings, "exclude_samples")
+
     def __setattr__(self, name: str, value: object) -> None:
         """A knob's one check, whenever it is set (the dataclass ``__init__`` sets every field once)."""
         settings_class = _KNOBS.get(name)
@@ -141,3 +146,8 @@ class StabilityConfig(TrainingArguments):
             target = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
             BatchRamp(self.batch_ramp_start, self.batch_ramp_increment, self.batch_ramp_length, target,
                       self.batch_ramp_unit)
+        if self.exclude_samples:
+            from hf_stability._compat import output_dir
+            from hf_stability.exclude import read_exclude_list
+
+            read_exclude_list(self.exclude_samples, output_dir(self))  # a bad path or file fails here, in one line

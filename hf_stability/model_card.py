@@ -374,6 +374,8 @@ def _stability_section(run: RunRecord, trainer: Trainer) -> str:
         f"- Rollbacks after loss spikes: **{figures['rollbacks']}**",
         f"- Loss-scale range: {scale}",
     ]
+    if figures["excluded_samples"]:
+        lines.append(f"- Training samples left out (`exclude_samples`, known bad): **{figures['excluded_samples']}**")
     if figures["max_grad_norm"] is not None:
         lines.append(f"- Largest logged gradient norm: {figures['max_grad_norm']:.4g}")
     lines += _gradient_health_lines(run)

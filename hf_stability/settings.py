@@ -391,6 +391,30 @@ class AlertSettings(ComponentSettings):
         return tuple(name for name in self.stability_alerts.split(",") if name)
 
 
+# `ExcludeSettings.samples` naming the output directory's own bad-samples file (`hf_stability.exclude`).
+EXCLUDE_AUTO = "auto"
+
+
+def _exclude_samples(name: str, value: Any) -> str:
+    """The check of `exclude_samples`: a path or 'auto' (the file itself is read when the dataloader is built)."""
+    if not isinstance(value, str):
+        raise ValueError(f"`{name}` must be a file path or '{EXCLUDE_AUTO}', got {value!r}.")
+    return value.strip()
+
+
+@dataclass
+class ExcludeSettings(ComponentSettings):
+    """The exclude list: samples the train dataloader leaves out (`hf_stability.exclude`)."""
+
+    exclude_samples: str = option(
+        "",
+        "A bad-samples JSON file (`{\"<index>\": [event, ...]}`, as a run writes to stability_bad_samples.json) whose "
+        "samples the train dataloader leaves out (dataset indices; stream positions for an IterableDataset), or "
+        f"'{EXCLUDE_AUTO}': `<output_dir>/stability_bad_samples.json` when it exists (on a resume). Empty: none.",
+        _exclude_samples,
+    )
+
+
 def setting(settings_class: type[ComponentSettings], name: str) -> Any:
     """A `StabilityConfig` field declared from setting ``name`` of ``settings_class``: same default and help.
 

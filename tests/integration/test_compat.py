@@ -55,6 +55,14 @@ class NoPreClipNorm(StabilityTrainer):
         return Trainer._get_grad_norm(self, model, grad_norm=grad_norm)
 
 
+class UpstreamWithoutTrainSampler(Trainer):
+    """A future Trainer whose train dataloader no longer takes its sampler from `_get_train_sampler` (the
+    exclude list would leave nothing out)."""
+
+    def get_train_dataloader(self):
+        raise NotImplementedError("never reached: construction must refuse first")
+
+
 SUPPORTED = re.escape(f"supports transformers {TRANSFORMERS_VERIFIED[0]} to {TRANSFORMERS_VERIFIED[1]}")
 
 
@@ -63,6 +71,8 @@ SUPPORTED = re.escape(f"supports transformers {TRANSFORMERS_VERIFIED[0]} to {TRA
     [
         (UpstreamWithoutGradNormCall, "no longer calls `_get_grad_norm`"),
         (UpstreamWithoutTrainingStep, "`UpstreamWithoutTrainingStep.training_step` is gone"),
+        (UpstreamWithoutTrainSampler, "`UpstreamWithoutTrainSampler.get_train_dataloader` no longer calls "
+                                      "`_get_train_sampler`"),
     ],
 )
 def test_construction_refuses_a_trainer_whose_hooks_changed(upstream, problem, tmp_path, bert_tokenizer, dataset):
