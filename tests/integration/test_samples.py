@@ -89,7 +89,8 @@ def assert_names_its_batches(event: dict[str, Any], dataset, collated: Collated,
 def test_random_sampling_with_accumulation_names_the_poisoned_samples_also_after_a_resume(
         tmp_path, bert_tokenizer, poisoned):
     """Two epochs: each poisoned sample is skipped once per epoch, so the doctor's recurring-samples rule fires on
-    the file the run wrote. A run resumed at the epoch boundary names the same samples at the same steps."""
+    the file the run wrote, and a rerun excluding its samples skips nothing. A run resumed at the epoch boundary
+    names the same samples at the same steps."""
     dataset = poisoned[0]
     first = tmp_path / "first"
     settings = dict(max_steps=-1, num_train_epochs=2, gradient_accumulation_steps=2, train_sampling_strategy="random",
@@ -107,6 +108,13 @@ def test_random_sampling_with_accumulation_names_the_poisoned_samples_also_after
     assert {e["step"] for named in bad.values() for e in named} == {e["step"] for e in skips}
     findings = {finding.rule: finding for finding in diagnose(first)}
     assert findings["recurring_samples"].samples == sorted(POISONED)
+    # The file the run wrote, as the exclude list of a rerun: no skip left.
+    rerun = tmp_path / "rerun"
+    fed = train(rerun, bert_tokenizer, poisoned, **{**settings, "save_strategy": "no"},
+                exclude_samples=str(first / BAD_SAMPLES_FILENAME))
+    rows = {row for batch in fed.batches for row in batch}
+    assert len(rows) == 64 - len(POISONED) and not rows & {tuple(dataset[i]["input_ids"]) for i in POISONED}
+    assert not (rerun / "stability_events.jsonl").exists() or events(rerun, "skip") == []
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
