@@ -8,7 +8,9 @@ untimed run per trainer counts the Python-level device-to-host reads (``Tensor.i
 One process, one torch thread. Wall-clock rates on a shared machine drift by more than the overhead
 being measured, so the same runs also time every call into hf-stability code (callback hooks, the
 loss tap, the metrics merged in ``log()``) with ``perf_counter``: its share of the training time is
-the overhead, measured directly and unaffected by load on the machine.
+the overhead, measured directly and unaffected by load on the machine. The sample recording behind the
+events' dataset indices (tagging items, moving the tags through the collator, recording them per micro-batch:
+`hf_stability.samples`) is timed on its own too and printed in microseconds per step.
 
 Run: ``python benchmarks/trainer_overhead.py [--steps 300 --repeats 3 --logging-steps 50]``.
 
@@ -41,7 +43,8 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from benchmarks.host_reads import counting_host_reads  # noqa: E402
 from benchmarks.timing import Stopwatch  # noqa: E402
-from hf_stability import LossScaleTelemetryCallback, StabilityTrainer  # noqa: E402
+from hf_stability import LossScaleTelemetryCallback, StabilityTrainer, samples  # noqa: E402
+from hf_stability import trainer as stability_trainer  # noqa: E402
 from hf_stability.callbacks.signals import StepSignals  # noqa: E402
 from tests.testing_utils import (  # noqa: E402
     BART_BASE_TENSORS,
@@ -104,6 +107,24 @@ class StabilityClock(Stopwatch):
                 setattr(owner, name, original)
 
 
+class RecordingClock(Stopwatch):
+    """Accumulates the wall time of the sample recording (`hf_stability.samples`): tagging each item, moving the
+    tags into the batch, taking them out before the model and adding them to the record."""
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[RecordingClock]:
+        patched = [(samples, "_tag"), (samples, "take_tags"), (samples, "put_tags"),
+                   (stability_trainer, "pop_sample_indices"), (samples.SampleRecord, "add")]
+        originals = [getattr(owner, name) for owner, name in patched]
+        for owner, name in patched:
+            setattr(owner, name, self.timed(getattr(owner, name)))
+        try:
+            yield self
+        finally:
+            for (owner, name), original in zip(patched, originals, strict=True):
+                setattr(owner, name, original)
+
+
 def build(config, regime: str, steps: int, logging_steps: int, tokenizer, dataset, output_dir):
     _, trainer_class, overrides = config
     args = training_args(
@@ -122,17 +143,21 @@ def build(config, regime: str, steps: int, logging_steps: int, tokenizer, datase
     return trainer
 
 
-def timed_run(config, regime, steps, logging_steps, tokenizer, dataset) -> tuple[float, float]:
-    """(steps/s after warm-up, share of the whole training time spent in hf-stability code)."""
+def timed_run(config, regime, steps, logging_steps, tokenizer, dataset) -> tuple[float, float, float]:
+    """(steps/s after warm-up, share of the whole training time spent in hf-stability code, microseconds per step
+    spent recording the samples)."""
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build(config, regime, steps, logging_steps, tokenizer, dataset, output_dir)
         clock = StepClock()
         trainer.add_callback(clock)
         started = time.perf_counter()
-        with StabilityClock().watching(trainer) as stability, contextlib.redirect_stdout(sys.stderr):
+        with StabilityClock().watching(trainer) as stability, RecordingClock().watching() as recording, \
+                contextlib.redirect_stdout(sys.stderr):
             trainer.train()
         total = time.perf_counter() - started
-    return (steps - WARMUP_STEPS) / (clock.end - clock.start), stability.seconds / (total - stability.seconds)
+    inside = stability.seconds + recording.seconds
+    return ((steps - WARMUP_STEPS) / (clock.end - clock.start), inside / (total - inside),
+            recording.seconds / steps * 1e6)
 
 
 def host_reads_per_step(config, regime, steps, logging_steps, tokenizer, dataset) -> float:
@@ -245,28 +270,32 @@ def main() -> None:
     for regime in options.regimes:
         rates: dict[str, list[float]] = {label: [] for label, _, _ in CONFIGS}
         shares: dict[str, list[float]] = {label: [] for label, _, _ in CONFIGS}
+        recordings: dict[str, list[float]] = {label: [] for label, _, _ in CONFIGS}
         for repeat in range(options.repeats):
             order = CONFIGS if repeat % 2 == 0 else CONFIGS[::-1]
             for config in order:
-                rate, share = timed_run(config, regime, *run)
+                rate, share, recording = timed_run(config, regime, *run)
                 rates[config[0]].append(rate)
                 shares[config[0]].append(share)
+                recordings[config[0]].append(recording)
         base = statistics.median(rates["Trainer"])
         for config in CONFIGS:
             label = config[0]
             rate, share = statistics.median(rates[label]), statistics.median(shares[label])
+            recording = statistics.median(recordings[label])
             reads = host_reads_per_step(config, regime, *run)
             overhead = (base / rate - 1) * 100
-            rows.append(f"| {regime} | {label} | {rate:.1f} | {overhead:+.1f}% | {share * 100:.2f}% | {reads:.2f} |")
+            rows.append(f"| {regime} | {label} | {rate:.1f} | {overhead:+.1f}% | {share * 100:.2f}% | {recording:.0f} "
+                        f"| {reads:.2f} |")
     print(
         f"tiny BERT MLM (hidden 64, 2 layers, seq 32, batch 16), {options.steps} steps/run, logging every "
         f"{options.logging_steps} steps, median of {options.repeats} interleaved runs, 1 torch thread\n"
     )
     print(
         "| precision | trainer | steps/s | wall-clock overhead vs Trainer | time in hf-stability code "
-        "| host reads/step |"
+        "| sample recording µs/step | host reads/step |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

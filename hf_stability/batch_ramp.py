@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from hf_stability import metric_names as names
 from hf_stability._compat import collator_with_removed_columns, num_items_in_batch, remove_unused_columns
+from hf_stability.samples import TaggedDataset, TaggedIterable, TaggingCollator, tagged
 from hf_stability.settings import BatchRampSettings, RampUnit
 
 
@@ -208,19 +209,26 @@ class BatchRampMixin(_MixedInto):
         self.batch_ramp = BatchRamp(ramp.batch_ramp_start, ramp.batch_ramp_increment, ramp.batch_ramp_length, target,
                                     ramp.batch_ramp_unit)
 
-    def get_train_dataloader(self) -> DataLoader:
-        if self.batch_ramp is None:
-            return super().get_train_dataloader()
+    def tagged_training_data(self) -> tuple[TaggedDataset | TaggedIterable, TaggingCollator]:
+        """The train dataset with each item tagged by its index, and the collator moving the tags into the batch
+        (`hf_stability.samples`), the unused columns removed as Trainer removes them: from a `datasets.Dataset`
+        itself, else from each feature in the collator, inside `TaggingCollator` so that the tags survive."""
         # `datasets` is an extra: a `datasets.Dataset` exists only once its module has been imported.
         datasets = sys.modules.get("datasets")
-
         dataset, collator = self.train_dataset, self.data_collator
-        if not isinstance(dataset, Sized) or isinstance(dataset, torch.utils.data.IterableDataset):
-            raise TypeError("`train_dataset` must be a map-style dataset with a length for the batch ramp.")
         if datasets is not None and isinstance(dataset, datasets.Dataset):
             dataset = remove_unused_columns(self, dataset)
         else:
             collator = collator_with_removed_columns(self, collator)
+        return tagged(dataset), TaggingCollator(collator)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.batch_ramp is None:
+            return super().get_train_dataloader()
+        if not isinstance(self.train_dataset, Sized) or isinstance(self.train_dataset, IterableDataset):
+            raise TypeError("`train_dataset` must be a map-style dataset with a length for the batch ramp.")
+        dataset, collator = self.tagged_training_data()
+        assert isinstance(dataset, TaggedDataset)  # map-style, checked above
         kept = None
         if self.excluded_samples:
             keep = torch.ones(len(dataset), dtype=torch.bool)

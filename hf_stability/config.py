@@ -17,6 +17,7 @@ from hf_stability.settings import (
     BatchRampSettings,
     ComponentSettings,
     ExcludeSettings,
+    ForensicsSettings,
     RollbackSettings,
     SkipSettings,
     TelemetrySettings,
@@ -36,6 +37,7 @@ COMPONENT_SETTINGS: tuple[type[ComponentSettings], ...] = (
     BatchRampSettings,
     AlertSettings,
     ExcludeSettings,
+    ForensicsSettings,
 )
 # Flat knob name -> the settings class that checks it.
 _KNOBS: dict[str, type[ComponentSettings]] = {
@@ -128,6 +130,10 @@ class StabilityConfig(TrainingArguments):
         """A knob's one check, whenever it is set (the dataclass ``__init__`` sets every field once)."""
         settings_class = _KNOBS.get(name)
         super().__setattr__(name, value if settings_class is None else check_knob(settings_class, name, value))
+
+    # Bad-batch forensics, see `hf_stability.samples`
+    stability_sample_losses: bool = setting(ForensicsSettings, "stability_sample_losses")
+    spike_replay: bool = setting(ForensicsSettings, "spike_replay")
 
     def __post_init__(self) -> None:
         super().__post_init__()

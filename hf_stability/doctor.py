@@ -23,8 +23,8 @@ from typing import Any
 
 from hf_stability.events import EVENTS_FILENAME
 from hf_stability.report import RunRecord, gradient_health, load_run
+from hf_stability.samples import BAD_SAMPLES_FILENAME
 
-BAD_SAMPLES_FILENAME = "stability_bad_samples.json"
 # GradScaler starts high and halves on each overflow until the gradients fit: overflow skips from the first
 # step on, one after another, are that search. Recurring ones after it mean the range is exceeded in training.
 RECURRING_OVERFLOWS = 3
@@ -262,19 +262,25 @@ def rule_fp16_range(evidence: RunEvidence) -> Finding | None:
 def rule_recurring_samples(evidence: RunEvidence) -> Finding | None:
     """The same samples named by events at several steps: the data, not the optimisation."""
     recurring = {index: sorted({e["step"] for e in events}) for index, events in evidence.bad_samples.items()}
-    recurring = {index: steps for index, steps in recurring.items() if len(steps) >= RECURRING_SAMPLE_STEPS}
+    # A spike replayed from the restored state that came back (``spike_replay``) is the data at one step already.
+    replayed = {index for index, events in evidence.bad_samples.items() if any(e.get("reproduced") for e in events)}
+    recurring = {index: steps for index, steps in recurring.items()
+                 if len(steps) >= RECURRING_SAMPLE_STEPS or index in replayed}
     if not recurring:
         return None
     indices = sorted(recurring)
     facts = [f"sample {index}: events at steps {_steps_text(recurring[index])} "
              f"({', '.join(sorted({e.get('event', '?') for e in evidence.bad_samples[index]}))})"
+             + ("; the spike came back when its step was replayed from the restored state" if index in replayed
+                else "")
              for index in indices[:10]]
     if len(indices) > 10:
         facts.append(f"... and {len(indices) - 10} more sample(s), all in {BAD_SAMPLES_FILENAME}")
     return Finding(
         "recurring_samples",
         f"Likely bad data: {len(indices)} sample(s) were in the batches of trouble at {RECURRING_SAMPLE_STEPS} or "
-        "more different steps.",
+        "more different steps" + (" or spiked again when their step was replayed" if replayed & recurring.keys()
+                                  else "") + ".",
         facts,
         [f"leave them out (StabilityConfig.exclude_samples): resume in this output directory with "
          f"`--exclude_samples auto --resume_from_checkpoint latest`, or rerun with "

@@ -330,6 +330,26 @@ class BatchRampSettings(ComponentSettings):
     )
 
 
+@dataclass
+class ForensicsSettings(ComponentSettings):
+    """Bad-batch forensics of `StabilityTrainer` (`hf_stability.samples`)."""
+
+    stability_sample_losses: bool = option(
+        True,
+        "When a skip, non-finite loss, rollback or stop event fires, recompute each sample's loss of the flagged "
+        "micro-batches without gradients (one forward per sample) and name the worst samples in the event. Keeps a "
+        "reference to the recent micro-batches' inputs (see docs/events.md); off under FSDP and DeepSpeed.",
+        flag,
+    )
+    spike_replay: bool = option(
+        False,
+        "After a rollback, run the spiking step's micro-batches again from the restored state (forward and backward, "
+        "no update) and record in the rollback event whether the spike reproduces: the data (or the state), or a "
+        "transient fault. Costs one forward and backward of that step per rollback; off under FSDP and DeepSpeed.",
+        flag,
+    )
+
+
 # Events an alert can be raised on; ``skip_burst`` is `stability_alert_skip_burst` skips within a window of steps.
 ALERT_EVENTS = ("stop", "rollback", "skip_burst", "skip", "nonfinite_loss", "nonfinite_parameters")
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability._compat import check_trainer_hooks, output_dir, warn_untested_versions
@@ -27,7 +28,16 @@ from hf_stability.config import StabilityConfig
 from hf_stability.engines import deepspeed_enabled, engine_refusal, refuse_unsupported_engine
 from hf_stability.events import add_listener
 from hf_stability.exclude import ExcludeSamplesMixin
-from hf_stability.settings import AlertSettings
+from hf_stability.samples import (
+    DATASET_INDEX,
+    LossFunction,
+    ReplayFunction,
+    SampleRecord,
+    per_sample_losses,
+    pop_sample_indices,
+    replay_step,
+)
+from hf_stability.settings import AlertSettings, ForensicsSettings
 
 logger = get_logger(__name__)
 
@@ -110,6 +120,9 @@ class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
         self._build_batch_ramp()
         # Registered for the model the callbacks receive while this trainer trains (`train`).
         self.step_signals = StepSignals()
+        # The samples of the recent steps, named by the stability events (`hf_stability.samples`).
+        loss_fn, replay_fn = self._forensics_functions()
+        self.step_signals.samples = self.sample_record = SampleRecord(DATASET_INDEX, loss_fn, replay_fn)
         # The loss fed is the return of the `training_step` Trainer calls: a subclass's override, with or without
         # super(), cannot bypass it (it would leave loss-based rollback judging nothing).
         self.training_step = self._feeding_loss(self.training_step)  # type: ignore[method-assign]
@@ -162,6 +175,7 @@ class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
             check_stored_state(checkpoint, self.callback_handler.callbacks)
         model = self.callback_handler.model
         self.step_signals.attach(model)
+        self.sample_record.clear()
         stop_listening = self._listen_for_alerts()
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
@@ -242,16 +256,63 @@ class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
             **details,
         )
 
+    def get_train_dataloader(self) -> DataLoader:
+        """Trainer's train dataloader, each item tagged with its dataset index (`hf_stability.samples`).
+
+        Trainer builds it (sampler, workers, accelerate) from the tagged dataset and collator; its own column
+        removal, which would drop the tags, is done beforehand by `tagged_training_data` instead.
+        """
+        if self.batch_ramp is not None or self.train_dataset is None:  # the ramp's own loader tags its items
+            loader = super().get_train_dataloader()
+            self.sample_record.index_kind = DATASET_INDEX
+            return loader
+        dataset, collator = self.tagged_training_data()
+        self.sample_record.index_kind = dataset.index_kind
+        kept = self.train_dataset, self.data_collator, self.args.remove_unused_columns
+        self.train_dataset, self.data_collator, self.args.remove_unused_columns = dataset, collator, False
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset, self.data_collator, self.args.remove_unused_columns = kept
+
+    def _forensics_functions(self) -> tuple[LossFunction | None, ReplayFunction | None]:
+        """The per-sample losses and the spike replay of the sample record, with the loss Trainer computes; each
+        ``None`` when off (``stability_sample_losses``, ``spike_replay``) or the weights are sharded (FSDP,
+        DeepSpeed: a forward needs every rank)."""
+        settings = ForensicsSettings.resolve({}, self.args)
+        if self.is_fsdp_enabled or deepspeed_enabled(self.args):
+            return None, None
+
+        def loss_of(inputs: dict[str, Any]) -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                return cast(torch.Tensor, self.compute_loss(self.model, inputs))  # type: ignore[arg-type]
+
+        def model() -> torch.nn.Module:  # the one training now (`model_init` replaces it in `train`)
+            return cast(torch.nn.Module, self.model)
+
+        def losses(inputs: Mapping[str, Any], count: int) -> torch.Tensor:
+            return per_sample_losses(model(), loss_of, inputs, count)
+
+        def replay(batches: list[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+            return replay_step(model(), loss_of, batches)
+
+        return (losses if settings.stability_sample_losses else None,
+                replay if settings.spike_replay else None)
+
     def _feeding_loss(self, training_step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``training_step`` whose return (the loss backpropagated and logged, per micro-batch) feeds `step_signals`.
 
         The model's own output has no loss when Trainer computes it (label smoothing, ``compute_loss_func``).
+        The batch's sample tags are taken out first and recorded with the loss (`hf_stability.samples`).
         """
 
         @functools.wraps(training_step)
         def step(model, inputs, num_items_in_batch=None):
+            indices = pop_sample_indices(inputs)  # the model must not see the tags
             loss = training_step(model, inputs, num_items_in_batch)
             self.step_signals.add_loss(completing_step(self.state), loss)
+            if indices is not None:
+                self.sample_record.add(completing_step(self.state), indices, loss, inputs)
             return loss
 
         return step

@@ -129,6 +129,26 @@ class NoLabelBatches:
         return batch
 
 
+def poison_samples(dataset: Dataset, indices: Iterable[int], token: int) -> Dataset:
+    """``dataset`` whose rows ``indices`` start with ``token`` (a token no other row holds) instead of [CLS]."""
+    chosen = set(indices)
+    assert all(token not in row for row in dataset["input_ids"]), "the poison token must be new to the data"
+    return dataset.map(lambda row, index: {"input_ids": [token, *row["input_ids"][1:]] if index in chosen
+                                           else row["input_ids"]}, with_indices=True)
+
+
+def poison_embeddings(model: torch.nn.Module, token: int, value: float = float("nan")) -> None:
+    """Make the embedding output of every row holding ``token`` ``value`` (NaN: that sample's loss is NaN, and so
+    is the loss and the gradient of any batch holding it): a data fault that travels with the sample."""
+
+    def hook(module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        rows = (input_ids == token).any(dim=-1).reshape(-1, *[1] * (output.dim() - 1))
+        return torch.where(rows, torch.full_like(output, value), output)
+
+    model.get_input_embeddings().register_forward_hook(hook, with_kwargs=True)
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

@@ -72,6 +72,7 @@ from hf_stability.callbacks.skip import weights_nonfinite
 from hf_stability.callbacks.skip_decision import weights_check
 from hf_stability.engines import refuse_for_callback
 from hf_stability.events import StabilityEventLog
+from hf_stability.samples import event_samples, public, record_bad_samples
 from hf_stability.settings import RollbackSettings, SnapshotStorage, SpikeMetric
 from hf_stability.snapshots import SnapshotStore, restore_training_state
 from hf_stability.spike import SpikeDetector
@@ -221,6 +222,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         StepSignals.for_model(model).open(state).recovery = True
         # The starting state cannot hold a bad update made in this run, so it is a rollback target at once.
         self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
+        self._hold_samples(model, state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.settings.spike_metric == SpikeMetric.GRAD_NORM:
@@ -286,6 +288,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
         elif snapshot_due and not last_step:
             self._running()[1].capture(step, model, optimizer, lr_scheduler, self.lr_scale, trusted=False)
+        self._hold_samples(model, step)
         return control
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -318,6 +321,37 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         spike = self._check(args.device, state.global_step, True, model)
         if spike is not None:  # always: non-finite weights are a spike
             self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
+
+    def _hold_samples(self, model, checked: int) -> None:
+        """Keep the samples a rollback may name: the steps after the oldest snapshot (indices), and the steps
+        after ``checked``, the last step judged (inputs, for per-sample losses of a spike still to be found)."""
+        samples = StepSignals.for_model(model).samples
+        if samples is not None and self._store is not None:
+            oldest = min((snapshot.step for snapshot in self._store.snapshots), default=checked)
+            samples.hold("rollback", oldest + 1, checked + 1)
+
+    def _samples(self, args, state, model, event: str, spike_step: int, seen_here: bool, restored: int | None,
+                 nonfinite_weights: bool, threshold: float | None = None, replay: bool = False) -> dict[str, Any]:
+        """The event fields naming the spiking step's samples (and the steps between the restored snapshot and
+        the spike), per-sample losses from the weights now in place; on every rank (they are gathered). The
+        spiking step's samples go into ``stability_bad_samples.json``; with non-finite weights (an update blew
+        them up) only those whose own loss is non-finite on the weights now in place (the data, not the state).
+
+        ``replay`` (``spike_replay``, after a restore): the spiking step's micro-batches run again from the restored
+        state, no update; the spike *reproduces* when this rank's value is non-finite or above ``threshold``.
+        """
+        samples = StepSignals.for_model(model).samples
+        again = samples.replay(spike_step) if replay and samples is not None else None
+        if again is not None:
+            value = again["loss"] if self.settings.spike_metric == SpikeMetric.LOSS else again["grad_norm"]
+            again["reproduced"] = not math.isfinite(value) or (threshold is not None and value > threshold)
+        between = None if restored is None else (restored, spike_step)
+        fields = event_samples(samples, spike_step, seen_here, between, again)
+        if nonfinite_weights:
+            fields["_blamed"] = [s for s in fields.get("_blamed", []) if not math.isfinite(s.get("loss", 0.0))]
+        if state.is_world_process_zero:
+            record_bad_samples(args.output_dir, event, fields)
+        return public(fields)
 
     @staticmethod
     def _weights_bad(model, step: int) -> bool:
@@ -446,6 +480,8 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         if self._resumed_from is not None and spike_step == self._first_resumed_step:
             # The first loss after a resume is measured on the checkpoint's own weights: rolling back to them
             # (the only trusted snapshot yet) would repeat the spike until max_rollbacks.
+            event_fields.update(
+                self._samples(args, state, model, "stop", spike_step, seen_here, None, nonfinite_weights))
             message = (
                 f"Spike rollback: {reason}, the first loss after resuming from step {self._resumed_from}: the "
                 f"resumed checkpoint itself holds the update that spiked, so rolling back to it cannot help. Stopping "
@@ -463,6 +499,8 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             if target is None and not nonfinite_weights:
                 logger.warning(f"Spike rollback: {reason}, but {why}; continuing without one.")
                 return
+            event_fields.update(
+                self._samples(args, state, model, "stop", spike_step, seen_here, restored, nonfinite_weights))
             saved = "saving a checkpoint holding the healthy state of step" if target is not None else "without saving"
             message = (
                 f"Spike rollback: {reason}, but {why}; stopping training at step {state.global_step} "
@@ -483,6 +521,8 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             + (f" Replaced {removed}, whose update the spike judged, by a checkpoint of the restored state." if removed
                else "")
         )
+        event_fields.update(self._samples(args, state, model, "rollback", spike_step, seen_here, target.step,
+                                          nonfinite_weights, threshold, replay=True))
         if events is not None:
             events.append(state.global_step, "rollback", reason, restored_step=target.step, rollbacks=self.rollbacks,
                           lr_scale=self.lr_scale, removed_checkpoint=removed, **event_fields)

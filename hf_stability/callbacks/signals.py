@@ -18,6 +18,7 @@ from transformers import TrainerState
 from hf_stability._compat import SUPPORTED, UpstreamChangedError, foreach_norm, grad_scaler
 from hf_stability._compat import is_logging_step as is_logging_step  # re-exported: its former home
 from hf_stability._logging import get_logger
+from hf_stability.samples import SampleRecord
 
 logger = get_logger(__name__)
 
@@ -57,6 +58,8 @@ class StepSignals:
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._state: TrainerState | None = None
         self._missing_loss_warned = False
+        # The samples of the recent steps (`StabilityTrainer` records them; None under a plain Trainer).
+        self.samples: SampleRecord | None = None
         self.reset()
 
     @classmethod

@@ -175,7 +175,9 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         self.begin_run(args, state, model)  # resolves this run's settings
         self._health.max_consecutive_skips = self.max_consecutive_skips
         self._health.max_underflow_steps = self.settings.max_underflow_steps
-        StepSignals.for_model(model).open(state)
+        record = StepSignals.for_model(model).open(state)
+        if record.samples is not None:  # the samples of the steps still queued may be reported
+            record.samples.hold("skip", completing_step(state))
         self._queue = StepQueue()
         self._parameters = None
         self._health.begin_run()
@@ -234,7 +236,10 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         steps, local = judge_flagged_weights(
             steps, local, self._parameters, record.nonfinite_weight_steps, weights_measured
         )
-        return self._health.apply(args, state, control, steps, local, now, record)
+        reason = self._health.apply(args, state, control, steps, local, now, record)
+        if record.samples is not None:  # every step up to ``now`` is reported
+            record.samples.hold("skip", now + 1)
+        return reason
 
     def judge_nonfinite_checkpoint(self, args, state, control, model, optimizer, lr_scheduler) -> None:
         """A checkpoint is due on non-finite weights (`save_guard`): report them; stop unsaved if nothing restores.
@@ -248,7 +253,7 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         record = StepSignals.for_model(model)
         self._health.report_parameters(args, state, state.global_step, None, None, record.recovery)
         if not record.recovery:
-            self._health.stop_for_weights(args, state, control, state.global_step, state.global_step)
+            self._health.stop_for_weights(args, state, control, state.global_step, state.global_step, record.samples)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         """Flush queued steps: ``save_strategy="best"`` may save right after an evaluation."""

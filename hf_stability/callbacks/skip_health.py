@@ -19,6 +19,7 @@ from hf_stability._logging import get_logger, is_main_process
 from hf_stability.callbacks.signals import StepSignals, distributed, for_collective
 from hf_stability.callbacks.skip_queue import FLAG_NAMES, ReadStep
 from hf_stability.events import StabilityEventLog
+from hf_stability.samples import SampleRecord, event_samples, process_rank, public, record_bad_samples
 
 logger = get_logger(__name__)
 
@@ -109,10 +110,10 @@ class SkipHealth:
             ranks = [{name: [] for name in FLAG_NAMES}] * len(steps)
         reason = None
         limit_reached = underflow_reached = 0
-        weights_step = None
+        weights_step = limit_step = underflow_step = None
         for step, flagged in zip(steps, ranks, strict=True):
             if self._count_underflow(args, state, step) >= self.max_underflow_steps:
-                underflow_reached = self.consecutive_underflow_steps
+                underflow_reached, underflow_step = self.consecutive_underflow_steps, step.step
             if step.reduced.parameters:
                 self.report_parameters(args, state, step.step, flagged["parameters"], step.loss, record.recovery)
                 weights_step = step.step
@@ -122,25 +123,26 @@ class SkipHealth:
             if step.reduced.loss:
                 self._warn_filter_hides_loss(args)
                 if not step.reduced.gradients:
-                    self._report_loss(args, state, step.step, flagged["loss"], step.loss)
+                    self._report_loss(args, state, step.step, flagged["loss"], step.loss, record.samples)
             if not step.reduced.gradients:
                 self.consecutive_skips = 0
                 reason = None
                 continue
             reason = "fp16_overflow" if step.loss_scale is not None else "nonfinite_gradients"
-            self._report_skip(args, state, step, reason, flagged)
+            self._report_skip(args, state, step, reason, flagged, record.samples)
             if self.consecutive_skips >= self.max_consecutive_skips:
-                limit_reached = max(limit_reached, self.consecutive_skips)
+                limit_reached, limit_step = max(limit_reached, self.consecutive_skips), step.step
         if weights_step is not None:
             if weights_step == now:
                 record.weights_verdict = (now, True)  # the rollback of this step reads it
             if not record.recovery:
-                self.stop_for_weights(args, state, control, now, weights_step)
+                self.stop_for_weights(args, state, control, now, weights_step, record.samples)
                 return reason
-        if limit_reached:
-            self._stop(args, state, control, now, limit_reached)
-        elif underflow_reached:
-            self._stop_for_underflow(args, state, control, now, underflow_reached)
+        if limit_step is not None:
+            self._stop(args, state, control, now, limit_reached, event_samples(record.samples, limit_step, False))
+        elif underflow_step is not None:
+            self._stop_for_underflow(args, state, control, now, underflow_reached,
+                                     event_samples(record.samples, underflow_step, False))
         return reason
 
     def _count_underflow(self, args, state, step: ReadStep) -> int:
@@ -165,18 +167,24 @@ class SkipHealth:
                 )
         return self.consecutive_underflow_steps
 
-    def _stop_for_underflow(self, args, state, control, step: int, consecutive: int) -> None:
+    def _stop_for_underflow(self, args, state, control, step: int, consecutive: int, samples: dict[str, Any]) -> None:
         message = (
             f"{consecutive} consecutive steps had a loss scale under {LOSS_SCALE_FLOOR:g} or all-zero gradients "
             f"(max_underflow_steps={self.max_underflow_steps}); stopping at step {step} and saving a checkpoint: "
             "the updates carry no signal. Resume from an earlier checkpoint with a lower learning rate, or in bf16."
         )
-        _stop_training(args, state, control, step, message, save=True, consecutive_underflow=consecutive)
+        _stop_training(args, state, control, step, message, save=True, consecutive_underflow=consecutive,
+                       **public(samples))
 
-    def _report_skip(self, args, state, step: ReadStep, reason: str, flagged: dict[str, list[int]]) -> None:
+    def _report_skip(self, args, state, step: ReadStep, reason: str, flagged: dict[str, list[int]],
+                     samples: SampleRecord | None) -> None:
         self.skipped_steps += 1
         self.consecutive_skips += 1
+        # Gradients are averaged across ranks: a rank's own non-finite loss tells where the batch went bad.
+        origin = flagged["loss"] or flagged["gradients"]
+        fields = event_samples(samples, step.step, process_rank() in origin)  # on every rank
         if state.is_world_process_zero:
+            record_bad_samples(args.output_dir, "skip", fields)
             StabilityEventLog(args.output_dir).append(
                 step.step,
                 "skip",
@@ -187,6 +195,7 @@ class SkipHealth:
                 grad_norm=step.grad_norm,
                 loss_scale=step.loss_scale,
                 consecutive=self.consecutive_skips,
+                **public(fields),
             )
         logger.warning(
             "Step %d skipped (%s on ranks %s): parameters and optimizer state unchanged.",
@@ -211,7 +220,7 @@ class SkipHealth:
             stacklevel=2,
         )
 
-    def stop_for_weights(self, args, state, control, now: int, step: int) -> None:
+    def stop_for_weights(self, args, state, control, now: int, step: int, samples: SampleRecord | None) -> None:
         """Stop at once without a checkpoint: the weights are non-finite and nothing can restore them here."""
         message = (
             f"The weights were non-finite at step {step} (an earlier update blew them up; no batch is to blame) and "
@@ -220,23 +229,28 @@ class SkipHealth:
             "or enable spike rollback."
         )
         self.weights_stop = True
-        _stop_training(args, state, control, now, message, save=False, nonfinite_weights_step=step)
+        _stop_training(args, state, control, now, message, save=False, nonfinite_weights_step=step,
+                       **public(event_samples(samples, step, False)))
 
-    def _stop(self, args, state, control, step: int, consecutive: int) -> None:
+    def _stop(self, args, state, control, step: int, consecutive: int, samples: dict[str, Any]) -> None:
         message = (
             f"{consecutive} consecutive steps had non-finite gradients (max_consecutive_skips="
             f"{self.max_consecutive_skips}); stopping at step {step} and saving a checkpoint. Skipped steps change "
             "nothing, so it holds the weights of the last update before them, checked finite; check the data around "
             "these steps, lower the learning rate or resume from an earlier checkpoint."
         )
-        _stop_training(args, state, control, step, message, save=True, consecutive=consecutive)
+        _stop_training(args, state, control, step, message, save=True, consecutive=consecutive, **public(samples))
 
-    def _report_loss(self, args, state, step: int, ranks: list[int], loss: float | None) -> None:
+    def _report_loss(self, args, state, step: int, ranks: list[int], loss: float | None,
+                     samples: SampleRecord | None) -> None:
         self.nonfinite_loss_steps += 1
         logger.warning("Step %d: non-finite training loss on ranks %s with finite gradients.", step, ranks)
+        fields = event_samples(samples, step, process_rank() in ranks)  # on every rank
         if state.is_world_process_zero:
+            record_bad_samples(args.output_dir, "nonfinite_loss", fields)
             StabilityEventLog(args.output_dir).append(
-                step, "nonfinite_loss", "non-finite training loss, finite gradients", ranks=ranks, loss=loss
+                step, "nonfinite_loss", "non-finite training loss, finite gradients", ranks=ranks, loss=loss,
+                **public(fields)
             )
 
     def report_parameters(

@@ -19,7 +19,15 @@ from hf_stability.cli import main as cli_main
 from hf_stability.doctor import BAD_SAMPLES_FILENAME, Finding, diagnose, read_bad_samples
 from hf_stability.events import read_events
 from tests.rollback_faults import NanWeights, ThrowWeights
-from tests.testing_utils import PoisonGradient, emulate_fp16_scaler, mlm_dataset, tiny_bert, training_args
+from tests.testing_utils import (
+    PoisonGradient,
+    emulate_fp16_scaler,
+    mlm_dataset,
+    poison_embeddings,
+    poison_samples,
+    tiny_bert,
+    training_args,
+)
 
 
 class GrowGradients(TrainerCallback):
@@ -110,13 +118,18 @@ def test_a_stop_after_consecutive_skips_names_the_first_bad_step(tmp_path, bert_
     _train(tmp_path, bert_tokenizer, dataset, [PoisonGradient(range(4, 20))], max_steps=12, max_consecutive_skips=3)
     (stop,) = [e for e in read_events(tmp_path) if e["event"] == "stop"]
     assert stop["step"] == 7
+    # The stop names the samples of the step that reached the limit (sequential batches of 8: step 7 is 48..55).
+    assert (stop["index_kind"], stop["samples"]) == ("dataset_index", [{"rank": 0, "micro_batches": [
+        list(range(48, 56))]}])
     finding = _only(diagnose(tmp_path), "stop_after_skips")
     assert finding.cause == ("Likely the data or the model is broken from step 5 on: every step since then had "
                              "non-finite gradients.")
     assert finding.steps == [5, 6, 7]
     assert "3 consecutive skipped steps (5..7; skip reasons in this run: nonfinite_gradients)" in finding.evidence[0]
     assert "holds the weights of step 4" in finding.evidence[1]
-    assert "the step's samples are not recorded in this run" in finding.remedy[0]
+    # The gradients are poisoned, not a sample: every sample of the sequential batch of step 5 (8 x 4..) is named.
+    assert finding.samples == list(range(32, 40))
+    assert finding.remedy[0] == "inspect the batches of step 5 on (samples 32, 33, 34, 35, 36, 37, 38, 39)"
     assert "1. [stop_after_skips]" in _doctor(tmp_path, capsys)
 
 
@@ -164,15 +177,18 @@ def test_gradient_norm_growing_before_a_skip_means_exploding_gradients(tmp_path,
 
 
 def test_samples_named_at_several_steps_are_bad_data(tmp_path, bert_tokenizer, dataset, capsys):
-    """No producer of stability_bad_samples.json exists yet (issue 19, section 1): a hand-made file in its
-    documented format (sample index -> events) sits beside a real run whose poisoned steps it names."""
-    _train(tmp_path, bert_tokenizer, dataset, [PoisonGradient([2, 6])], max_steps=8)
-    skips = [e["step"] for e in read_events(tmp_path)]
-    assert skips == [3, 7]
-    bad = {"17": [{"step": 3, "event": "skip"}, {"step": 7, "event": "skip"}], "40": [{"step": 3, "event": "skip"}]}
-    (tmp_path / BAD_SAMPLES_FILENAME).write_text(json.dumps(bad))
+    """Rows 17 and 30 of 32 carry a token that makes their loss NaN; sequential batches of 8 take sample 17 at
+    steps 3 and 7 (two epochs) and sample 30 at step 4 only: the run's own stability_bad_samples.json says so."""
+    token = len(bert_tokenizer) - 1
+    rows = poison_samples(dataset.select(range(32)), [17, 30], token)
+    model = tiny_bert(bert_tokenizer)
+    poison_embeddings(model, token)
+    StabilityTrainer(model, training_args(tmp_path, max_steps=7), train_dataset=rows).train()
+    assert [e["step"] for e in read_events(tmp_path)] == [3, 4, 7]
+    assert {index: [e["step"] for e in events] for index, events in read_bad_samples(tmp_path).items()} == {
+        17: [3, 7], 30: [4]}
     finding = _only(diagnose(tmp_path), "recurring_samples")
-    assert finding.samples == [17] and finding.steps == [3, 7]  # sample 40 came once: not recurring
+    assert finding.samples == [17] and finding.steps == [3, 7]  # sample 30 came once: not recurring
     assert finding.evidence == ["sample 17: events at steps 3, 7 (skip)"]
     assert "--exclude_samples auto" in finding.remedy[0]
     assert "1. [recurring_samples]" in _doctor(tmp_path, capsys)

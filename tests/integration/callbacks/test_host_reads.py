@@ -2,7 +2,8 @@
 
 Counted as `benchmarks/trainer_overhead.py` counts them (every tensor method that copies to the host, made
 anywhere while the step runs, Trainer's own included), per optimizer step, with the default optimizer
-(``adamw_torch_fused``). Ordinary steps are no logging, save, check or last steps.
+(``adamw_torch_fused``). Ordinary steps are no logging, save, check or last steps. `StabilityTrainer` records every
+micro-batch's dataset indices meanwhile (`hf_stability.samples`): that recording must add no read either.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from transformers import Trainer, TrainerCallback
 
 from benchmarks.host_reads import counting_host_reads
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
+from hf_stability.callbacks.signals import StepSignals
 from tests.testing_utils import (
     bart_layout_model,
     emulate_fp16_scaler,
@@ -37,6 +39,17 @@ class ReadsPerStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.per_step[state.global_step] = sum(self.counts.values()) - self._start
+
+
+class RecordedSteps(TrainerCallback):
+    """The steps `StabilityTrainer`'s sample record holds at the end of each step: the recording of the dataset
+    indices (`hf_stability.samples`) ran while the reads were counted."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, list[int]] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.held[state.global_step] = StepSignals.for_model(model).samples.steps()
 
 
 def reads_per_step(trainer_class, output_dir, tokenizer, dataset, regime: str, model=None, callbacks=None,
@@ -67,9 +80,12 @@ def reads_per_step(trainer_class, output_dir, tokenizer, dataset, regime: str, m
 def test_no_extra_host_read_on_ordinary_steps_with_the_default_optimizer(tmp_path, bert_tokenizer, regime):
     dataset = mlm_dataset(bert_tokenizer, rows=64)
     plain = reads_per_step(Trainer, tmp_path / "plain", bert_tokenizer, dataset, regime)
-    stability = reads_per_step(StabilityTrainer, tmp_path / "stability", bert_tokenizer, dataset, regime)
+    recorded = RecordedSteps()
+    stability = reads_per_step(StabilityTrainer, tmp_path / "stability", bert_tokenizer, dataset, regime,
+                               callbacks=[recorded])
     extra = {step: stability[step] - plain[step] for step in ORDINARY}
     assert extra == dict.fromkeys(ORDINARY, 0), f"extra host reads per step: {extra}"
+    assert all(step in recorded.held[step] for step in ORDINARY)  # with the sample recording on
 
 
 @pytest.mark.parametrize("regime", ["fp32", "bf16", "fp16"])

@@ -244,7 +244,12 @@ def test_host_reads_per_step_none_with_a_device_skip_one_on_the_host_path(
     trainer.add_callback(PoisonGradient([POISONED]))  # a skipped step must not cost a read either
     with counting_host_reads(attribute_to=hook_step) as reads:
         trainer.train()
-    assert [reads[step] for step in range(1, 6)] == [expected] * 5
+    # On the host path the skipped step reports at once, and its event reads the step's sample indices and
+    # per-sample losses (`hf_stability.samples`); queued on device, the report comes at the flush of step 6.
+    reported = POISONED + 1 if expected else None
+    assert [reads[step] for step in range(1, 6) if step != reported] == [expected] * (5 - bool(reported))
+    if reported:
+        assert reads[reported] > expected
     assert reads[6] >= 1, "the flush/check step reads; the counter must see it"
     assert find_callback(trainer.callback_handler.callbacks, SkipNonFiniteCallback).skipped_steps == 1
 
