@@ -24,7 +24,7 @@ from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
-from hf_stability.engines import deepspeed_enabled, engine_refusal, refuse_unsupported_engine
+from hf_stability.engines import deepspeed_enabled, refuse_protections
 from hf_stability.events import add_listener
 from hf_stability.settings import AlertSettings
 
@@ -132,7 +132,10 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         protections = [type(callback).__name__ for callback in callbacks if isinstance(callback, stability_types)]
         if self.batch_ramp is not None:  # placeholder micro-batches would break the engine's accumulation count
             protections.append("batch_ramp")
-        refuse_unsupported_engine(protections, engine_refusal(self.args, self.model))
+        refuse_protections(protections, self.args, self.model)
+        rollback = find_callback(callbacks, SpikeRollbackCallback)
+        if rollback is not None:  # under DeepSpeed its snapshots read the engine, which `train()` creates
+            rollback.deepspeed_engine = lambda: self.model_wrapped
         if not isinstance(self.args, StabilityConfig) and not self.args.restore_callback_states_from_checkpoint:
             logger.warning(
                 "StabilityTrainer got TrainingArguments with restore_callback_states_from_checkpoint=False: skip and "
