@@ -25,7 +25,7 @@ from hf_stability.engines import (
     refuse_unsupported_engine,
 )
 from hf_stability.events import read_events
-from tests.testing_utils import bert_tokenizer, run_two_ranks, subprocess_env, tiny_bert, training_args
+from tests.testing_utils import bert_tokenizer, run_module, run_two_ranks, subprocess_env, tiny_bert, training_args
 
 
 def test_refusal_is_one_line_naming_the_protections_and_the_alternative(tmp_path):
@@ -262,3 +262,24 @@ def test_deepspeed_rollback_under_a_plain_trainer_refuses_before_the_first_step(
                        r"StabilityTrainer") as raised:
         SpikeRollbackCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_without_overflow_check_refuses_skip_warns_and_rollback_restores(tmp_path):
+    """`StabilityTrainer` + DeepSpeed ZeRO-2 bf16 with ``check_grad_overflow: false`` (one process, ~15 s): the
+    default ``skip_nonfinite`` refuses before the first step, naming the setting; without it a one-line warning, the
+    NaN update is applied (DeepSpeed counts nothing), and spike rollback restores the snapshot before it."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[dev]' installs it)")
+    result = run_module("tests.distributed.deepspeed_unchecked_bf16", tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outcome = json.loads((tmp_path / "result.json").read_text())
+    unchecked = "DeepSpeed will NOT skip a non-finite step here (`bf16.check_grad_overflow: false`)"
+    assert outcome["refusal"] == f"`deepspeed`: `skip_nonfinite` cannot be honoured: {unchecked}."
+    assert outcome["refused_global_step"] == 0
+    assert outcome["warnings"] == [f"DeepSpeed: non-finite steps are not skipped: {unchecked}."]
+    assert outcome["skipped_steps"] == 0  # DeepSpeed applied the NaN step of step 4
+    events = read_events(tmp_path / "warned")
+    assert [(e["event"], e["step"], e["restored_step"], e["nonfinite_weights"]) for e in events] == [
+        ("rollback", 4, 2, True)
+    ]
+    assert outcome["final_finite"] and outcome["last_loss_finite"] and len(outcome["losses"]) == 8
