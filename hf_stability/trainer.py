@@ -108,6 +108,7 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         self._build_batch_ramp()
         # Registered for the model the callbacks receive while this trainer trains (`train`).
         self.step_signals = StepSignals()
+        self.step_signals.engine = lambda: self.model_wrapped  # the DeepSpeed engine, once `train()` created it
         # The loss fed is the return of the `training_step` Trainer calls: a subclass's override, with or without
         # super(), cannot bypass it (it would leave loss-based rollback judging nothing).
         self.training_step = self._feeding_loss(self.training_step)  # type: ignore[method-assign]
@@ -133,9 +134,6 @@ class StabilityTrainer(BatchRampMixin, Trainer):
         if self.batch_ramp is not None:  # placeholder micro-batches would break the engine's accumulation count
             protections.append("batch_ramp")
         refuse_protections(protections, self.args, self.model)
-        rollback = find_callback(callbacks, SpikeRollbackCallback)
-        if rollback is not None:  # under DeepSpeed its snapshots read the engine, which `train()` creates
-            rollback.deepspeed_engine = lambda: self.model_wrapped
         if not isinstance(self.args, StabilityConfig) and not self.args.restore_callback_states_from_checkpoint:
             logger.warning(
                 "StabilityTrainer got TrainingArguments with restore_callback_states_from_checkpoint=False: skip and "

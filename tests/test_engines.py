@@ -268,7 +268,8 @@ def test_deepspeed_rollback_under_a_plain_trainer_refuses_before_the_first_step(
 def test_deepspeed_bf16_without_overflow_check_refuses_skip_warns_and_rollback_restores(tmp_path):
     """`StabilityTrainer` + DeepSpeed ZeRO-2 bf16 with ``check_grad_overflow: false`` (one process, ~15 s): the
     default ``skip_nonfinite`` refuses before the first step, naming the setting; without it a one-line warning, the
-    NaN update is applied (DeepSpeed counts nothing), and spike rollback restores the snapshot before it."""
+    NaN update is applied (DeepSpeed counts nothing), and spike rollback restores the snapshot before it, also after
+    a resume from a DeepSpeed checkpoint."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[dev]' installs it)")
     result = run_module("tests.distributed.deepspeed_unchecked_bf16", tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -283,3 +284,7 @@ def test_deepspeed_bf16_without_overflow_check_refuses_skip_warns_and_rollback_r
         ("rollback", 4, 2, True)
     ]
     assert outcome["final_finite"] and outcome["last_loss_finite"] and len(outcome["losses"]) == 8
+    # Resumed at step 4 from a DeepSpeed checkpoint (Trainer re-creates the callbacks): the NaN update of step 6 is
+    # rolled back to the state resumed from, and training ends at step 7 with finite weights.
+    resumed = [(e["event"], e["step"], e.get("restored_step")) for e in read_events(tmp_path / "resumed")]
+    assert resumed == [("rollback", 6, 4)] and outcome["resumed_global_step"] == 7 and outcome["resumed_final_finite"]

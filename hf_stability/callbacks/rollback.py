@@ -48,7 +48,6 @@ import math
 import re
 import shutil
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +159,6 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         self._first_resumed_step: int | None = None  # the first judged step after the resume: its loss judges it
         self._unjudged_checkpoint: Path | None = None  # written on the last step, its update not judged yet
         self._cut_optimizer: weakref.ref | None = None  # the optimizer whose LR carries lr_scale
-        # Under DeepSpeed: returns the live engine, whose ZeRO partitions snapshots hold (StabilityTrainer sets it).
-        self.deepspeed_engine: Callable[[], Any] | None = None
 
     # ---- configuration -------------------------------------------------------------------------
 
@@ -194,7 +191,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             rank_dir = f"{args.output_dir}/{SNAPSHOT_DIRNAME}/rank-{args.process_index}"
         if self._store is not None:
             self._store.clear()
-        self._store = self._snapshot_store(args, rank_dir)
+        self._store = self._snapshot_store(args, model, rank_dir)
         self._pending = []
         self._resumed_from = state.global_step if state.global_step > 0 else None
         self._first_resumed_step = None
@@ -203,17 +200,19 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         # The starting state cannot hold a bad update made in this run, so it is a rollback target at once.
         self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
 
-    def _snapshot_store(self, args, directory: str | None) -> SnapshotStore:
-        """The store for this run's engine: the model/optimizer/scheduler, or a DeepSpeed engine's ZeRO partitions."""
+    def _snapshot_store(self, args, model, directory: str | None) -> SnapshotStore:
+        """The store for this run's engine: the model/optimizer/scheduler, or a DeepSpeed engine's ZeRO partitions
+        (the engine comes through `StepSignals.engine`, which `StabilityTrainer` sets)."""
         s = self.settings
         if not deepspeed_enabled(args):
             return SnapshotStore(s.snapshot_keep, s.snapshot_storage, directory)
-        if self.deepspeed_engine is None:
+        engine = StepSignals.for_model(model).engine
+        if engine is None:
             raise UnsupportedEngineError(
                 "`deepspeed`: SpikeRollbackCallback under DeepSpeed snapshots the engine's ZeRO partitions and needs "
                 "StabilityTrainer, which hands it the engine; use StabilityTrainer (spike_rollback=True)."
             )
-        return DeepSpeedSnapshotStore(self.deepspeed_engine, s.snapshot_keep, s.snapshot_storage, directory)
+        return DeepSpeedSnapshotStore(engine, s.snapshot_keep, s.snapshot_storage, directory)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.settings.metric == SpikeMetric.GRAD_NORM:

@@ -3,8 +3,8 @@
 `StabilityTrainer` + DeepSpeed ZeRO-2 (world size 1, CPU accelerator) in bf16 with ``bf16.check_grad_overflow:
 false``, where DeepSpeed applies a NaN step: with its defaults it refuses at train begin (``skip_nonfinite`` cannot
 be honoured), in one line naming the setting; with ``skip_nonfinite=False`` it warns in one line and trains, and
-spike rollback (which runs there) restores the snapshot the NaN update spoiled. ``OUTPUT_DIR/result.json``; the
-second run's events in ``OUTPUT_DIR/warned``.
+spike rollback (which runs there) restores the snapshot the NaN update spoiled, also after resuming from a
+DeepSpeed checkpoint. ``OUTPUT_DIR/result.json``; the runs' events in ``OUTPUT_DIR/warned`` and ``/resumed``.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def main(output_dir: str) -> None:
     data = mlm_dataset(tokenizer, rows=64)
 
     def arguments(directory: str, **overrides):
-        return training_args(os.path.join(output_dir, directory), max_steps=8, per_device_train_batch_size=4,
-                             bf16=True, deepspeed=UNCHECKED, spike_window=8, spike_warmup=3, spike_check_interval=1,
-                             snapshot_interval=2, **overrides)
+        settings = dict(max_steps=8, per_device_train_batch_size=4, bf16=True, deepspeed=UNCHECKED, spike_window=8,
+                        spike_warmup=3, spike_check_interval=1, snapshot_interval=2)
+        return training_args(os.path.join(output_dir, directory), **{**settings, **overrides})
 
     result: dict[str, object] = {}
     refused = StabilityTrainer(tiny_bert(tokenizer), arguments("refused"), train_dataset=data)
@@ -69,6 +69,17 @@ def main(output_dir: str) -> None:
     result["losses"] = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     result["final_finite"] = all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())
     result["last_loss_finite"] = math.isfinite(result["losses"][-1])
+    # Resumed from a DeepSpeed checkpoint, Trainer re-creates the rollback callback: it still gets the engine.
+    for max_steps, resume in ((4, None), (7, True)):
+        resumed = StabilityTrainer(
+            tiny_bert(tokenizer), arguments("resumed", skip_nonfinite=False, save_strategy="steps", save_steps=4,
+                                            max_steps=max_steps),
+            train_dataset=data, callbacks=[PoisonActivations([5])],
+        )
+        resumed.train(resume_from_checkpoint=resume)
+    result["resumed_global_step"] = resumed.state.global_step
+    weights = resumed.model_wrapped.module.parameters()
+    result["resumed_final_finite"] = all(bool(torch.isfinite(p).all()) for p in weights)
     with open(os.path.join(output_dir, "result.json"), "w") as handle:
         json.dump(result, handle)
 
