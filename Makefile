@@ -1,6 +1,6 @@
 # Two commands set up and run everything on a fresh machine:
 #   make train   - create .venv (CPU torch + this package), then pre-train a tiny BART on the embedded corpus
-#   make test    - create .venv if needed, then run the test suite
+#   make test    - create .venv if needed, then run the test suite (`make test-unit`: tests/unit only, under a minute)
 # CI (.ci/run) also runs `make test-floor` (the trainer/callback tests on the oldest supported transformers and
 # accelerate) and `make typecheck` (mypy on hf_stability/).
 VENV ?= .venv
@@ -16,7 +16,7 @@ FLOOR := .ci/floor
 floor_version = $(shell sed -n 's/^ *"$(1)>=\([0-9.]*\)",$$/\1/p' pyproject.toml)
 FLOOR_TRANSFORMERS := $(call floor_version,transformers)
 FLOOR_ACCELERATE := $(call floor_version,accelerate)
-FLOOR_TESTS ?= tests/test_compat.py tests/test_trainer.py tests/callbacks
+FLOOR_TESTS ?= tests/integration/test_compat.py tests/integration/test_trainer.py tests/integration/callbacks tests/unit/callbacks
 VERSIONS := import torch, transformers, accelerate; \
 	print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}")
 
@@ -27,7 +27,7 @@ define pytest
 if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 endef
 
-.PHONY: install train test test-floor typecheck benchmark
+.PHONY: install train test test-unit test-floor typecheck benchmark
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,9 @@ train: install
 
 test: install
 	$(call pytest,,$(ARGS))
+
+test-unit: install
+	$(call pytest,,tests/unit $(ARGS))
 
 test-floor: install
 	rm -rf $(FLOOR)

@@ -62,6 +62,7 @@ import transformers  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import BartConfig, BartForConditionalGeneration, Trainer, TrainerCallback  # noqa: E402
 
+from benchmarks.host_reads import counting_host_reads  # noqa: E402
 from hf_stability import StabilityTrainer  # noqa: E402
 from hf_stability.callbacks import SkipNonFiniteCallback  # noqa: E402
 from hf_stability.callbacks.signals import reduce_across_ranks  # noqa: E402
@@ -69,7 +70,6 @@ from hf_stability.snapshots import SnapshotStore, restore_training_state  # noqa
 from tests.testing_utils import (  # noqa: E402
     PoisonActivations,
     bert_tokenizer,
-    counting_host_reads,
     emulate_fp16_scaler,
     mlm_dataset,
     tiny_bert,
@@ -610,7 +610,7 @@ def deepspeed_result(device: str) -> dict[str, Any]:
     from hf_stability.callbacks.deepspeed_telemetry import DeepSpeedSkipTelemetryCallback
     from hf_stability.callbacks.order import find_callback
     from hf_stability.callbacks.rollback import SpikeRollbackCallback
-    from tests.distributed.deepspeed_rollback_two_ranks import EngineRecord, SpikeLoss, same
+    from tests.scripts.deepspeed_rollback_two_ranks import EngineRecord, SpikeLoss, same
 
     tokenizer = bert_tokenizer()
     data = mlm_dataset(tokenizer, rows=SYNC_ROWS)

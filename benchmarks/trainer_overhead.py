@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
+from benchmarks.host_reads import counting_host_reads  # noqa: E402
 from benchmarks.timing import Stopwatch  # noqa: E402
 from hf_stability import LossScaleTelemetryCallback, StabilityTrainer  # noqa: E402
 from hf_stability.callbacks.signals import StepSignals  # noqa: E402
@@ -46,7 +47,6 @@ from tests.testing_utils import (  # noqa: E402
     BART_BASE_TENSORS,
     bart_layout_model,
     bert_tokenizer,
-    counting_host_reads,
     emulate_fp16_scaler,
     mlm_dataset,
     seq2seq_dataset,

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     # in the private `transformers._typing`, 5.19-5.25); at runtime it returns a `logging.Logger`.
     from transformers._typing import TransformersLogger as TransformersLogger
 
-# The one home of the tested range, which README.md and docs/trainer.md cite (tests/test_compat.py checks both):
-# what CI runs the suite on. The floors are pyproject.toml's (`make test-floor`); the tops are the latest releases
-# that `make install` resolved in CI (`make test`). Raise a top when CI passes on a newer release.
+# The one home of the tested range, which README.md and docs/trainer.md cite (tests/integration/test_compat.py
+# checks both): what CI runs the suite on. The floors are pyproject.toml's (`make test-floor`); the tops are the
+# latest releases that `make install` resolved in CI (`make test`). Raise a top when CI passes on a newer release.
 TRANSFORMERS_VERIFIED = ("5.19.0", "5.25.0")
 ACCELERATE_VERIFIED = ("1.10.1", "1.16.0")
 TORCH_VERIFIED = "2.13"
@@ -108,6 +108,11 @@ TRAINER_HOOKS: Mapping[str, str] = {
     # (save strategy, `save_strategy="best"` after an evaluation, the last step, any callback), then `on_save`.
     "_save_checkpoint": "wrapped to judge the weights of every checkpoint before it is written",
 }
+# Trainer methods overridden by `ExcludeSamplesMixin` that Trainer calls from `get_train_dataloader`, not the loop.
+TRAINER_DATA_HOOKS: Mapping[str, str] = {
+    # `get_train_dataloader` passes it as `sampler_fn` to `_get_dataloader`, which calls it for a map-style dataset.
+    "_get_train_sampler": "overridden to leave the `exclude_samples` out of the train sampler",
+}
 # Private helpers called as Trainer calls them (5.19-5.25: same signatures), by `BatchRampMixin.get_train_dataloader`.
 TRAINER_HELPERS = ("_remove_unused_columns", "_get_collator_with_removed_columns", "_get_num_items_in_batch")
 
@@ -131,7 +136,14 @@ def check_trainer_hooks(upstream: type) -> None:
     loop = [inspect.unwrap(method) for name in TRAINING_LOOP if callable(method := getattr(upstream, name, None))]
     codes = [code for method in loop if isinstance(code := getattr(method, "__code__", None), CodeType)]
     called = {name for code in codes for name in _referenced_names(code)}
+    loader = getattr(getattr(upstream, "get_train_dataloader", None), "__code__", None)
+    loader_calls = set(_referenced_names(loader)) if isinstance(loader, CodeType) else set()
     problems = []
+    for name, why in TRAINER_DATA_HOOKS.items():
+        if not callable(getattr(upstream, name, None)):
+            problems.append(f"`{upstream.__name__}.{name}` is gone ({why})")
+        elif name not in loader_calls:
+            problems.append(f"`{upstream.__name__}.get_train_dataloader` no longer calls `{name}` ({why})")
     for name in (*TRAINER_HOOKS, *TRAINER_HELPERS):
         why = TRAINER_HOOKS.get(name, "called by the batch ramp")
         if name in missing:

@@ -66,7 +66,7 @@ class StabilityAlerts:
             return
         now = self.clock()
         last = self._last_sent.get(kind)
-        if last is not None and now - last < self.settings.interval:
+        if last is not None and now - last < self.settings.stability_alert_interval:
             self._held_back[kind] = self._held_back.get(kind, 0) + 1
             return
         self._last_sent[kind] = now
@@ -76,9 +76,9 @@ class StabilityAlerts:
         names, step = self.settings.event_names, event["step"]
         if event["event"] == "skip" and "skip_burst" in names:
             self._skip_steps.append(step)
-            while self._skip_steps and self._skip_steps[0] <= step - self.settings.skip_window:
+            while self._skip_steps and self._skip_steps[0] <= step - self.settings.stability_alert_skip_window:
                 self._skip_steps.popleft()
-            if len(self._skip_steps) >= self.settings.skip_burst:
+            if len(self._skip_steps) >= self.settings.stability_alert_skip_burst:
                 self._skip_steps.clear()  # the next burst counts afresh
                 return "skip_burst"
         return event["event"] if event["event"] in names else None
@@ -88,8 +88,8 @@ class StabilityAlerts:
         from hf_stability.report import RunRecord
 
         step = event["step"]
-        what = (f"{self.settings.skip_burst} skipped steps within {self.settings.skip_window} steps"
-                if kind == "skip_burst" else event["event"])
+        burst, window = self.settings.stability_alert_skip_burst, self.settings.stability_alert_skip_window
+        what = f"{burst} skipped steps within {window} steps" if kind == "skip_burst" else event["event"]
         try:
             run = RunRecord(self.output_dir, list(self.history()), [], None, has_events_file=True)
             findings = diagnose(run)

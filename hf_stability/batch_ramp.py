@@ -57,7 +57,8 @@ class BatchRamp:
     unit: RampUnit | str = RampUnit.SAMPLES
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "unit", RampUnit.checked("batch_ramp_unit", self.unit))
+        if not isinstance(self.unit, RampUnit):  # built by hand; from the settings it was checked when set
+            object.__setattr__(self, "unit", RampUnit.checked("batch_ramp_unit", self.unit))
         if not 0 < self.start < self.target:
             raise ValueError(f"`batch_ramp_start` must be in (0, target={self.target}), got {self.start}.")
         if self.increment < 1 or (self.target - self.start) % self.increment:
@@ -101,13 +102,17 @@ class RampBatchSampler:
     Trainer's epochs of ``steps_per_epoch`` steps, that fixes the epoch, also in a resumed run. Trainer skips the
     batches a resumed epoch already trained, so an iterator starts at the epoch's first step; with
     ``ignore_data_skip`` Trainer skips nothing, so it starts at ``current_step`` itself (else the ramp and the
-    stream would restart from the epoch's start while ``global_step`` goes on).
+    stream would restart from the epoch's start while ``global_step`` goes on). With ``kept`` (a tensor of dataset
+    indices) the stream runs over those samples only.
     """
 
     drop_last = True  # every step is complete: BatchSamplerShard must not pad or cycle
 
     def __init__(self, ramp: BatchRamp, num_samples: int, micro_batch: int, accumulation: int, world_size: int,
-                 shuffle: bool, seed: int, current_step: Callable[[], int], ignore_data_skip: bool = False) -> None:
+                 shuffle: bool, seed: int, current_step: Callable[[], int], ignore_data_skip: bool = False,
+                 kept: torch.Tensor | None = None) -> None:
+        self.kept = kept  # the dataset indices the stream runs over (`exclude_samples`); None: all num_samples
+        num_samples = len(kept) if kept is not None else num_samples
         self.ramp, self.num_samples, self.micro_batch = ramp, num_samples, micro_batch
         self.accumulation, self.world_size = accumulation, world_size
         self.shuffle, self.seed, self.current_step = shuffle, seed, current_step
@@ -128,6 +133,8 @@ class RampBatchSampler:
                 order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + data_pass))
             else:
                 order = torch.arange(self.num_samples)
+            if self.kept is not None:
+                order = self.kept[order]
             taken = order[offset : offset + count].tolist()
             indices += taken
             start, count = start + len(taken), count - len(taken)
@@ -178,11 +185,12 @@ class BatchRampMixin(_MixedInto):
 
     batch_ramp: BatchRamp | None = None
     _ramp_micro_batches = 0
+    excluded_samples: frozenset[int] = frozenset()  # set by `hf_stability.exclude.ExcludeSamplesMixin`
 
     def _build_batch_ramp(self) -> None:
         args = self.args
         ramp = BatchRampSettings.resolve({}, args)  # a plain TrainingArguments gets start 0: no ramp
-        if not ramp.start:
+        if not ramp.batch_ramp_start:
             return
         if args.train_sampling_strategy not in ("random", "sequential"):
             raise ValueError(
@@ -191,13 +199,14 @@ class BatchRampMixin(_MixedInto):
             )
         micro, world = args.per_device_train_batch_size, args.world_size
         target = micro * args.gradient_accumulation_steps * world
-        for name in ("start", "increment"):
+        for name in ("batch_ramp_start", "batch_ramp_increment"):
             if getattr(ramp, name) % (micro * world):
                 raise ValueError(
-                    f"`batch_ramp_{name}` ({getattr(ramp, name)}) must be a multiple of per_device_train_batch_size x "
+                    f"`{name}` ({getattr(ramp, name)}) must be a multiple of per_device_train_batch_size x "
                     f"world size ({micro} x {world}): the batch grows in whole micro-batches."
                 )
-        self.batch_ramp = BatchRamp(ramp.start, ramp.increment, ramp.length, target, ramp.unit)
+        self.batch_ramp = BatchRamp(ramp.batch_ramp_start, ramp.batch_ramp_increment, ramp.batch_ramp_length, target,
+                                    ramp.batch_ramp_unit)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.batch_ramp is None:
@@ -212,11 +221,16 @@ class BatchRampMixin(_MixedInto):
             dataset = remove_unused_columns(self, dataset)
         else:
             collator = collator_with_removed_columns(self, collator)
+        kept = None
+        if self.excluded_samples:
+            keep = torch.ones(len(dataset), dtype=torch.bool)
+            keep[[index for index in self.excluded_samples if index < len(dataset)]] = False
+            kept = keep.nonzero().squeeze(1)
         sampler = RampBatchSampler(
             self.batch_ramp, len(dataset), self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
             self.args.world_size, shuffle=self.args.train_sampling_strategy != "sequential",
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-            current_step=lambda: self.state.global_step, ignore_data_skip=self.args.ignore_data_skip,
+            current_step=lambda: self.state.global_step, ignore_data_skip=self.args.ignore_data_skip, kept=kept,
         )
         # A `datasets.Dataset` is map-style (len, getitem): all DataLoader needs, as in Trainer's own loader.
         loader = DataLoader(cast("Dataset[Any]", dataset), batch_sampler=sampler, collate_fn=RampCollator(collator),

@@ -1,7 +1,8 @@
 """The ``hf-stability`` command.
 
 ``hf-stability report OUTPUT_DIR`` prints a run's loss and stability events (from ``trainer_state.json``
-and ``stability_events.jsonl``) and draws ``OUTPUT_DIR/training_curves.png``; ``hf-stability doctor OUTPUT_DIR``
+and ``stability_events.jsonl``) and draws ``OUTPUT_DIR/training_curves.png`` (with ``--bad-samples``, lists the
+samples the events named instead: `hf_stability.sample_report`); ``hf-stability doctor OUTPUT_DIR``
 prints the run's ranked findings (`hf_stability.doctor`), or says there are none.
 """
 
@@ -35,6 +36,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--plot", default=None, help="Where to write the PNG (default: OUTPUT_DIR/training_curves.png)."
     )
     report.add_argument("--no-plot", action="store_true", help="Only print the summary.")
+    report.add_argument(
+        "--bad-samples", action="store_true",
+        help="Instead of the summary, list the samples the stability events named (stability_bad_samples.json) by "
+        "index, with the step, rank, event and loss, and their text when the run recorded its data (the recipes do).",
+    )
+    report.add_argument("--json", action="store_true", help="With --bad-samples: print the listing as JSON.")
     doctor = commands.add_parser(
         "doctor",
         help="Diagnose a run: likely causes of its skips, spikes and stops, with evidence and remedies.",
@@ -56,7 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_stability.doctor import diagnose, format_findings  # the report ends with its diagnosis
     from hf_stability.report import format_summary, load_run, plot_training_curves
 
+    if args.command == "report" and args.json and not args.bad_samples:
+        parser.error("report: --json needs --bad-samples")
     try:
+        if args.command == "report" and args.bad_samples:  # needs only the bad-samples file, not a trainer state
+            return _bad_samples(args.output_dir, args.json)
         run = load_run(args.output_dir)
         if args.command == "doctor":
             return _doctor(run, args.json)
@@ -71,6 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as error:  # matplotlib is the `plot` extra
             print(f"hf-stability report: error: {error}", file=sys.stderr)
             return 2
+    return 0
+
+
+def _bad_samples(output_dir: str, as_json: bool) -> int:
+    from hf_stability.events import _json_safe
+    from hf_stability.sample_report import bad_samples_listing, format_bad_samples
+
+    listing = bad_samples_listing(output_dir)
+    # Valid JSON for every reader: a NaN or infinite loss is written as a string, as in the events file.
+    print(json.dumps(_json_safe(listing), indent=2, allow_nan=False) if as_json else format_bad_samples(listing))
     return 0
 
 

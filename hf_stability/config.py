@@ -1,13 +1,13 @@
 """`StabilityConfig`: `TrainingArguments` plus the knobs of skipping, rollback and telemetry.
 
 Each knob is a setting of one component (`hf_stability.settings`), which owns its default, help and
-validation; here it gets its flat command-line name (``--spike_window``), and ``__post_init__`` validates by
-building the component settings (errors name the flat field).
+check under the same flat name (``--spike_window``). A value is checked once, when it is set (`__setattr__`:
+at creation and on a later assignment); ``__post_init__`` checks the relations between knobs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -16,16 +16,18 @@ from hf_stability.settings import (
     AlertSettings,
     BatchRampSettings,
     ComponentSettings,
+    ExcludeSettings,
     RollbackSettings,
     SkipSettings,
     TelemetrySettings,
+    check_knob,
     checked_number,
     setting,
 )
 
 __all__ = ["COMPONENT_SETTINGS", "StabilityConfig", "checked_number"]
 
-# The settings classes whose every field is a `StabilityConfig` field (named by its metadata "config").
+# The settings classes whose every field is a `StabilityConfig` field of the same name.
 COMPONENT_SETTINGS: tuple[type[ComponentSettings], ...] = (
     SkipSettings,
     RollbackSettings,
@@ -33,7 +35,12 @@ COMPONENT_SETTINGS: tuple[type[ComponentSettings], ...] = (
     AdaptiveClipSettings,
     BatchRampSettings,
     AlertSettings,
+    ExcludeSettings,
 )
+# Flat knob name -> the settings class that checks it.
+_KNOBS: dict[str, type[ComponentSettings]] = {
+    knob.name: settings_class for settings_class in COMPONENT_SETTINGS for knob in fields(settings_class)
+}
 
 
 @dataclass
@@ -44,7 +51,7 @@ class StabilityConfig(TrainingArguments):
     loads from YAML/JSON. Only the fields below are new; `restore_callback_states_from_checkpoint`
     defaults to ``True`` here so that skip and rollback counters survive ``resume_from_checkpoint``.
     The callbacks read their settings from these fields (`hf_stability.settings.ComponentSettings.resolve`),
-    under `StabilityTrainer` and under a plain `Trainer` alike.
+    under `StabilityTrainer` and under a plain `Trainer` alike; each value is checked once, when it is set.
     """
 
     # Non-finite batch skipping
@@ -66,15 +73,15 @@ class StabilityConfig(TrainingArguments):
             "continue with the next batches."
         },
     )
-    spike_metric: str = setting(RollbackSettings, "metric")
-    spike_window: int = setting(RollbackSettings, "window")
-    spike_warmup: int = setting(RollbackSettings, "warmup")
-    spike_sigma: float = setting(RollbackSettings, "sigma")
-    spike_check_interval: int = setting(RollbackSettings, "check_interval")
+    spike_metric: str = setting(RollbackSettings, "spike_metric")
+    spike_window: int = setting(RollbackSettings, "spike_window")
+    spike_warmup: int = setting(RollbackSettings, "spike_warmup")
+    spike_sigma: float = setting(RollbackSettings, "spike_sigma")
+    spike_check_interval: int = setting(RollbackSettings, "spike_check_interval")
     snapshot_interval: int = setting(RollbackSettings, "snapshot_interval")
     snapshot_keep: int = setting(RollbackSettings, "snapshot_keep")
     snapshot_storage: str = setting(RollbackSettings, "snapshot_storage")
-    rollback_lr_factor: float = setting(RollbackSettings, "lr_factor")
+    rollback_lr_factor: float = setting(RollbackSettings, "rollback_lr_factor")
     max_rollbacks: int = setting(RollbackSettings, "max_rollbacks")
 
     # Telemetry
@@ -98,28 +105,34 @@ class StabilityConfig(TrainingArguments):
             "recent norms (ZClip), on the device. Applies after `max_grad_norm`; the tighter bound wins."
         },
     )
-    adaptive_clip_z: float = setting(AdaptiveClipSettings, "z")
-    adaptive_clip_alpha: float = setting(AdaptiveClipSettings, "alpha")
-    adaptive_clip_warmup: int = setting(AdaptiveClipSettings, "warmup")
+    adaptive_clip_z: float = setting(AdaptiveClipSettings, "adaptive_clip_z")
+    adaptive_clip_alpha: float = setting(AdaptiveClipSettings, "adaptive_clip_alpha")
+    adaptive_clip_warmup: int = setting(AdaptiveClipSettings, "adaptive_clip_warmup")
 
     # Batch-size ramp (GPT-3), see `hf_stability.batch_ramp`
-    batch_ramp_start: int = setting(BatchRampSettings, "start")
-    batch_ramp_increment: int = setting(BatchRampSettings, "increment")
-    batch_ramp_length: int = setting(BatchRampSettings, "length")
-    batch_ramp_unit: str = setting(BatchRampSettings, "unit")
+    batch_ramp_start: int = setting(BatchRampSettings, "batch_ramp_start")
+    batch_ramp_increment: int = setting(BatchRampSettings, "batch_ramp_increment")
+    batch_ramp_length: int = setting(BatchRampSettings, "batch_ramp_length")
+    batch_ramp_unit: str = setting(BatchRampSettings, "batch_ramp_unit")
 
     # Alerts on stability events, see `hf_stability.alerts`
-    stability_alerts: str = setting(AlertSettings, "events")
-    stability_alert_skip_burst: int = setting(AlertSettings, "skip_burst")
-    stability_alert_skip_window: int = setting(AlertSettings, "skip_window")
-    stability_alert_interval: float = setting(AlertSettings, "interval")
+    stability_alerts: str = setting(AlertSettings, "stability_alerts")
+    stability_alert_skip_burst: int = setting(AlertSettings, "stability_alert_skip_burst")
+    stability_alert_skip_window: int = setting(AlertSettings, "stability_alert_skip_window")
+    stability_alert_interval: float = setting(AlertSettings, "stability_alert_interval")
+
+    # The exclude list, see `hf_stability.exclude`
+    exclude_samples: str = setting(ExcludeSettings, "exclude_samples")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """A knob's one check, whenever it is set (the dataclass ``__init__`` sets every field once)."""
+        settings_class = _KNOBS.get(name)
+        super().__setattr__(name, value if settings_class is None else check_knob(settings_class, name, value))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # One validation: build every component's settings from these fields and keep the normalised values.
-        for settings_class in COMPONENT_SETTINGS:
-            for name, value in vars(settings_class.resolve({}, self)).items():
-                setattr(self, settings_class.field_of(name).metadata["config"], value)
+        for settings_class in COMPONENT_SETTINGS:  # the relations between knobs (each knob is checked already)
+            settings_class.resolve({}, self)
         if self.batch_ramp_start:
             from hf_stability.batch_ramp import BatchRamp
 
@@ -127,3 +140,8 @@ class StabilityConfig(TrainingArguments):
             target = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
             BatchRamp(self.batch_ramp_start, self.batch_ramp_increment, self.batch_ramp_length, target,
                       self.batch_ramp_unit)
+        if self.exclude_samples:
+            from hf_stability._compat import output_dir
+            from hf_stability.exclude import read_exclude_list
+
+            read_exclude_list(self.exclude_samples, output_dir(self))  # a bad path or file fails here, in one line

@@ -2,7 +2,8 @@
 rollback's snapshots of the engine's own ZeRO partitions (`DeepSpeedSnapshotStore`, where `rollback_refusal` finds
 the configuration proven).
 
-Measured in ``tests/test_engines.py`` (DeepSpeed 0.19.8, CPU accelerator, 2 processes, NaN loss on one rank):
+Measured in ``tests/integration/test_engines.py`` (DeepSpeed 0.19.8, CPU accelerator, 2 processes, NaN loss on one
+rank):
 ZeRO-1/2/3 in fp32 and in bf16 with ``bf16.check_grad_overflow`` on (its default) skip the step on every rank,
 bit for bit; bf16 with that check off applies the NaN step and counts nothing. Everything else is not measured:
 fp16 (the CPU accelerator cannot run it), ZeRO stage 0, optimizer offload, and the `BF16_Optimizer` path (bf16
@@ -11,7 +12,7 @@ refusal under DeepSpeed says which case a run is in, naming the setting.
 
 The snapshots read DeepSpeed 0.19's ZeRO optimizer attributes (the fp32 partitions, the inner optimizer's state
 keyed by them, ``update_lp_params``, ZeRO-3's flat bit16 partitions and persistent parameters): they are public
-attributes but no documented API, so `tests/test_engines.py` proves the restore per stage and precision.
+attributes but no documented API, so `tests/integration/test_engines.py` proves the restore per stage and precision.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def overflow_skip(config: dict[str, Any], args: object = None) -> str:
 def rollback_refusal(config: dict[str, Any], args: object = None) -> str | None:
     """Why spike rollback is not proven under ``config`` (one clause naming the setting), or None where it is.
 
-    Proven (tests/test_engines.py): ZeRO-1/2/3, fp32 and bf16, snapshots in host memory and on disk, no offload.
+    Proven (tests/integration/test_engines.py): ZeRO-1/2/3, fp32 and bf16, snapshots in host memory and on disk, no
+    offload.
     """
     zero = config.get("zero_optimization") or {}
     stage = zero.get("stage", 0)

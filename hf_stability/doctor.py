@@ -116,8 +116,11 @@ def read_bad_samples(output_dir: str | os.PathLike) -> dict[int, list[dict[str, 
     """``stability_bad_samples.json`` (``{"<index>": [event, ...]}``, each event with an integer ``step``) as
     sample index -> events; an absent file means none. A file of another shape raises a one-line `ValueError`."""
     path = Path(output_dir) / BAD_SAMPLES_FILENAME
-    if not path.is_file():
-        return {}
+    return read_bad_samples_file(path) if path.is_file() else {}
+
+
+def read_bad_samples_file(path: Path) -> dict[int, list[dict[str, Any]]]:
+    """A bad-samples file at any path (`read_bad_samples`; also what ``exclude_samples`` names)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -273,8 +276,10 @@ def rule_recurring_samples(evidence: RunEvidence) -> Finding | None:
         f"Likely bad data: {len(indices)} sample(s) were in the batches of trouble at {RECURRING_SAMPLE_STEPS} or "
         "more different steps.",
         facts,
-        [f"leave them out: {BAD_SAMPLES_FILENAME} lists them; resume with `--exclude_samples auto` "
-         "(StabilityConfig.exclude_samples)", "inspect them: `hf-stability report OUTPUT_DIR --bad-samples`"],
+        [f"leave them out (StabilityConfig.exclude_samples): resume in this output directory with "
+         f"`--exclude_samples auto --resume_from_checkpoint latest`, or rerun with "
+         f"`--exclude_samples {evidence.run.output_dir / BAD_SAMPLES_FILENAME}`",
+         f"inspect them: `hf-stability report {evidence.run.output_dir} --bad-samples`"],
         70, steps=sorted({step for steps in recurring.values() for step in steps}), samples=indices,
     )
 

@@ -293,13 +293,7 @@ def _stability_settings(trainer: Trainer) -> dict[str, Any]:
         callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, callback_class)), None)
         rows[switch] = callback is not None
         if callback is not None:
-            settings = callback.settings
-            values = settings.as_dict()
-            rows.update(
-                (spec.metadata["config"], values[spec.name])
-                for spec in dataclasses.fields(settings)
-                if spec.metadata["config"] in _STABILITY_KNOBS
-            )
+            rows.update(callback.settings.as_dict())
     return {name: rows[name] for name in _STABILITY_KNOBS if name in rows}
 
 
@@ -380,6 +374,8 @@ def _stability_section(run: RunRecord, trainer: Trainer) -> str:
         f"- Rollbacks after loss spikes: **{figures['rollbacks']}**",
         f"- Loss-scale range: {scale}",
     ]
+    if figures["excluded_samples"]:
+        lines.append(f"- Training samples left out (`exclude_samples`, known bad): **{figures['excluded_samples']}**")
     if figures["max_grad_norm"] is not None:
         lines.append(f"- Largest logged gradient norm: {figures['max_grad_norm']:.4g}")
     lines += _gradient_health_lines(run)

@@ -32,6 +32,8 @@ from hf_stability.event_digest import EventDigest, read_event_digest
 from hf_stability.events import EVENTS_FILENAME, SUPERSEDED_PREFIX
 
 STATE_FILENAME = "trainer_state.json"
+# What a run left out (`hf_stability.exclude`): {"exclude_samples", "file", "index_kind", "samples"}.
+EXCLUDED_FILENAME = "stability_excluded_samples.json"
 # Event kind -> (callback, attribute) whose checkpointed value counts it.
 _STORED_COUNTERS = {
     "skip": ("SkipNonFiniteCallback", "skipped_steps"),
@@ -136,6 +138,7 @@ class RunRecord:
             "loss_scale_max": max(scales, default=None),
             "events": self.events,
             "superseded": [path.name for path in self.superseded],
+            "excluded_samples": len((read_excluded(self.output_dir) or {}).get("samples", [])),
         }
 
 
@@ -171,6 +174,16 @@ def load_run(output_dir: str | os.PathLike) -> RunRecord:
     )
 
 
+def read_excluded(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """What the run left out (`EXCLUDED_FILENAME`, written by `hf_stability.exclude`), or ``None``."""
+    path = Path(output_dir) / EXCLUDED_FILENAME
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("samples"), list) else None
+
+
 def superseded_event_files(output_dir: Path) -> list[Path]:
     """The event files moved aside in ``output_dir`` (earlier runs, or steps replayed after a resume), oldest first."""
     return sorted(output_dir.glob(f"{SUPERSEDED_PREFIX}*.jsonl"))
@@ -204,6 +217,9 @@ def format_summary(run: RunRecord) -> str:
         lines.append(f"  max grad norm: {figures['max_grad_norm']:.4g}")
     lines.append(f"  skipped steps: {figures['skipped_steps']}")
     lines.append(f"  rollbacks: {figures['rollbacks']}")
+    if figures["excluded_samples"]:
+        lines.append(f"  excluded samples: {figures['excluded_samples']} (exclude_samples; `--bad-samples` lists "
+                     "what the events named)")
     if figures["loss_scale_min"] is not None:
         lines.append(f"  loss scale: {figures['loss_scale_min']:g} .. {figures['loss_scale_max']:g}")
     lines += event_summary_lines(run.event_digest)

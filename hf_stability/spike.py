@@ -22,7 +22,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-from hf_stability.settings import checked_number
+from hf_stability.settings import RollbackSettings, checked_number
 
 # A deviation below this fraction of |mean| is treated as this fraction: float noise on a flat signal
 # is not a spike, while any real spike (orders of magnitude above 6 x 0.1 % of the mean) still is.
@@ -54,10 +54,18 @@ class SpikeDetector:
 
     def __init__(self, window: int = 128, warmup: int = 64, sigma: float = 6.0) -> None:
         window = checked_number("window", window, int, minimum=2)
-        warmup = checked_number("warmup", warmup, int, minimum=1, maximum=window)
-        self.window = window
-        self.warmup = warmup
-        self.sigma = checked_number("sigma", sigma, float, minimum=0, open_minimum=True)
+        self._setup(window, checked_number("warmup", warmup, int, minimum=1, maximum=window),
+                    checked_number("sigma", sigma, float, minimum=0, open_minimum=True))
+
+    @classmethod
+    def from_settings(cls, settings: RollbackSettings) -> SpikeDetector:
+        """The detector of `SpikeRollbackCallback`: its knobs were checked when they were set, not again here."""
+        detector = cls.__new__(cls)
+        detector._setup(settings.spike_window, settings.spike_warmup, settings.spike_sigma)
+        return detector
+
+    def _setup(self, window: int, warmup: int, sigma: float) -> None:
+        self.window, self.warmup, self.sigma = window, warmup, sigma
         self._values: deque[float] = deque(maxlen=window)
 
     def __len__(self) -> int:
@@ -99,8 +107,9 @@ class SpikeDetector:
         and including it. Ranks scan first, agree on the earliest spike, then :meth:`accept` the values
         before it, so every rank's window holds exactly the steps the run kept.
         """
-        trial = SpikeDetector(self.window, self.warmup, self.sigma)
-        trial._values = deque(self._values, maxlen=self.window)
+        trial = SpikeDetector.__new__(SpikeDetector)
+        trial._setup(self.window, self.warmup, self.sigma)
+        trial._values.extend(self._values)
         verdicts = []
         for index, value in enumerate(values):
             value = float(value)

@@ -26,6 +26,7 @@ from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
 from hf_stability.engines import deepspeed_enabled, refuse_protections
 from hf_stability.events import add_listener
+from hf_stability.exclude import ExcludeSamplesMixin
 from hf_stability.settings import AlertSettings
 
 logger = get_logger(__name__)
@@ -69,7 +70,7 @@ def _upstream_trainer(cls: type) -> type:
     return next(base for base in mro[mro.index(StabilityTrainer) + 1 :] if issubclass(base, Trainer))
 
 
-class StabilityTrainer(BatchRampMixin, Trainer):
+class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
     """`Trainer` plus non-finite step skipping, spike rollback and stability telemetry, configured by `args`.
 
     Pass ``args=StabilityConfig(...)``; everything else is `Trainer`'s. A plain `TrainingArguments`
@@ -91,7 +92,8 @@ class StabilityTrainer(BatchRampMixin, Trainer):
     ``train()`` without ``resume_from_checkpoint`` is a fresh run, as Trainer's state is: counters, rollback budget
     and LR cut restart.
 
-    With ``batch_ramp_start > 0`` the global batch grows step by step (`hf_stability.batch_ramp`).
+    With ``batch_ramp_start > 0`` the global batch grows step by step (`hf_stability.batch_ramp`); with
+    ``exclude_samples`` the train dataloader leaves the listed samples out (`hf_stability.exclude`).
 
     ``log()`` merges the ``stability/*`` metrics into every training log entry before `Trainer`
     records it, so ``log_history``, W&B and TensorBoard receive them (keys in

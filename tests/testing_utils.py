@@ -7,14 +7,12 @@ into a real batch (labels that leave no token to predict, so the mean loss is 0/
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import subprocess
 import sys
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -296,33 +294,6 @@ def offline_wandb_records(run_dir: Path, kind: str) -> list[dict]:
                             text=True, check=True, timeout=120).stdout
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     return [record[kind] for record in records if record.get("type") == kind]
-
-
-READ_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
-
-
-@contextlib.contextmanager
-def counting_host_reads() -> Iterator[Counter]:
-    """Counts calls of the tensor methods that copy a value to the host (a sync on an accelerator)."""
-    counts: Counter = Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in READ_METHODS}
-
-    def counted(name):
-        original = originals[name]
-
-        def wrapper(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in READ_METHODS:
-        setattr(torch.Tensor, name, counted(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 BART_BASE_TENSORS = 259  # parameter tensors of facebook/bart-base (tied embeddings counted once)

@@ -34,8 +34,8 @@ class AdaptiveClipCallback(ResumableCallback):
     in fp16, already clipped by Trainer's ``max_grad_norm``):
 
     - The statistics follow the pre-clip norm (Trainer's own, shared by `StabilityTrainer`; with a plain
-      `Trainer`, the norm of the gradients as they arrive). The first ``warmup`` healthy steps only build
-      them (plain mean and variance); afterwards each step updates them with weight ``1 - alpha`` (mean
+      `Trainer`, the norm of the gradients as they arrive). The first ``adaptive_clip_warmup`` healthy steps only
+      build them (plain mean and variance); afterwards each step updates them with weight ``1 - alpha`` (mean
       ``m += w·(x - m)``, variance ``v = (1 - w)·(v + w·(x - m_old)²)``), feeding in the norm *after* the
       adaptive clip so that a burst does not inflate its own bound.
     - After the warm-up, gradients whose norm (after ``max_grad_norm``) exceeds the bound are rescaled to
@@ -51,30 +51,42 @@ class AdaptiveClipCallback(ResumableCallback):
     step is judged against, applied only after the warm-up) and ``stability/zclip_clipped_steps``
     (cumulative number of steps rescaled).
 
-    Settings (`AdaptiveClipSettings`) left ``None`` are read from the `StabilityConfig` field in brackets when
-    the trainer's ``args`` is one, else take its default; the ones given for a resumed run win over the
+    Settings (`AdaptiveClipSettings`) left ``None`` are read from the `StabilityConfig` field of the same name
+    when the trainer's ``args`` is one, else take its default; the ones given for a resumed run win over the
     checkpoint's.
 
     Args:
-        z: z-score threshold; a norm above ``mean + z·σ`` is clipped [``adaptive_clip_z``, 2.5].
-        alpha: EMA decay of mean and variance (the weight of the past) [``adaptive_clip_alpha``, 0.97].
-        warmup: healthy steps that only build the statistics before clipping starts [``adaptive_clip_warmup``, 25].
+        adaptive_clip_z: z-score threshold; a norm above ``mean + z·σ`` is clipped [2.5].
+        adaptive_clip_alpha: EMA decay of mean and variance (the weight of the past) [0.97].
+        adaptive_clip_warmup: healthy steps that only build the statistics before clipping starts [25].
+        z, alpha, warmup: their older names, still accepted (checkpoints of earlier versions store them).
 
     Example:
         ```python
-        trainer = Trainer(model, args, train_dataset=data, callbacks=[AdaptiveClipCallback(z=2.5)])
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[AdaptiveClipCallback(adaptive_clip_z=2.5)])
         ```
     """
 
     settings_class = AdaptiveClipSettings
     settings: AdaptiveClipSettings
+    aliases = {"z": "adaptive_clip_z", "alpha": "adaptive_clip_alpha", "warmup": "adaptive_clip_warmup"}
     priority = 300  # after the skip decision, before rollback and telemetry (hf_stability.callbacks.order)
     stored_attributes = {
         "mean": stored_number, "var": stored_number, "healthy_steps": stored_count, "clipped_steps": stored_count
     }
 
-    def __init__(self, z: float | None = None, alpha: float | None = None, warmup: int | None = None) -> None:
-        super().__init__(z=z, alpha=alpha, warmup=warmup)
+    def __init__(
+        self,
+        adaptive_clip_z: float | None = None,
+        adaptive_clip_alpha: float | None = None,
+        adaptive_clip_warmup: int | None = None,
+        *,
+        z: float | None = None,
+        alpha: float | None = None,
+        warmup: int | None = None,
+    ) -> None:
+        super().__init__(adaptive_clip_z=adaptive_clip_z, adaptive_clip_alpha=adaptive_clip_alpha,
+                         adaptive_clip_warmup=adaptive_clip_warmup, z=z, alpha=alpha, warmup=warmup)
         # Host copies, exported with checkpoints; the live values are the device tensors below.
         self.mean, self.var, self.healthy_steps, self.clipped_steps = 0.0, 0.0, 0, 0
         self._stats: torch.Tensor | None = None  # [mean, var, healthy_steps, clipped_steps] on the gradients' device
@@ -83,15 +95,15 @@ class AdaptiveClipCallback(ResumableCallback):
 
     @property
     def z(self) -> float:
-        return self.settings.z
+        return self.settings.adaptive_clip_z
 
     @property
     def alpha(self) -> float:
-        return self.settings.alpha
+        return self.settings.adaptive_clip_alpha
 
     @property
     def warmup(self) -> int:
-        return self.settings.warmup
+        return self.settings.adaptive_clip_warmup
 
     def attributes(self) -> dict:
         self._sync_to_host()

@@ -3,7 +3,9 @@
 Settings (`ConfiguredCallback`): a keyword given to the callback's constructor wins, then the
 `StabilityConfig` field of the trainer's ``args``, then the default; one rule
 (`hf_stability.settings.ComponentSettings.resolve`) for every callback, applied when the trainer is built
-(``on_init_end``) and again when training begins.
+(``on_init_end``) and again when training begins. Keywords are the flat `StabilityConfig` names; a few
+callbacks also take older short ones (``aliases``). A keyword is checked once, when the callback is built;
+resolving checks only the relations between knobs (`hf_stability.settings`).
 
 Resume (`ResumableCallback`):
 On ``resume_from_checkpoint`` Trainer replaces each `ExportableState` callback by
@@ -94,19 +96,34 @@ class ConfiguredCallback(TrainerCallback):
     """Base of the stability callbacks: ``settings`` resolved from the constructor keywords and the trainer's args.
 
     Subclasses set ``settings_class`` and pass their keyword arguments (``None`` = not given) to
-    ``super().__init__``; explicit values are validated at once. ``configure(args)`` runs when the trainer is
+    ``super().__init__``; given values are checked there, once. ``configure(args)`` runs when the trainer is
     built and subclasses call it (directly or through `ResumableCallback.begin_run`) when training begins.
     """
 
     settings_class: ClassVar[type[ComponentSettings]]
+    # Older constructor keywords still accepted (README/docs examples, checkpoints of earlier versions): old -> flat.
+    aliases: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, **given: Any) -> None:
-        self._given = {setting.name: given.get(setting.name) for setting in fields(self.settings_class)}
+        self._given = self.settings_class.checked(self.flat_keywords(given))
         self.settings = self.settings_class.resolve(self._given)
+
+    @classmethod
+    def flat_keywords(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        """``given`` keywords under their flat names, ``None`` (not given) left out; an alias and its name clash."""
+        flat: dict[str, Any] = {}
+        for key, value in given.items():
+            name = cls.aliases.get(key, key)
+            if value is None:
+                continue
+            if name in flat:
+                raise TypeError(f"{cls.__name__}: `{name}` given twice (`{key}` is its older name); give it once.")
+            flat[name] = value
+        return flat
 
     def configure(self, args: Any) -> None:
         """Resolve the settings against ``args``: given keywords > its `StabilityConfig` fields > defaults."""
-        self.settings = self.settings_class.resolve(self._given, args)
+        self.settings = self.settings_class.resolve(self._given, args, previous=self.settings)
 
     def on_init_end(self, args, state, control, **kwargs):
         self.configure(args)
@@ -139,10 +156,10 @@ class ResumableCallback(ConfiguredCallback, ExportableState):
             return "`args` and `attributes` must be objects"
         names = {setting.name for setting in fields(cls.settings_class)}
         for key in args:
-            if key not in names:
+            if cls.aliases.get(key, key) not in names:
                 return f"args.{key} is not a setting of this hf-stability version (known: {sorted(names)})"
         try:
-            cls.settings_class(**args)
+            cls.settings_class.resolve(cls.settings_class.checked(cls.flat_keywords(args)))
         except (ValueError, TypeError) as error:
             return f"args: {str(error).rstrip('.')}"
         for key, value in attributes.items():
@@ -177,7 +194,7 @@ class ResumableCallback(ConfiguredCallback, ExportableState):
         if given is not None:
             self._given = dict(given)
         if self._run_begun:
-            for name, value in type(self)(**self._given).attributes().items():
+            for name, value in type(self)().attributes().items():
                 setattr(self, name, value)
         self._run_begun = True
         self.configure(args)

@@ -7,7 +7,7 @@ How a step flows through the callback:
    sync. Steps that `SkipNonFiniteCallback` skipped are never judged: a host decision leaves the value
    out at once; an fp16 decision still on device (`StepSignals.skip_flag`) is buffered next to the value
    and read with it, as are fp16 overflows seen by the grad-norm metric without the skip callback.
-2. ``on_step_end``, on *check steps* only — every `check_interval` (10) steps, every logging step (Trainer
+2. ``on_step_end``, on *check steps* only — every `spike_check_interval` (10) steps, every logging step (Trainer
    synchronises there anyway), every snapshot and checkpoint step, the step after a checkpoint (its loss
    judges the update the checkpoint holds), the steps until the first judged loss after a resume, steps
    with non-finite weights and the last step — the buffered values are copied to
@@ -27,7 +27,7 @@ checkpoint) instead of rolling back to that same state.
 Why "trusted": the loss of step k is computed before step k's update, so a bad update at step k first
 shows in the loss of step k+1 (or later, once Adam's moments carry it). A snapshot taken at the end of
 step k may therefore already hold the update that caused the spike; it becomes a rollback target only
-when a check has judged all of steps k+1 .. k+`check_interval` healthy. Untrusted snapshots are discarded
+when a check has judged all of steps k+1 .. k+`spike_check_interval` healthy. Untrusted snapshots are discarded
 on a spike. The snapshot taken when training begins is trusted at once: it is the state the run started
 from, which no update of this run can have spoiled.
 
@@ -37,7 +37,7 @@ scheduler *is* restored (its position is part of the snapshot) and then scaled b
 per rollback, everywhere the scheduler reads the LR from (`hf_stability.user_optimizer.scale_learning_rate`).
 
 Memory: ``snapshot_keep`` trusted snapshots plus the untrusted ones awaiting confirmation (one when
-``snapshot_interval >= check_interval``), each ≈ 3x the fp32 parameter
+``snapshot_interval >= spike_check_interval``), each ≈ 3x the fp32 parameter
 size with Adam (weights + two moments), per rank — see `hf_stability.snapshots`. Use
 ``snapshot_storage="disk"`` when that does not fit in host memory.
 """
@@ -86,21 +86,23 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
     """Detects loss (or grad-norm) spikes and rolls every rank back to the newest trusted snapshot.
 
     Works with `StabilityTrainer` and with a plain `transformers.Trainer`. Every argument left ``None`` is
-    read from the `StabilityConfig` field named in brackets when ``args`` is one, else its default
+    read from the `StabilityConfig` field of the same name when ``args`` is one, else its default
     (`RollbackSettings`). The resolved values are ``settings``.
 
     Args:
-        metric: ``"loss"`` or ``"grad_norm"`` [``spike_metric``]. Under `StabilityTrainer`, ``grad_norm`` is
+        spike_metric: ``"loss"`` or ``"grad_norm"``. Under `StabilityTrainer`, ``grad_norm`` is
             the pre-clip norm Trainer logs; under a plain `Trainer` a callback only sees the gradients after
             clipping, so with ``max_grad_norm > 0`` prefer ``loss`` there (a warning says so). fp16 overflow
             steps, which the grad scaler skips itself, are not judged.
-        window, warmup, sigma: detector window, warm-up and threshold [``spike_window``, ``spike_warmup``,
-            ``spike_sigma``].
-        snapshot_interval, snapshot_keep, snapshot_storage: [same names].
-        lr_factor: LR multiplier per rollback [``rollback_lr_factor``].
-        max_rollbacks: rollbacks allowed; the next spike stops training [``max_rollbacks``].
-        check_interval: judge the buffered values at least every this many steps (one device-to-host copy
-            and one all-reduce of a single int per check) [``spike_check_interval``].
+        spike_window, spike_warmup, spike_sigma: detector window, warm-up and threshold.
+        snapshot_interval, snapshot_keep, snapshot_storage: when snapshots are taken, how many, where.
+        rollback_lr_factor: LR multiplier per rollback.
+        max_rollbacks: rollbacks allowed; the next spike stops training.
+        spike_check_interval: judge the buffered values at least every this many steps (one device-to-host
+            copy and one all-reduce of a single int per check).
+        metric, window, warmup, sigma, lr_factor, check_interval: the older names of ``spike_metric``,
+            ``spike_window``, ``spike_warmup``, ``spike_sigma``, ``rollback_lr_factor`` and
+            ``spike_check_interval``, still accepted (checkpoints of earlier versions store them).
 
     ``rollbacks`` (the cumulative count, read by `LossScaleTelemetryCallback`), ``lr_scale`` and the
     detector's window of healthy values (``detector_window``) survive ``resume_from_checkpoint`` through
@@ -110,38 +112,59 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
 
     Example:
         ```python
-        trainer = Trainer(model, args, train_dataset=ds, callbacks=[SpikeRollbackCallback(lr_factor=0.5)])
+        trainer = Trainer(model, args, train_dataset=ds, callbacks=[SpikeRollbackCallback(rollback_lr_factor=0.5)])
         ```
     """
 
     settings_class = RollbackSettings
     settings: RollbackSettings
+    aliases = {
+        "metric": "spike_metric",
+        "window": "spike_window",
+        "warmup": "spike_warmup",
+        "sigma": "spike_sigma",
+        "lr_factor": "rollback_lr_factor",
+        "check_interval": "spike_check_interval",
+    }
     priority = 200  # after skipping and adaptive clipping, before telemetry (hf_stability.callbacks.order)
     stored_attributes = {"rollbacks": stored_count, "lr_scale": stored_scale, "detector_window": stored_numbers}
 
     def __init__(
         self,
+        spike_metric: str | None = None,
+        spike_window: int | None = None,
+        spike_warmup: int | None = None,
+        spike_sigma: float | None = None,
+        snapshot_interval: int | None = None,
+        snapshot_keep: int | None = None,
+        snapshot_storage: str | None = None,
+        rollback_lr_factor: float | None = None,
+        max_rollbacks: int | None = None,
+        spike_check_interval: int | None = None,
+        *,
         metric: str | None = None,
         window: int | None = None,
         warmup: int | None = None,
         sigma: float | None = None,
-        snapshot_interval: int | None = None,
-        snapshot_keep: int | None = None,
-        snapshot_storage: str | None = None,
         lr_factor: float | None = None,
-        max_rollbacks: int | None = None,
         check_interval: int | None = None,
     ) -> None:
         super().__init__(
+            spike_metric=spike_metric,
+            spike_window=spike_window,
+            spike_warmup=spike_warmup,
+            spike_sigma=spike_sigma,
+            snapshot_interval=snapshot_interval,
+            snapshot_keep=snapshot_keep,
+            snapshot_storage=snapshot_storage,
+            rollback_lr_factor=rollback_lr_factor,
+            max_rollbacks=max_rollbacks,
+            spike_check_interval=spike_check_interval,
             metric=metric,
             window=window,
             warmup=warmup,
             sigma=sigma,
-            snapshot_interval=snapshot_interval,
-            snapshot_keep=snapshot_keep,
-            snapshot_storage=snapshot_storage,
             lr_factor=lr_factor,
-            max_rollbacks=max_rollbacks,
             check_interval=check_interval,
         )
         self.rollbacks = 0
@@ -182,9 +205,9 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         self._cut_optimizer = None if inner is None else weakref.ref(inner)  # carries lr_scale from here on
         self.guard_checkpoint_writes()
         s = self.settings
-        check_lr_cut(optimizer, lr_scheduler, s.lr_factor)
-        self._detector = SpikeDetector(s.window, s.warmup, s.sigma)
-        self._detector.accept(self.detector_window[-s.window :])
+        check_lr_cut(optimizer, lr_scheduler, s.rollback_lr_factor)
+        self._detector = SpikeDetector.from_settings(s)
+        self._detector.accept(self.detector_window[-s.spike_window :])
         self.detector_window = []
         rank_dir = None
         if s.snapshot_storage == SnapshotStorage.DISK:
@@ -215,7 +238,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         return DeepSpeedSnapshotStore(engine, s.snapshot_keep, s.snapshot_storage, directory)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.settings.metric == SpikeMetric.GRAD_NORM:
+        if self.settings.spike_metric == SpikeMetric.GRAD_NORM:
             norm = StepSignals.for_model(model).grad_norm(completing_step(state))
             if norm is None:
                 norm = global_grad_norm(gradients(model.parameters()))
@@ -245,7 +268,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         skipped = StepSignals.for_model(model).skip_flag(step)
         if skipped is True:
             value = None
-        elif self.settings.metric == SpikeMetric.LOSS:
+        elif self.settings.spike_metric == SpikeMetric.LOSS:
             value = StepSignals.for_model(model).loss(step)
         else:
             value = self._grad_norm
@@ -268,7 +291,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             or weights_bad
             or self._unjudged_checkpoint is not None  # the step after a checkpoint judges the update it holds
             or (self._resumed_from is not None and self._first_resumed_step is None)  # and the one after a resume
-            or step % self.settings.check_interval == 0
+            or step % self.settings.spike_check_interval == 0
             or is_logging_step(args, state, step)
         )
         if not check_due or self._detector is None:
@@ -362,8 +385,8 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             if weights_bad:
                 return step, math.nan, None, True
             if judged:
-                # A snapshot vouched for by `check_interval` healthy steps after it becomes a rollback target.
-                store.trust_through(judged[-1][0] - self.settings.check_interval + 1)
+                # A snapshot vouched for by `spike_check_interval` healthy steps after it becomes a rollback target.
+                store.trust_through(judged[-1][0] - self.settings.spike_check_interval + 1)
                 self._resumed_from = self._unjudged_checkpoint = None  # healthy losses vouch for both
             return None
         verdict = verdicts[first]
@@ -420,7 +443,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         store = self._running()[1]
         store.discard_untrusted()
         target = store.newest_trusted()
-        metric = self.settings.metric
+        metric = self.settings.spike_metric
         # One read on this rare path tells a blown-up model from a bad batch, on every rank alike.
         nonfinite_weights = weights_nonfinite(model, state.global_step)
         if nonfinite_weights:
@@ -467,7 +490,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         store.restore(target, model, optimizer, lr_scheduler)
         removed = self._replace_unjudged_checkpoint(state, control)
         self.rollbacks += 1
-        previous_scale, self.lr_scale = self.lr_scale, self.lr_scale * self.settings.lr_factor
+        previous_scale, self.lr_scale = self.lr_scale, self.lr_scale * self.settings.rollback_lr_factor
         scale_learning_rate(optimizer, lr_scheduler, self.lr_scale / target.lr_scale)
         logger.warning(
             f"Spike rollback {self.rollbacks}/{limit}: {reason}; restored the snapshot of step {target.step} and "

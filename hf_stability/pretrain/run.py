@@ -44,6 +44,7 @@ from hf_stability.pretrain.arguments import DataArguments, ModelArguments, make_
 from hf_stability.pretrain.data import AnyDataset, describe_source, load_documents, map_documents, take
 from hf_stability.pretrain.errors import InputError, exit_on_input_error, input_errors
 from hf_stability.report import PLOT_FILENAME
+from hf_stability.sample_report import write_data_reference
 
 logger = get_logger("hf_stability.pretrain")
 
@@ -155,6 +156,10 @@ def main(objective: Objective, argv: Sequence[str] | None = None) -> dict[str, A
                 "or a smaller `max_seq_length`."
             )
         logger.info("%d training rows, %s evaluation rows", len(train_rows), len(eval_rows) if eval_rows else 0)
+
+    if training_args.process_index == 0:  # what `hf-stability report --bad-samples` decodes the samples from
+        tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path or output_dir(training_args)
+        write_data_reference(output_dir(training_args), train_rows, tokenizer_source)
 
     from hf_stability.trainer import StabilityTrainer
 
@@ -340,7 +345,8 @@ def _check_world_size(training_args: StabilityConfig) -> None:
 
 def _setup_logging(training_args: StabilityConfig) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    # The package's logger: the recipe's progress and the trainer's own info lines (e.g. the excluded samples).
+    logging.getLogger("hf_stability").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
 
 
 def _tokenizer(
