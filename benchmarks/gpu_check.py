@@ -24,7 +24,12 @@ Rows:
 - synchronising CUDA calls per ordinary training step (no logging, save, evaluation, epoch end, skip-queue
   flush, spike check or snapshot), counted step by step with ``torch.cuda.set_sync_debug_mode``, for fp32,
   bf16 and fp16, Trainer against StabilityTrainer: 0 added in every precision;
-- StabilityTrainer against Trainer steps/s on a ~125M BART in bf16 (target <= 1% overhead).
+- StabilityTrainer against Trainer steps/s on a ~125M BART in bf16 (target <= 1% overhead);
+- Trainer + DeepSpeed ZeRO-2 (world size 1, bf16, in a child process: it initialises DeepSpeed and a process
+  group) with StabilityTrainer's defaults: a poisoned batch on an ordinary step is skipped by DeepSpeed bit-exactly
+  and reported, and a loss spike is rolled back to the snapshot bit-exactly (fp32 masters, Adam state, engine
+  counters); then, Trainer against StabilityTrainer, synchronising calls per ordinary step (0 added) and time
+  per step. It runs on CPU too (DeepSpeed's CPU accelerator), host reads in place of syncs.
 
 ``--json PATH`` also writes the rows as JSON. Exit status 1 when a check fails.
 """
@@ -75,6 +80,7 @@ NEEDS_CUDA = "needs CUDA"
 POISONED_STEP = 3  # global_step before the poisoned step
 RARELY = 1000  # a logging interval no run here reaches: the poisoned and counted steps are ordinary ones
 FSDP2_TIMEOUT_S = 180.0  # the FSDP2 child takes well under a minute; a hung NCCL init must not eat the session
+DEEPSPEED_TIMEOUT_S = 420.0  # three DeepSpeed engines; the first run on a machine JIT-builds an op (minutes on CPU)
 
 
 @dataclass
@@ -117,6 +123,10 @@ NCCL = Spec("CPU tensor into the NCCL all-reduce", "reduced on CUDA")
 SYNCS = Spec("synchronising CUDA calls per ordinary step (Trainer -> StabilityTrainer)",
              "0 added (fp32, bf16, fp16)")
 OVERHEAD = Spec("StabilityTrainer vs Trainer steps/s", "<= 1% overhead")
+DEEPSPEED = Spec("Trainer + DeepSpeed ZeRO-2 bf16 (world size 1) + StabilityTrainer: poisoned batch, loss spike",
+                 "DeepSpeed skip bit-exact, reported; 1 rollback bit-exact")
+DEEPSPEED_COST = Spec("DeepSpeed ZeRO-2: synchronising calls and time per ordinary step (Trainer -> StabilityTrainer)",
+                      "0 added")
 
 
 def failed(specs: tuple[Spec, ...], trace: str) -> list[Row]:
@@ -527,19 +537,6 @@ def fsdp2_result() -> dict[str, Any]:
             "skipped": skip_callback(trainer).skipped_steps, "placed": bool(placed)}
 
 
-def fsdp2_child(output: str) -> int:
-    """Writes the FSDP2 result, or the traceback that stopped it, to ``output``; the exit status."""
-    try:
-        result, status = fsdp2_result(), 0
-    except Exception:
-        result, status = {"error": traceback.format_exc()}, 1
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    Path(output).write_text(json.dumps(result))
-    return status
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -552,30 +549,146 @@ def text_tail(output: str | bytes | None, lines: int = 40) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def run_child(option: str, label: str, specs: tuple[Spec, ...], timeout_s: float,
+              *arguments: str) -> dict[str, Any] | list[Row]:
+    """This script with ``option OUT`` in a child process (world size 1, a free port), killed after ``timeout_s``:
+    the JSON it wrote, or FAIL rows for ``specs`` holding its traceback (or the tail of its output)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "child.json"
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port())}
+        try:
+            child = subprocess.run([sys.executable, __file__, *arguments, option, str(output)], env=env,
+                                   capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as expired:
+            trace = f"{text_tail(expired.stderr)}\nthe {label} child timed out after {timeout_s:g} s and was killed"
+            return failed(specs, trace)
+        result = json.loads(output.read_text()) if output.exists() else {}
+    if child.returncode != 0 or "error" in result or not result:
+        trace = result.get("error") or f"{text_tail(child.stderr)}\nthe {label} child exited with {child.returncode}"
+        return failed(specs, trace)
+    return result
+
+
+def child_main(output: str, result: Callable[[], dict[str, Any]]) -> int:
+    """Writes ``result()``, or the traceback that stopped it, to ``output``; the exit status."""
+    try:
+        written, status = result(), 0
+    except Exception:
+        written, status = {"error": traceback.format_exc()}, 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    Path(output).write_text(json.dumps(written))
+    return status
+
+
 def check_fsdp2(device: str, timeout_s: float = FSDP2_TIMEOUT_S) -> list[Row]:
     """The FSDP2 rows, from a child process that is killed after ``timeout_s`` (a hung NCCL init)."""
     if device != "cuda":
         return [FSDP2.row("-", NEEDS_CUDA), NCCL.row("-", NEEDS_CUDA)]
-    with tempfile.TemporaryDirectory() as scratch:
-        output = Path(scratch) / "fsdp2.json"
-        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(free_port())}
-        try:
-            child = subprocess.run([sys.executable, __file__, "--fsdp2-child", str(output)], env=env,
-                                   capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired as expired:
-            trace = f"{text_tail(expired.stderr)}\nthe FSDP2 child timed out after {timeout_s:g} s and was killed"
-            return failed((FSDP2, NCCL), trace)
-        result = json.loads(output.read_text()) if output.exists() else {}
-    if child.returncode != 0 or "error" in result or not result:
-        trace = result.get("error") or f"{text_tail(child.stderr)}\nthe FSDP2 child exited with {child.returncode}"
-        return failed((FSDP2, NCCL), trace)
+    result = run_child("--fsdp2-child", "FSDP2", (FSDP2, NCCL), timeout_s)
+    if isinstance(result, list):
+        return result
     ok = result["fsdp2"] and result["exact"] and result["skipped"] == 1
     return [
         FSDP2.row(f"fsdp2={result['fsdp2']}, bit-exact={result['exact']}, skipped_steps={result['skipped']}",
                   verdict(ok)),
         NCCL.row(f"reduced={result['placed']}", verdict(result["placed"])),
     ]
+
+
+# ---- DeepSpeed ZeRO-2, world size 1, in its own process --------------------------------------------------------
+
+DEEPSPEED_CONFIG = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                    "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}
+SPIKE_STEP = POISONED_STEP + 3  # two steps after the poisoned one (POISONED_STEP + 1, an even, snapshot step)
+
+
+def deepspeed_result(device: str) -> dict[str, Any]:
+    """StabilityTrainer under DeepSpeed ZeRO-2: skip and rollback, then the per-step cost against Trainer."""
+    from hf_stability.callbacks.deepspeed_telemetry import DeepSpeedSkipTelemetryCallback
+    from hf_stability.callbacks.order import find_callback
+    from hf_stability.callbacks.rollback import SpikeRollbackCallback
+    from tests.scripts.deepspeed_rollback_two_ranks import EngineRecord, SpikeLoss, same
+
+    tokenizer = bert_tokenizer()
+    data = mlm_dataset(tokenizer, rows=SYNC_ROWS)
+    poisoned = POISONED_STEP + 1
+    recorder = EngineRecord({POISONED_STEP, poisoned, SPIKE_STEP})
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = training_args(output_dir, max_steps=SPIKE_STEP + 3, use_cpu=device == "cpu", bf16=True,
+                             logging_steps=RARELY, deepspeed=DEEPSPEED_CONFIG, spike_window=8, spike_warmup=3,
+                             spike_check_interval=1, snapshot_interval=2, rollback_lr_factor=0.5)
+        trainer = StabilityTrainer(tiny_bert(tokenizer, hidden=64, layers=2), args, train_dataset=data,
+                                   callbacks=[PoisonActivations([POISONED_STEP]), SpikeLoss(SPIKE_STEP, [0]), recorder])
+        recorder.trainer = trainer
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer.train()
+    records = recorder.records
+    untouched = ("parameters", "fp32_masters", "optimizer_state", "lr", "scheduler")
+    skip_exact = all(same({k: records[POISONED_STEP][k] for k in untouched},
+                          {k: records[poisoned][k] for k in untouched}).values())
+    # Snapshots every 2 steps, trusted after one healthy checked step: at the spike the newest trusted one is that
+    # of the poisoned (skipped) step, SPIKE_STEP - 2.
+    outcome = recorder.rollback_outcome(poisoned, SPIKE_STEP, 0.5)
+    rollback = find_callback(trainer.callback_handler.callbacks, SpikeRollbackCallback)
+    telemetry = find_callback(trainer.callback_handler.callbacks, DeepSpeedSkipTelemetryCallback)
+    result: dict[str, Any] = {
+        "skip_exact": skip_exact, "engine_skipped": trainer.model_wrapped.skipped_steps,
+        "reported_skipped": telemetry.skipped_steps, "rollbacks": rollback.rollbacks,
+        "rollback_exact": all(outcome["restored"].values()) and outcome["visible"], "lr_cut": outcome["lr_cut"],
+    }
+    counts: dict[str, dict[int, int]] = {}
+    times: dict[str, float] = {}
+    for trainer_class in (Trainer, StabilityTrainer):
+        with tempfile.TemporaryDirectory() as output_dir:
+            args = training_args(output_dir, max_steps=SYNC_STEPS, use_cpu=device == "cpu", bf16=True,
+                                 logging_steps=RARELY, deepspeed=DEEPSPEED_CONFIG)
+            clock = StepClock(SYNC_WARMUP)
+            trainer = trainer_class(tiny_bert(tokenizer, hidden=64, layers=2), args, train_dataset=data,
+                                    callbacks=[clock])
+            with cuda_syncs() if device == "cuda" else host_reads() as count:
+                counter = PerStep(count)
+                trainer.add_callback(counter)
+                with contextlib.redirect_stdout(sys.stderr):
+                    trainer.train()
+        counts[trainer_class.__name__] = counter.per_step()
+        times[trainer_class.__name__] = 1 / clock.rate(SYNC_STEPS)
+    ordinary = ordinary_steps(args, -(-len(data) // args.train_batch_size), SYNC_WARMUP)
+    result.update(ordinary_steps=ordinary, per_step={k: [v[s] for s in sorted(v)] for k, v in counts.items()},
+                  seconds_per_step=times)
+    return result
+
+
+def check_deepspeed(device: str, timeout_s: float = DEEPSPEED_TIMEOUT_S) -> list[Row]:
+    """The DeepSpeed rows, from a child process killed after ``timeout_s``."""
+    result = run_child("--deepspeed-child", "DeepSpeed", (DEEPSPEED, DEEPSPEED_COST), timeout_s, "--device", device)
+    if isinstance(result, list):
+        return result
+    skip_ok = result["skip_exact"] and result["engine_skipped"] == 1 and result["reported_skipped"] == 1
+    rollback_ok = result["rollbacks"] == 1 and result["rollback_exact"] and result["lr_cut"]
+    protection = DEEPSPEED.row(
+        f"skip bit-exact={result['skip_exact']}, skipped_steps engine/reported={result['engine_skipped']}/"
+        f"{result['reported_skipped']}; rollbacks={result['rollbacks']}, bit-exact={result['rollback_exact']}, "
+        f"LR cut={result['lr_cut']}",
+        verdict(skip_ok and rollback_ok),
+    )
+    ordinary = result["ordinary_steps"]
+    if not ordinary:
+        raise RuntimeError("no ordinary step in the counted DeepSpeed run: the window is empty")
+    plain, stable = (result["per_step"][name] for name in ("Trainer", "StabilityTrainer"))
+    added = max(stable[step - 1] - plain[step - 1] for step in ordinary)
+    what = "syncs" if device == "cuda" else "host reads"
+    before, after = (result["seconds_per_step"][name] * 1e3 for name in ("Trainer", "StabilityTrainer"))
+    cost = DEEPSPEED_COST.row(
+        f"{what}/step {statistics.fmean(plain[s - 1] for s in ordinary):.1f} -> "
+        f"{statistics.fmean(stable[s - 1] for s in ordinary):.1f} (most added on one step: {added}; steps "
+        f"{span(ordinary)}); time/step {before:.1f} -> {after:.1f} ms ({(after / before - 1) * 100:+.1f}%)",
+        verdict(added <= 0) + ("" if device == "cuda" else f" (CPU host reads; {NEEDS_CUDA} for syncs)"),
+        data={k: result[k] for k in ("ordinary_steps", "per_step", "seconds_per_step")},
+    )
+    return [protection, cost]
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -591,6 +704,7 @@ def plan(device: str, small: bool) -> list[Check]:
         Check((FSDP2, NCCL), lambda: check_fsdp2(device)),
         Check((SYNCS,), lambda: [check_syncs(device)]),
         Check((OVERHEAD,), lambda: [check_overhead(device, small)]),
+        Check((DEEPSPEED, DEEPSPEED_COST), lambda: check_deepspeed(device)),
     ]
 
 
@@ -625,10 +739,13 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="small models (CPU smoke run); the targets need full size")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     parser.add_argument("--fsdp2-child", help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed-child", help=argparse.SUPPRESS)
     options = parser.parse_args()
     transformers.logging.set_verbosity_error()
     if options.fsdp2_child:
-        sys.exit(fsdp2_child(options.fsdp2_child))
+        sys.exit(child_main(options.fsdp2_child, fsdp2_result))
+    if options.deepspeed_child:
+        sys.exit(child_main(options.deepspeed_child, lambda: deepspeed_result(options.device)))
     if options.device == "cuda" and not torch.cuda.is_available():
         parser.error("`--device cuda`: no CUDA device; use --device cpu --small")
     if options.device == "cpu":

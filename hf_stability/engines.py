@@ -2,9 +2,11 @@
 
 Under DeepSpeed, accelerate 1.15's ``DeepSpeedEngineWrapper.backward`` runs ``engine.backward(loss)`` and, at
 the accumulation boundary, ``engine.step()``. By ``on_pre_optimizer_step`` the update is applied, so dropping
-the gradients skips nothing; the fp32 master weights and (ZeRO-partitioned) optimizer state live in the engine,
-out of reach of rollback snapshots; and gradients live in the engine's buffers, with DeepSpeed's own loss scaler,
-so telemetry would measure nothing.
+the gradients skips nothing (DeepSpeed's own overflow skip is reported instead: `DeepSpeedSkipTelemetryCallback`)
+and gradients live in the engine's buffers, with DeepSpeed's own loss scaler, so the gradient telemetry and
+adaptive clipping would measure nothing. Spike rollback works there: it judges the loss after the step and
+snapshots the engine's own ZeRO partitions (`hf_stability.deepspeed.DeepSpeedSnapshotStore`), where
+`hf_stability.deepspeed.rollback_refusal` finds that proven.
 
 FSDP version 1 (accelerate's default ``fsdp_version: 1``) flattens each wrapped module's parameters into one
 `FlatParameter` shard per rank: per-tensor norms, snapshots and the skip's gradient check were written for
@@ -24,9 +26,11 @@ from typing import Any
 from accelerate.utils import DistributedType
 
 from hf_stability._compat import accelerate_shared_states
-from hf_stability.deepspeed import active_deepspeed_config, overflow_skip
+from hf_stability.deepspeed import active_deepspeed_config, overflow_skip, rollback_refusal
 
 ALTERNATIVE = "use FSDP2 (recipes/accelerate_configs/fsdp.yaml) or DDP (multi_gpu.yaml)"
+# The protection that runs under DeepSpeed where `rollback_refusal` finds the configuration proven.
+DEEPSPEED_ROLLBACK = "SpikeRollbackCallback"
 
 
 class UnsupportedEngineError(ValueError):
@@ -76,7 +80,7 @@ def engine_refusal(args: object = None, model: Any = None) -> str | None:
         return (
             "`deepspeed`: {names} cannot work under DeepSpeed (accelerate runs engine.step() inside backward, "
             f"before any callback can act) and would be silently inactive{engine_skip}; {ALTERNATIVE}, or, with "
-            f"StabilityTrainer, spike_rollback=False and adaptive_clip=False (DeepSpeed's own skips are then reported)"
+            f"StabilityTrainer, adaptive_clip=False (DeepSpeed's own skips are then reported)"
         )
     if fsdp1_enabled():
         return (
@@ -97,7 +101,29 @@ def engine_refusal(args: object = None, model: Any = None) -> str | None:
 
 def refuse_for_callback(callback: object, args: object, model: Any = None) -> None:
     """Called by each stability callback in ``on_train_begin``: a plain `Trainer` under such an engine stops here."""
-    refuse_unsupported_engine([type(callback).__name__], engine_refusal(args, model))
+    refuse_protections([type(callback).__name__], args, model)
+
+
+def refuse_protections(protections: Iterable[str], args: object, model: Any = None) -> None:
+    """Raise `UnsupportedEngineError` (one line) for the ``protections`` this run's engine cannot honour.
+
+    Under DeepSpeed, spike rollback is judged on its own (`rollback_refusal`): where it is proven it runs while
+    the others are refused, and where it is not, it alone is refused, naming the setting.
+    """
+    names = list(protections)
+    if deepspeed_enabled(args) and DEEPSPEED_ROLLBACK in names:
+        names.remove(DEEPSPEED_ROLLBACK)
+        refuse_unsupported_engine(names, engine_refusal(args, model))
+        config = active_deepspeed_config(args)
+        why = "no DeepSpeed config was found" if config is None else rollback_refusal(config, args)
+        if why is not None:
+            raise UnsupportedEngineError(
+                f"`deepspeed`: hf-stability's {DEEPSPEED_ROLLBACK} is not proven under {why}; set "
+                "spike_rollback=False (DeepSpeed's own skips are still reported) or use ZeRO-1/2/3 in fp32/bf16 "
+                "without offload."
+            )
+        return
+    refuse_unsupported_engine(names, engine_refusal(args, model))
 
 
 def refuse_unsupported_engine(protections: Iterable[str], refusal: str | None) -> None:

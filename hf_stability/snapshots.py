@@ -109,25 +109,26 @@ def _model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return unique, aliases
 
 
-def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace every tensor in a nested dict/list structure by a slot, collecting tensors by key."""
     if isinstance(obj, torch.Tensor):
         tensors[prefix] = _local(obj.detach())
         return _TensorSlot(prefix)
     if isinstance(obj, dict):
-        return {k: _split(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+        return {k: split_tensors(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return _same_sequence(obj, [_split(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)])
+        return _same_sequence(obj, [split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)])
     return copy.deepcopy(obj)
 
 
-def _join(obj: Any, tensors: dict[str, torch.Tensor], clone: bool) -> Any:
+def join_tensors(obj: Any, tensors: dict[str, torch.Tensor], clone: bool = False) -> Any:
+    """The inverse of `split_tensors`: each slot replaced by its tensor (a copy with ``clone``)."""
     if isinstance(obj, _TensorSlot):
         return tensors[obj.key].clone() if clone else tensors[obj.key]
     if isinstance(obj, dict):
-        return {k: _join(v, tensors, clone) for k, v in obj.items()}
+        return {k: join_tensors(v, tensors, clone) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return _same_sequence(obj, [_join(v, tensors, clone) for v in obj])
+        return _same_sequence(obj, [join_tensors(v, tensors, clone) for v in obj])
     return copy.deepcopy(obj)
 
 
@@ -203,7 +204,7 @@ def _load_structure(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
     numpy_state = (kind, np.asarray(keys).tolist(), position, has_gauss, cached)  # plain ints, no numpy object
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
@@ -212,7 +213,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -227,16 +228,16 @@ def _capture(model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[di
     # Tensors anywhere in the optimizer's or scheduler's state (a tensor LR in a param group, Adafactor's RMS-scaled
     # LR that AdafactorSchedule writes there, tensor base_lrs) go with the other tensors, so they come back as
     # tensors, bit for bit, from host memory and from disk alike.
-    optimizer_structure = _split(user_optimizer(optimizer).state_dict(), "optimizer", tensors)
+    optimizer_structure = split_tensors(user_optimizer(optimizer).state_dict(), "optimizer", tensors)
     scaler = grad_scaler(optimizer)
     structure = {
         "model_aliases": aliases,
         "optimizer": optimizer_structure,
-        "scheduler": None if scheduler is None else _split(
+        "scheduler": None if scheduler is None else split_tensors(
             unwrap_scheduler(scheduler).state_dict(), "scheduler", tensors
         ),
         "scaler": None if scaler is None else copy.deepcopy(scaler.state_dict()),
-        "rng": _rng_state(),
+        "rng": rng_state(),
     }
     return tensors, structure
 
@@ -254,12 +255,12 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, structure: dict, tensor
         for name in ("state_dict", "load_state_dict")
     )
     live_tensors: dict[str, torch.Tensor] = {}
-    live_structure = _split(optimizer.state_dict(), "optimizer", live_tensors)
+    live_structure = split_tensors(optimizer.state_dict(), "optimizer", live_tensors)
     same_layout = live_tensors.keys() == {k for k in tensors if k.startswith("optimizer.")} and all(
         live_tensors[k].shape == tensors[k].shape and live_tensors[k].dtype == tensors[k].dtype for k in live_tensors
     )
     if not (torch_format and same_layout and live_structure["state"].keys() == structure["state"].keys()):
-        optimizer.load_state_dict(_join(structure, tensors, clone=True))
+        optimizer.load_state_dict(join_tensors(structure, tensors, clone=True))
         return
     for key, live in live_tensors.items():
         live.copy_(tensors[key], non_blocking=True)
@@ -270,7 +271,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, structure: dict, tensor
         live_state.update({k: copy.deepcopy(v) for k, v in saved.items() if not isinstance(v, _TensorSlot)})
     # Tensors in param groups (a tensor `lr`) were copied in place above, as torch's schedulers update them.
     for group, saved in zip(optimizer.param_groups, structure["param_groups"], strict=True):
-        group.update({k: _join(v, tensors, clone=True) for k, v in saved.items() if k != "params"
+        group.update({k: join_tensors(v, tensors, clone=True) for k, v in saved.items() if k != "params"
                       and not isinstance(v, _TensorSlot)})
 
 
@@ -281,12 +282,17 @@ def _disk_path(snapshot: Snapshot) -> Path:
     return snapshot.path
 
 
-def restore_training_state(snapshot: Snapshot, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
-    """Put ``snapshot`` back into the live model, optimizer, scheduler, grad scaler and RNGs of this rank."""
+def snapshot_contents(snapshot: Snapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the structure of ``snapshot``, from host memory or read back from disk (plain data only)."""
     tensors = snapshot.tensors
     if tensors is None:
         tensors = load_file(_disk_path(snapshot) / "tensors.safetensors")
-    structure = snapshot.structure or _load_structure(_disk_path(snapshot) / "structure.pt")
+    return tensors, snapshot.structure or _load_structure(_disk_path(snapshot) / "structure.pt")
+
+
+def restore_training_state(snapshot: Snapshot, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """Put ``snapshot`` back into the live model, optimizer, scheduler, grad scaler and RNGs of this rank."""
+    tensors, structure = snapshot_contents(snapshot)
     live, _ = _model_tensors(model)
     missing = live.keys() - {k[len("model.") :] for k in tensors if k.startswith("model.")}
     if missing:
@@ -296,11 +302,11 @@ def restore_training_state(snapshot: Snapshot, model: torch.nn.Module, optimizer
             tensor.copy_(tensors[f"model.{name}"], non_blocking=True)
         _restore_optimizer(user_optimizer(optimizer), structure["optimizer"], tensors)
     if scheduler is not None and structure["scheduler"] is not None:
-        unwrap_scheduler(scheduler).load_state_dict(_join(structure["scheduler"], tensors, clone=True))
+        unwrap_scheduler(scheduler).load_state_dict(join_tensors(structure["scheduler"], tensors, clone=True))
     scaler = grad_scaler(optimizer)
     if scaler is not None and structure["scaler"]:
         scaler.load_state_dict(copy.deepcopy(structure["scaler"]))
-    _set_rng_state(structure["rng"])
+    set_rng_state(structure["rng"])
 
 
 class SnapshotStore:
@@ -337,7 +343,7 @@ class SnapshotStore:
         """
         for stale in [s for s in self.snapshots if s.step == step]:
             self._drop(stale)
-        live, structure = _capture(model, optimizer, scheduler)
+        live, structure = self.live_state(model, optimizer, scheduler)
         snapshot = Snapshot(step=step, lr_scale=lr_scale, trusted=trusted)
         snapshot.nbytes = sum(t.numel() * t.element_size() for t in live.values())
         if self.storage == "cpu":
@@ -349,6 +355,17 @@ class SnapshotStore:
         if trusted:
             self._evict()
         return snapshot
+
+    def live_state(
+        self, model: torch.nn.Module, optimizer: Any, scheduler: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The live tensors (not yet copied) and the plain structure a snapshot holds: the seam an engine that keeps
+        its state elsewhere overrides with :meth:`restore` (`hf_stability.deepspeed.DeepSpeedSnapshotStore`)."""
+        return _capture(model, optimizer, scheduler)
+
+    def restore(self, snapshot: Snapshot, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+        """Put ``snapshot`` back into the live training state of this rank (`restore_training_state`)."""
+        restore_training_state(snapshot, model, optimizer, scheduler)
 
     def _write(self, snapshot: Snapshot, live: dict[str, torch.Tensor], structure: dict[str, Any]) -> bool:
         """Write a ``disk`` snapshot; on failure remove what was written, warn, and return False."""

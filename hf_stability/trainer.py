@@ -25,7 +25,7 @@ from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
-from hf_stability.engines import deepspeed_enabled, engine_refusal, refuse_unsupported_engine
+from hf_stability.engines import deepspeed_enabled, refuse_protections
 from hf_stability.events import add_listener
 from hf_stability.exclude import ExcludeSamplesMixin
 from hf_stability.samples import (
@@ -123,6 +123,7 @@ class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
         # The samples of the recent steps, named by the stability events (`hf_stability.samples`).
         loss_fn, replay_fn = self._forensics_functions()
         self.step_signals.samples = self.sample_record = SampleRecord(DATASET_INDEX, loss_fn, replay_fn)
+        self.step_signals.engine = lambda: self.model_wrapped  # the DeepSpeed engine, once `train()` created it
         # The loss fed is the return of the `training_step` Trainer calls: a subclass's override, with or without
         # super(), cannot bypass it (it would leave loss-based rollback judging nothing).
         self.training_step = self._feeding_loss(self.training_step)  # type: ignore[method-assign]
@@ -147,7 +148,7 @@ class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
         protections = [type(callback).__name__ for callback in callbacks if isinstance(callback, stability_types)]
         if self.batch_ramp is not None:  # placeholder micro-batches would break the engine's accumulation count
             protections.append("batch_ramp")
-        refuse_unsupported_engine(protections, engine_refusal(self.args, self.model))
+        refuse_protections(protections, self.args, self.model)
         if not isinstance(self.args, StabilityConfig) and not self.args.restore_callback_states_from_checkpoint:
             logger.warning(
                 "StabilityTrainer got TrainingArguments with restore_callback_states_from_checkpoint=False: skip and "

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from hf_stability._logging import get_logger
+from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.deepspeed import active_deepspeed_config, overflow_skip
 from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled
 from hf_stability.events import StabilityEventLog
@@ -30,7 +31,10 @@ MEASURED = "DeepSpeed's own overflow skip"
 class DeepSpeedSkipTelemetryCallback(TrainerCallback):
     """Counts and logs the steps DeepSpeed skipped (``optimizer.step_was_skipped``: the engine's overflow flag,
     the same on every rank, read from a host attribute: no device sync). Use with a plain `Trainer` under
-    DeepSpeed; the other hf-stability callbacks refuse DeepSpeed."""
+    DeepSpeed (`StabilityTrainer` installs it there); of the other hf-stability callbacks only spike rollback runs
+    under DeepSpeed."""
+
+    priority = 400  # where SkipNonFiniteCallback sits: spike rollback, after it, sees the engine's skip decision
 
     def __init__(self, require_skip: bool = False) -> None:
         self.require_skip = require_skip
@@ -52,6 +56,11 @@ class DeepSpeedSkipTelemetryCallback(TrainerCallback):
             logger.warning(f"DeepSpeed: non-finite steps are not skipped: {verdict}.")
         self._optimizer = optimizer
         self._events = StabilityEventLog(args.output_dir) if state.is_world_process_zero else None
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """Hand the engine's decision to `StepSignals`: spike rollback judges no loss of a step DeepSpeed skipped."""
+        if model is not None and getattr(self._optimizer, "step_was_skipped", False):
+            StepSignals.for_model(model).mark(completing_step(state), "deepspeed_overflow")
 
     def on_step_end(self, args, state, control, **kwargs):
         if not getattr(self._optimizer, "step_was_skipped", False):

@@ -4,7 +4,8 @@ Each stability callback has a class attribute ``priority`` (as in OLMo-core); wi
 runs first. The order matters for ``on_pre_optimizer_step``:
 
 - `SkipNonFiniteCallback` (400) decides first, so that the others see a skipped step (gradients ``None``,
-  `StepSignals.skip_flag`);
+  `StepSignals.skip_flag`); under DeepSpeed, `DeepSpeedSkipTelemetryCallback` (400) takes its place and marks
+  the steps the engine skipped;
 - `AdaptiveClipCallback` (300) then rescales the gradients of real updates;
 - `SpikeRollbackCallback` (200) buffers the step's metric and judges it in ``on_step_end``;
 - `LossScaleTelemetryCallback` (100) measures what the optimizer is about to apply, after adaptive clipping.

@@ -70,11 +70,12 @@ from hf_stability.callbacks.signals import (
 )
 from hf_stability.callbacks.skip import weights_nonfinite
 from hf_stability.callbacks.skip_decision import weights_check
-from hf_stability.engines import refuse_for_callback
+from hf_stability.deepspeed import DeepSpeedSnapshotStore
+from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled, refuse_for_callback
 from hf_stability.events import StabilityEventLog
 from hf_stability.samples import event_samples, public, record_bad_samples
 from hf_stability.settings import RollbackSettings, SnapshotStorage, SpikeMetric
-from hf_stability.snapshots import SnapshotStore, restore_training_state
+from hf_stability.snapshots import SnapshotStore
 from hf_stability.spike import SpikeDetector
 from hf_stability.user_optimizer import check_lr_cut, scale_learning_rate
 
@@ -214,7 +215,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             rank_dir = f"{args.output_dir}/{SNAPSHOT_DIRNAME}/rank-{args.process_index}"
         if self._store is not None:
             self._store.clear()
-        self._store = SnapshotStore(s.snapshot_keep, s.snapshot_storage, rank_dir)
+        self._store = self._snapshot_store(args, model, rank_dir)
         self._pending = []
         self._resumed_from = state.global_step if state.global_step > 0 else None
         self._first_resumed_step = None
@@ -223,6 +224,20 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         # The starting state cannot hold a bad update made in this run, so it is a rollback target at once.
         self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
         self._hold_samples(model, state.global_step)
+
+    def _snapshot_store(self, args, model, directory: str | None) -> SnapshotStore:
+        """The store for this run's engine: the model/optimizer/scheduler, or a DeepSpeed engine's ZeRO partitions
+        (the engine comes through `StepSignals.engine`, which `StabilityTrainer` sets)."""
+        s = self.settings
+        if not deepspeed_enabled(args):
+            return SnapshotStore(s.snapshot_keep, s.snapshot_storage, directory)
+        engine = StepSignals.for_model(model).engine
+        if engine is None:
+            raise UnsupportedEngineError(
+                "`deepspeed`: SpikeRollbackCallback under DeepSpeed snapshots the engine's ZeRO partitions and needs "
+                "StabilityTrainer, which hands it the engine; use StabilityTrainer (spike_rollback=True)."
+            )
+        return DeepSpeedSnapshotStore(engine, s.snapshot_keep, s.snapshot_storage, directory)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.settings.spike_metric == SpikeMetric.GRAD_NORM:
@@ -491,7 +506,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             return
         if self.rollbacks >= limit or target is None:
             if target is not None:
-                restore_training_state(target, model, optimizer, lr_scheduler)
+                store.restore(target, model, optimizer, lr_scheduler)
                 self._replace_unjudged_checkpoint(state, control)
             restored = None if target is None else target.step
             why = f"the limit of max_rollbacks={limit} rollbacks is reached" if target is not None else (
@@ -510,7 +525,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             self._stop(control, events, state, message, restored_step=restored, **event_fields)
             control.should_save = target is not None  # never a checkpoint of the spiked or non-finite state
             return
-        restore_training_state(target, model, optimizer, lr_scheduler)
+        store.restore(target, model, optimizer, lr_scheduler)
         removed = self._replace_unjudged_checkpoint(state, control)
         self.rollbacks += 1
         previous_scale, self.lr_scale = self.lr_scale, self.lr_scale * self.settings.rollback_lr_factor

@@ -9,7 +9,8 @@ must agree across ranks go through :func:`reduce_across_ranks`, one small all-re
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,8 @@ class StepSignals:
       mean of the model's own ``output.loss`` over the step's training-mode forwards. Trainer's pre-clip norm is
       out of reach there (:meth:`grad_norm` returns ``None``); a loss the model does not return is reported by
       a one-time warning when a callback asks for it.
+    - `StabilityTrainer` also hands over its live engine (:attr:`engine`): under DeepSpeed, spike rollback snapshots
+      the engine's ZeRO partitions (a callback Trainer re-creates on resume finds it here too).
     - `SkipNonFiniteCallback` writes the skip decision (:meth:`mark`, :meth:`mark_pending`) and the verdict on
       the weights; `SpikeRollbackCallback` sets :attr:`recovery` while it can restore non-finite weights.
 
@@ -55,6 +58,8 @@ class StepSignals:
     def __init__(self, model: torch.nn.Module | None = None) -> None:
         self._model = None if model is None else weakref.ref(model)  # a strong reference would keep its entry alive
         self.trainer_fed = False  # True while StabilityTrainer trains with this object (it then feeds every step)
+        # StabilityTrainer's live engine (`model_wrapped`): under DeepSpeed, spike rollback snapshots its partitions.
+        self.engine: Callable[[], Any] | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._state: TrainerState | None = None
         self._missing_loss_warned = False

@@ -29,6 +29,8 @@ ROWS = (
     "CPU tensor into the NCCL all-reduce",
     "synchronising CUDA calls per ordinary step",
     "StabilityTrainer vs Trainer steps/s",
+    "Trainer + DeepSpeed ZeRO-2",
+    "DeepSpeed ZeRO-2: synchronising calls",
 )
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the fault is a CUDA row on a machine without CUDA")
 
@@ -81,6 +83,14 @@ def test_cpu_mode_checks_what_cpu_can_and_marks_the_rest(tmp_path):
         added = {step: stable[step - 1] - plain[step - 1] for step in range(1, len(plain) + 1)}
         assert [added[step] for step in ordinary] == [0] * len(ordinary), (regime, added)
         assert added[20] > 0 and added[30] > 0, (regime, added)
+    # DeepSpeed ZeRO-2 (world size 1, DeepSpeed's CPU accelerator): its skip and a rollback, bit-exact, and no host
+    # read added on ordinary steps while the spike checks (steps 10 and 20) do read.
+    assert statuses[9:] == ["PASS", "PASS (CPU host reads; needs CUDA for syncs)"], rows[9:]
+    data = rows[10]["data"]
+    assert data["ordinary_steps"] == ordinary
+    plain, stable = data["per_step"]["Trainer"], data["per_step"]["StabilityTrainer"]
+    added = {step: stable[step - 1] - plain[step - 1] for step in range(1, len(plain) + 1)}
+    assert [added[step] for step in ordinary] == [0] * len(ordinary) and added[10] > 0 and added[20] > 0, added
 
 
 def test_ordinary_steps_leave_out_every_periodic_step(tmp_path, gpu_check):
@@ -133,6 +143,13 @@ def test_a_hung_fsdp2_child_is_killed_and_reported(gpu_check):
     rows = gpu_check.check_fsdp2("cuda", timeout_s=0.5)
     assert [row.status for row in rows] == ["FAIL", "FAIL"]
     assert all(row.result == "the FSDP2 child timed out after 0.5 s and was killed" for row in rows), rows
+
+
+def test_a_hung_deepspeed_child_is_killed_and_reported(gpu_check):
+    rows = gpu_check.check_deepspeed("cpu", timeout_s=0.5)
+    assert [row.check for row in rows] == [gpu_check.DEEPSPEED.check, gpu_check.DEEPSPEED_COST.check]
+    assert all(row.status == "FAIL" and row.result == "the DeepSpeed child timed out after 0.5 s and was killed"
+               for row in rows), rows
 
 
 @pytest.mark.gpu
