@@ -31,8 +31,8 @@ logger = get_logger(__name__)
 class AdaptiveClipCallback(GuardedStep, ResumableCallback):
     """Clip each step's gradient norm to ``mean + z·σ`` of an EMA of the recent (healthy) norms.
 
-    Runs in ``on_pre_optimizer_step``, after `SkipNonFiniteCallback` has decided (gradients already unscaled
-    in fp16, already clipped by Trainer's ``max_grad_norm``):
+    Its stage runs before the update (`StepGuard.before_update`), after the skip stage has decided (gradients
+    already unscaled in fp16, already clipped by Trainer's ``max_grad_norm``):
 
     - The statistics follow the pre-clip norm (Trainer's own, shared by `StabilityTrainer`; with a plain
       `Trainer`, the norm of the gradients as they arrive). The first ``adaptive_clip_warmup`` healthy steps only

@@ -2,15 +2,16 @@
 
 How a step flows through the callback:
 
-1. ``on_pre_optimizer_step`` / ``on_optimizer_step``: the step's metric (the training loss from
-   `StepSignals`, or the global grad norm) is appended to a buffer **on device** — no host
+1. Before and right after the update (its stage's ``before_update`` / ``update_applied``, run by `StepGuard`
+   after the skip stage): the step's metric (the training loss from `StepSignals`,
+   or the global grad norm) is appended to a buffer **on device** — no host
    sync. Steps that `SkipNonFiniteCallback` skipped are never judged: a host decision leaves the value
-   out at once; an fp16 decision still on device (`StepSignals.skip_flag`) is buffered next to the value
+   out at once; an fp16 decision still on device (the record's ``skip``) is buffered next to the value
    and read with it, as are fp16 overflows seen by the grad-norm metric without the skip callback.
-2. ``on_step_end``, on *check steps* only — every `spike_check_interval` (10) steps, every logging step (Trainer
-   synchronises there anyway), every snapshot and checkpoint step, the step after a checkpoint (its loss
-   judges the update the checkpoint holds), the steps until the first judged loss after a resume, steps
-   with non-finite weights and the last step — the buffered values are copied to
+2. At the step's end (``after_update``), on *check steps* only — every `spike_check_interval` (10) steps,
+   every logging step (Trainer synchronises there anyway), every snapshot and checkpoint step, the step
+   after a checkpoint (its loss judges the update the checkpoint holds), the steps until the first judged
+   loss after a resume, steps with non-finite weights and the last step — the buffered values are copied to
    the host at once and judged by `SpikeDetector` (mean + ``spike_sigma``·σ over the last
    ``spike_window`` healthy values, non-finite = spike). Each rank's first spike position goes through
    one all-reduce (MIN), so every rank acts on the same step.
