@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -76,7 +77,7 @@ def train(output_dir: Path, tokenizer, rows: datasets.Dataset, epochs: int, excl
     poison_embeddings(model, tokenizer.convert_tokens_to_ids(POISON))
     args = StabilityConfig(
         str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=8, learning_rate=1e-3,
-        logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        logging_steps=6, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
         **({"exclude_samples": exclude} if exclude else {}),
     )
     StabilityTrainer(model, args, train_dataset=rows, data_collator=default_data_collator).train()
@@ -96,6 +97,9 @@ def main() -> None:
     parser.add_argument("--poisoned", default="7,42,77", help="Comma-separated indices of the poisoned rows.")
     args = parser.parse_args()
     poisoned = {int(index) for index in args.poisoned.split(",")}
+    # hf-stability's own INFO lines (the rerun's "Excluding 3 sample(s) ..."); transformers' stay at warnings.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hf_stability").setLevel(logging.INFO)
     if not all(0 <= index < args.rows for index in poisoned):
         parser.error(f"--poisoned: every index must be in 0..{args.rows - 1}, got {args.poisoned}")
 
