@@ -216,7 +216,9 @@ class SampleRecord:
     def sample_losses(self, step: int) -> list[dict[str, Any]] | None:
         """Each sample's loss of ``step``'s flagged micro-batches, worst first; ``None`` when unknown.
 
-        Flagged: the micro-batches whose own loss is non-finite, else all of them (`per_sample_losses`).
+        Flagged: the micro-batches whose own loss is non-finite, else all of them (`per_sample_losses`). A sample
+        without any label (every one ``-100``: no masked token, say) has no loss of its own: its 0/0 would read as
+        non-finite and blame an innocent sample, so it is left out.
         """
         micro_batches = self._steps.get(step, [])
         if self.loss_fn is None or not micro_batches or any(mb.inputs is None for mb in micro_batches):
@@ -224,18 +226,19 @@ class SampleRecord:
         losses = [mb.loss.float().reshape(()) for mb in micro_batches if mb.loss is not None]
         finite = torch.stack(losses).isfinite().tolist() if len(losses) == len(micro_batches) else []
         chosen = [i for i, ok in enumerate(finite) if not ok] or list(range(len(micro_batches)))
-        per_batch = []
+        per_batch, scored = [], []
         for position in chosen:
             inputs = micro_batches[position].inputs
             assert inputs is not None  # checked above
-            per_batch.append(self.loss_fn(inputs, micro_batches[position].indices.numel()).float().reshape(-1))
-        values = torch.cat(per_batch).tolist()
+            count = micro_batches[position].indices.numel()
+            per_batch.append(self.loss_fn(inputs, count).float().reshape(-1))
+            scored.append(_rows_with_labels(inputs, count))
+        values, has_label = torch.cat(per_batch).tolist(), torch.cat(scored).tolist()
         indices = self.host_indices([step])[step]
-        found = [{"index": index, "micro_batch": position, "loss": None}
-                 for position in chosen for index in indices[position]]
+        found = [{"index": index, "micro_batch": position} for position in chosen for index in indices[position]]
         for entry, value in zip(found, values, strict=True):
             entry["loss"] = value
-        return sorted(found, key=_worst_first)
+        return sorted((entry for entry, kept in zip(found, has_label, strict=True) if kept), key=_worst_first)
 
     def replay(self, step: int) -> dict[str, float] | None:
         """``step``'s micro-batches run again from the weights now in place: ``{"loss", "grad_norm"}`` (one read),
@@ -282,6 +285,15 @@ def replay_step(model: torch.nn.Module, loss_of: Callable[[dict[str, Any]], torc
         grads = [g for g in torch.autograd.grad(loss, parameters, allow_unused=True) if g is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
     return loss.detach(), norm
+
+
+def _rows_with_labels(inputs: Mapping[str, Any], count: int) -> torch.Tensor:
+    """Per row of a micro-batch of ``count`` samples: does it hold a label (any not ``-100``, Trainer's ignore
+    index)? All rows count when the batch has no ``labels`` tensor (a custom loss)."""
+    labels = inputs.get("labels")
+    if not isinstance(labels, torch.Tensor) or not labels.dim() or labels.shape[0] != count:
+        return torch.ones(count, dtype=torch.bool)
+    return (labels.reshape(count, -1) != -100).any(dim=1).cpu()
 
 
 def _row(inputs: Mapping[str, Any], row: int, count: int) -> dict[str, Any]:

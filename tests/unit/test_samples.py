@@ -40,3 +40,15 @@ def test_the_bad_samples_file_merges_and_an_unreadable_one_is_moved_aside(tmp_pa
     assert [e["event"] for e in read_bad_samples(tmp_path)[7]] == ["rollback"]
     (aside,) = tmp_path.glob("stability_bad_samples.unreadable-*.json")
     assert aside.read_text() == '{"7": [{"st'
+
+
+def test_a_sample_without_labels_has_no_loss_of_its_own_and_is_not_blamed():
+    """Row 1 holds no label (no masked token): its recomputed loss is 0/0 = NaN, as a poisoned row's is, but only
+    row 0's NaN names a bad sample; row 1 is left out of the per-sample losses."""
+    nan = float("nan")
+    record = SampleRecord(DATASET_INDEX, lambda inputs, count: torch.tensor([nan, nan, 1.5]))
+    labels = torch.tensor([[4, -100], [-100, -100], [5, 6]])
+    record.add(1, torch.tensor([10, 11, 12]), torch.tensor(nan), {"input_ids": torch.ones(3, 2), "labels": labels})
+    losses = record.sample_losses(1)
+    assert losses is not None and [entry["index"] for entry in losses] == [10, 12]
+    assert str(losses[0]["loss"]) == "nan" and losses[1]["loss"] == 1.5
