@@ -5,8 +5,9 @@
 - `AdaptiveClipCallback` (``adaptive_clip.py``): clip gradient norms above mean + z·σ of their EMA (ZClip).
 - `LossScaleTelemetryCallback` (``telemetry.py``): loss scale, skip/rollback counts, fp16 pressure via `Trainer.log`.
 
-They share the step's loss, pre-clip gradient norm and skip decision through `StepSignals` (``signals.py``) and
-run in the order of their ``priority`` (``order.py``: `keep_in_priority_order`, `find_callback`).
+Each registers its stage with the run's `StepGuard` (``hf_stability/step_guard.py``), which runs a step's stages in
+code order, passing one `StepRecord`; the callbacks hand it Trainer's step events (``signals.py``: `GuardedStep`).
+Their ``priority`` (``order.py``) only keeps them after `DefaultFlowCallback` and ahead of the reporting callbacks.
 """
 
 from __future__ import annotations

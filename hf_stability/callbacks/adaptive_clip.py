@@ -20,18 +20,19 @@ from hf_stability import metric_names as names
 from hf_stability._compat import foreach_mul_
 from hf_stability._logging import get_logger
 from hf_stability.callbacks.resume import ResumableCallback, stored_count, stored_number
-from hf_stability.callbacks.signals import StepSignals, completing_step, global_grad_norm, gradients
+from hf_stability.callbacks.signals import GuardedStep, global_grad_norm, gradients
 from hf_stability.engines import refuse_for_callback
 from hf_stability.settings import AdaptiveClipSettings
+from hf_stability.step_guard import StepRecord
 
 logger = get_logger(__name__)
 
 
-class AdaptiveClipCallback(ResumableCallback):
+class AdaptiveClipCallback(GuardedStep, ResumableCallback):
     """Clip each step's gradient norm to ``mean + z·σ`` of an EMA of the recent (healthy) norms.
 
-    Runs in ``on_pre_optimizer_step``, after `SkipNonFiniteCallback` has decided (gradients already unscaled
-    in fp16, already clipped by Trainer's ``max_grad_norm``):
+    Its stage runs before the update (`StepGuard.before_update`), after the skip stage has decided (gradients
+    already unscaled in fp16, already clipped by Trainer's ``max_grad_norm``):
 
     - The statistics follow the pre-clip norm (Trainer's own, shared by `StabilityTrainer`; with a plain
       `Trainer`, the norm of the gradients as they arrive). The first ``adaptive_clip_warmup`` healthy steps only
@@ -70,7 +71,7 @@ class AdaptiveClipCallback(ResumableCallback):
     settings_class = AdaptiveClipSettings
     settings: AdaptiveClipSettings
     aliases = {"z": "adaptive_clip_z", "alpha": "adaptive_clip_alpha", "warmup": "adaptive_clip_warmup"}
-    priority = 300  # after the skip decision, before rollback and telemetry (hf_stability.callbacks.order)
+    priority = 300  # list position only (hf_stability.callbacks.order); the step's order is `StepGuard`'s
     stored_attributes = {
         "mean": stored_number, "var": stored_number, "healthy_steps": stored_count, "clipped_steps": stored_count
     }
@@ -122,6 +123,7 @@ class AdaptiveClipCallback(ResumableCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_for_callback(self, args, model)
         self.begin_run(args, state, model)
+        self.register_stage("clip", state, model)
         self._stats = None  # rebuilt from the host values (restored from a checkpoint, or 0) at the first step
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -135,11 +137,10 @@ class AdaptiveClipCallback(ResumableCallback):
             return torch.tensor(self.mean + self.z * math.sqrt(self.var))
         return stats[0] + self.z * stats[1].clamp_min(0).sqrt()
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        step = completing_step(state)
-        grads = gradients(model.parameters())
-        signals = StepSignals.for_model(model)
-        skipped = signals.skip_flag(step)
+    def before_update(self, record: StepRecord) -> None:
+        """Rescale the gradients of a real update above the bound; learn from the step's pre-clip norm."""
+        grads = gradients(record.model.parameters())
+        skipped = record.skip
         if not grads or skipped is True:
             return  # a skip decided on the host: nothing to clip, nothing to learn from
         norm = global_grad_norm(grads)  # what the optimizer is about to apply (after max_grad_norm)
@@ -148,9 +149,9 @@ class AdaptiveClipCallback(ResumableCallback):
             host = [self.mean, self.var, float(self.healthy_steps), float(self.clipped_steps)]
             self._stats = torch.tensor(host, dtype=torch.float32, device=device)
         mean, var, healthy_steps, clipped_steps = self._stats.unbind()
-        pre_clip = signals.grad_norm(step)
+        pre_clip = record.pre_clip_norm()
         if pre_clip is None:
-            self._warn_clipped_norm(args)
+            self._warn_clipped_norm(record.args)
         raw = norm if pre_clip is None else pre_clip.detach().float().reshape(()).to(device)
         healthy = torch.isfinite(raw) & torch.isfinite(norm)
         if isinstance(skipped, torch.Tensor):  # fp16 decision still on device

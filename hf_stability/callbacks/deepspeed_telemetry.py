@@ -18,23 +18,24 @@ from typing import Any
 from transformers import TrainerCallback
 
 from hf_stability._logging import get_logger
-from hf_stability.callbacks.signals import StepSignals, completing_step
+from hf_stability.callbacks.signals import GuardedStep
 from hf_stability.deepspeed import active_deepspeed_config, overflow_skip
 from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled
 from hf_stability.events import StabilityEventLog
+from hf_stability.step_guard import StepRecord
 
 logger = get_logger(__name__)
 
 MEASURED = "DeepSpeed's own overflow skip"
 
 
-class DeepSpeedSkipTelemetryCallback(TrainerCallback):
+class DeepSpeedSkipTelemetryCallback(GuardedStep, TrainerCallback):
     """Counts and logs the steps DeepSpeed skipped (``optimizer.step_was_skipped``: the engine's overflow flag,
     the same on every rank, read from a host attribute: no device sync). Use with a plain `Trainer` under
     DeepSpeed (`StabilityTrainer` installs it there); of the other hf-stability callbacks only spike rollback runs
     under DeepSpeed."""
 
-    priority = 400  # where SkipNonFiniteCallback sits: spike rollback, after it, sees the engine's skip decision
+    priority = 400  # where SkipNonFiniteCallback sits (list position only); the engine's decision is the skip stage
 
     def __init__(self, require_skip: bool = False) -> None:
         self.require_skip = require_skip
@@ -55,14 +56,21 @@ class DeepSpeedSkipTelemetryCallback(TrainerCallback):
                 raise UnsupportedEngineError(f"`deepspeed`: `skip_nonfinite` cannot be honoured: {verdict}.")
             logger.warning(f"DeepSpeed: non-finite steps are not skipped: {verdict}.")
         self._optimizer = optimizer
+        if kwargs.get("model") is not None:
+            self.register_stage("skip", state, kwargs["model"])
         self._events = StabilityEventLog(args.output_dir) if state.is_world_process_zero else None
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        """Hand the engine's decision to `StepSignals`: spike rollback judges no loss of a step DeepSpeed skipped."""
-        if model is not None and getattr(self._optimizer, "step_was_skipped", False):
-            StepSignals.for_model(model).mark(completing_step(state), "deepspeed_overflow")
+    def update_applied(self, record: StepRecord) -> None:
+        """Put the engine's decision in the step's record: spike rollback judges no loss of a step DeepSpeed skipped."""
+        if getattr(self._optimizer, "step_was_skipped", False):
+            record.decide(True, "deepspeed_overflow")
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        """Report the engine's skip, then hand the event to the guard (the spike check comes after the report)."""
+        self._report_skip(state)
+        super().on_step_end(args, state, control, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, **kwargs)
+
+    def _report_skip(self, state) -> None:
         if not getattr(self._optimizer, "step_was_skipped", False):
             return
         self.skipped_steps += 1

@@ -1,14 +1,10 @@
 """Where the stability callbacks sit in a Trainer's callback list, and how to find one there.
 
-Each stability callback has a class attribute ``priority`` (as in OLMo-core); within an event, higher
-runs first. The order matters for ``on_pre_optimizer_step``:
-
-- `SkipNonFiniteCallback` (400) decides first, so that the others see a skipped step (gradients ``None``,
-  `StepSignals.skip_flag`); under DeepSpeed, `DeepSpeedSkipTelemetryCallback` (400) takes its place and marks
-  the steps the engine skipped;
-- `AdaptiveClipCallback` (300) then rescales the gradients of real updates;
-- `SpikeRollbackCallback` (200) buffers the step's metric and judges it in ``on_step_end``;
-- `LossScaleTelemetryCallback` (100) measures what the optimizer is about to apply, after adaptive clipping.
+Each stability callback has a class attribute ``priority`` (as in OLMo-core); within an event, higher runs
+first: `SkipNonFiniteCallback` (400; under DeepSpeed, `DeepSpeedSkipTelemetryCallback`),
+`AdaptiveClipCallback` (300), `SpikeRollbackCallback` (200), `LossScaleTelemetryCallback` (100). The step's
+own work does not depend on it: the callbacks hand Trainer's step events to the run's `StepGuard`
+(`hf_stability.step_guard`), which runs the stages in its own order wherever the callbacks sit.
 
 All of them run right after `DefaultFlowCallback` (whose ``on_step_end`` decides ``should_save``, which the
 checkpoint checks read) and ahead of the reporting callbacks (W&B, TensorBoard), so those receive the

@@ -2,15 +2,16 @@
 
 How a step flows through the callback:
 
-1. ``on_pre_optimizer_step`` / ``on_optimizer_step``: the step's metric (the training loss from
-   `StepSignals`, or the global grad norm) is appended to a buffer **on device** — no host
+1. Before and right after the update (its stage's ``before_update`` / ``update_applied``, run by `StepGuard`
+   after the skip stage): the step's metric (the training loss from `StepSignals`,
+   or the global grad norm) is appended to a buffer **on device** — no host
    sync. Steps that `SkipNonFiniteCallback` skipped are never judged: a host decision leaves the value
-   out at once; an fp16 decision still on device (`StepSignals.skip_flag`) is buffered next to the value
+   out at once; an fp16 decision still on device (the record's ``skip``) is buffered next to the value
    and read with it, as are fp16 overflows seen by the grad-norm metric without the skip callback.
-2. ``on_step_end``, on *check steps* only — every `spike_check_interval` (10) steps, every logging step (Trainer
-   synchronises there anyway), every snapshot and checkpoint step, the step after a checkpoint (its loss
-   judges the update the checkpoint holds), the steps until the first judged loss after a resume, steps
-   with non-finite weights and the last step — the buffered values are copied to
+2. At the step's end (``after_update``), on *check steps* only — every `spike_check_interval` (10) steps,
+   every logging step (Trainer synchronises there anyway), every snapshot and checkpoint step, the step
+   after a checkpoint (its loss judges the update the checkpoint holds), the steps until the first judged
+   loss after a resume, steps with non-finite weights and the last step — the buffered values are copied to
    the host at once and judged by `SpikeDetector` (mean + ``spike_sigma``·σ over the last
    ``spike_window`` healthy values, non-finite = spike). Each rank's first spike position goes through
    one all-reduce (MIN), so every rank acts on the same step.
@@ -59,9 +60,9 @@ from hf_stability._logging import get_logger
 from hf_stability.callbacks.resume import ResumableCallback, stored_count, stored_numbers, stored_scale
 from hf_stability.callbacks.save_guard import CheckpointJudge
 from hf_stability.callbacks.signals import (
+    GuardedStep,
     StepSignals,
     active_grad_scaler,
-    completing_step,
     distributed,
     global_grad_norm,
     gradients,
@@ -77,13 +78,14 @@ from hf_stability.samples import event_samples, public, record_bad_samples
 from hf_stability.settings import RollbackSettings, SnapshotStorage, SpikeMetric
 from hf_stability.snapshots import SnapshotStore
 from hf_stability.spike import SpikeDetector
+from hf_stability.step_guard import StepRecord
 from hf_stability.user_optimizer import check_lr_cut, scale_learning_rate
 
 logger = get_logger(__name__)
 
 SNAPSHOT_DIRNAME = "stability_snapshots"
 
-class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
+class SpikeRollbackCallback(GuardedStep, ResumableCallback, CheckpointJudge):
     """Detects loss (or grad-norm) spikes and rolls every rank back to the newest trusted snapshot.
 
     Works with `StabilityTrainer` and with a plain `transformers.Trainer`. Every argument left ``None`` is
@@ -127,7 +129,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         "lr_factor": "rollback_lr_factor",
         "check_interval": "spike_check_interval",
     }
-    priority = 200  # after skipping and adaptive clipping, before telemetry (hf_stability.callbacks.order)
+    priority = 200  # list position only (hf_stability.callbacks.order); the step's order is `StepGuard`'s
     stored_attributes = {"rollbacks": stored_count, "lr_scale": stored_scale, "detector_window": stored_numbers}
 
     def __init__(
@@ -220,7 +222,7 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         self._resumed_from = state.global_step if state.global_step > 0 else None
         self._first_resumed_step = None
         self._unjudged_checkpoint = None
-        StepSignals.for_model(model).open(state).recovery = True
+        self.register_stage("spike", state, model).recovery = True
         # The starting state cannot hold a bad update made in this run, so it is a rollback target at once.
         self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
         self._hold_samples(model, state.global_step)
@@ -239,17 +241,18 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             )
         return DeepSpeedSnapshotStore(engine, s.snapshot_keep, s.snapshot_storage, directory)
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def before_update(self, record: StepRecord) -> None:
+        """Take the step's grad-norm metric (and an fp16 overflow flag) before the optimizer steps."""
         if self.settings.spike_metric == SpikeMetric.GRAD_NORM:
-            norm = StepSignals.for_model(model).grad_norm(completing_step(state))
+            norm = record.pre_clip_norm()
             if norm is None:
-                norm = global_grad_norm(gradients(model.parameters()))
-                self._warn_clipped_norm(args)
-            if active_grad_scaler(optimizer) is not None:
+                norm = global_grad_norm(gradients(record.model.parameters()))
+                self._warn_clipped_norm(record.args)
+            if active_grad_scaler(record.optimizer) is not None:
                 # An fp16 overflow is the grad scaler's business (it skips the update and lowers the scale),
                 # not a spike: flag it on device, to be dropped when the buffer is read. A non-finite loss
                 # too means non-finite weights (or a NaN batch): a spike, as in fp32.
-                loss = StepSignals.for_model(model).loss(completing_step(state))
+                loss = record.loss()
                 self._overflow = ~torch.isfinite(norm)
                 if loss is not None:
                     self._overflow &= torch.isfinite(loss).to(self._overflow.device)
@@ -265,13 +268,14 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             "clip. Use StabilityTrainer, or spike_metric='loss'."
         )
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        step = completing_step(state)
-        skipped = StepSignals.for_model(model).skip_flag(step)
+    def update_applied(self, record: StepRecord) -> None:
+        """Buffer the step's value on device, with the skip's device flag (read at the next check)."""
+        step = record.step
+        skipped = record.skip
         if skipped is True:
             value = None
         elif self.settings.spike_metric == SpikeMetric.LOSS:
-            value = StepSignals.for_model(model).loss(step)
+            value = record.loss()
         else:
             value = self._grad_norm
         left_out = None  # device flags, read with the value at the next check
@@ -281,7 +285,10 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
         self._pending.append((step, value, left_out))
         self._grad_norm = self._overflow = None
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+    def after_update(self, record: StepRecord) -> None:
+        """On a check step: judge the buffer (one read); roll back on a spike, else snapshot on snapshot steps."""
+        args, state, control = record.args, record.state, record.control
+        model, optimizer, lr_scheduler = record.model, record.optimizer, record.lr_scheduler
         step = state.global_step
         snapshot_due = step % self.settings.snapshot_interval == 0
         last_step = state.max_steps > 0 and step >= state.max_steps
@@ -297,14 +304,13 @@ class SpikeRollbackCallback(ResumableCallback, CheckpointJudge):
             or is_logging_step(args, state, step)
         )
         if not check_due or self._detector is None:
-            return control
+            return
         spike = self._check(args.device, step, weights_bad, model)
         if spike is not None:
             self._roll_back(args, state, control, model, optimizer, lr_scheduler, *spike)
         elif snapshot_due and not last_step:
             self._running()[1].capture(step, model, optimizer, lr_scheduler, self.lr_scale, trusted=False)
         self._hold_samples(model, step)
-        return control
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         """Judge what is still buffered (and weights the flags found bad) before an epoch-strategy checkpoint."""

@@ -20,6 +20,7 @@ from hf_stability._compat import SUPPORTED, UpstreamChangedError, foreach_norm, 
 from hf_stability._compat import is_logging_step as is_logging_step  # re-exported: its former home
 from hf_stability._logging import get_logger
 from hf_stability.samples import SampleRecord
+from hf_stability.step_guard import StepGuard, StepRecord
 
 logger = get_logger(__name__)
 
@@ -47,8 +48,10 @@ class StepSignals:
       a one-time warning when a callback asks for it.
     - `StabilityTrainer` also hands over its live engine (:attr:`engine`): under DeepSpeed, spike rollback snapshots
       the engine's ZeRO partitions (a callback Trainer re-creates on resume finds it here too).
-    - `SkipNonFiniteCallback` writes the skip decision (:meth:`mark`, :meth:`mark_pending`) and the verdict on
-      the weights; `SpikeRollbackCallback` sets :attr:`recovery` while it can restore non-finite weights.
+    - The step's stability work runs in :attr:`guard` (`hf_stability.step_guard.StepGuard`), which passes one
+      `StepRecord` (skip decision included) from stage to stage; :meth:`skip_flag` reads the decision there.
+      `SkipNonFiniteCallback` writes the verdict on the weights; `SpikeRollbackCallback` sets :attr:`recovery`
+      while it can restore non-finite weights.
 
     Lifecycle: the stability callbacks call :meth:`open` in ``on_train_begin`` (the first call of a run resets
     the values and installs the hook) and :meth:`close` in ``on_train_end`` (removes the hook). The registry
@@ -65,6 +68,7 @@ class StepSignals:
         self._missing_loss_warned = False
         # The samples of the recent steps (`StabilityTrainer` records them; None under a plain Trainer).
         self.samples: SampleRecord | None = None
+        self.guard = StepGuard(self)  # runs the step's stages; the callbacks register them in on_train_begin
         self.reset()
 
     @classmethod
@@ -95,9 +99,7 @@ class StepSignals:
         self._missing_loss = False
         self._norm_step: int | None = None
         self._norm: torch.Tensor | None = None
-        self._skip_step: int | None = None
-        self._skip_reason: str | None = None
-        self._skip_flag: torch.Tensor | None = None
+        self.guard.reset()
         # The latest host verdict on the weights: ``(step, True)`` when some parameter was NaN/Inf at the end
         # of ``step`` (all ranks agree). Such a step is no skip: its loss stays in the spike detector's view.
         self.weights_verdict: tuple[int, bool] | None = None
@@ -188,24 +190,20 @@ class StepSignals:
             )
         return None
 
-    # ---- the skip decision -----------------------------------------------------------------------
+    # ---- the step guard ---------------------------------------------------------------------------
 
-    def mark(self, step: int, reason: str | None) -> None:
-        """Record the host decision for ``step``: ``reason`` is ``None`` when the update goes ahead.
-
-        On a host skip (fp32/bf16, and fp16 flush steps) every gradient is also ``None``.
-        """
-        self._skip_step, self._skip_reason, self._skip_flag = step, reason, None
-
-    def mark_pending(self, step: int, flag: torch.Tensor, reason: str) -> None:
-        """Record a decision still on device (fp16): ``step`` is skipped for ``reason`` iff ``flag`` is True."""
-        self._skip_step, self._skip_reason, self._skip_flag = step, reason, flag
+    def record(self, args, state: TrainerState, control, model, optimizer=None, lr_scheduler=None,
+               step: int | None = None) -> StepRecord:
+        """The record of ``step`` (default: the step being taken): the one the guard holds, else a new one."""
+        step = completing_step(state) if step is None else step
+        current = self.guard.record
+        if current is not None and current.step == step:
+            return current
+        return StepRecord(step, args, state, control, model, optimizer, lr_scheduler, inputs=self)
 
     def skip_flag(self, step: int) -> torch.Tensor | bool:
         """Whether ``step`` is skipped: a host bool, or the pending 0-d bool device tensor (no host read)."""
-        if self._skip_step != step:
-            return False
-        return self._skip_flag if self._skip_flag is not None else self._skip_reason is not None
+        return self.guard.skip_flag(step)
 
     def skipped(self, step: int) -> bool:
         """Whether ``step`` is skipped, on the host (a pending flag costs one device-to-host read)."""
@@ -213,6 +211,41 @@ class StepSignals:
 
 
 _SIGNALS: weakref.WeakKeyDictionary[torch.nn.Module, StepSignals] = weakref.WeakKeyDictionary()
+
+
+class GuardedStep:
+    """Trainer's three step events, handed to the run's `StepGuard` (which runs each once per step).
+
+    A stability callback mixes this in ahead of `TrainerCallback` and registers its stage in ``on_train_begin``
+    (:meth:`register_stage`): its position in the callback list then changes nothing.
+    """
+
+    def register_stage(self, role: str, state: TrainerState, model: torch.nn.Module) -> StepSignals:
+        signals = StepSignals.for_model(model).open(state)
+        signals.guard.register(role, self)
+        return signals
+
+    def before_update(self, record: StepRecord) -> None:
+        """This stage's work before ``optimizer.step()`` (none by default)."""
+
+    def update_applied(self, record: StepRecord) -> None:
+        """This stage's work right after ``optimizer.step()`` (none by default)."""
+
+    def after_update(self, record: StepRecord) -> None:
+        """This stage's work at the end of the step (none by default)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        signals = StepSignals.for_model(model)
+        signals.guard.before_update(signals.record(args, state, control, model, optimizer, lr_scheduler))
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        signals = StepSignals.for_model(model)
+        signals.guard.update_applied(signals.record(args, state, control, model, optimizer, lr_scheduler))
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        signals = StepSignals.for_model(model)
+        record = signals.record(args, state, control, model, optimizer, lr_scheduler, step=state.global_step)
+        signals.guard.after_update(record, control)
 
 
 def gradients(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:

@@ -39,7 +39,7 @@ import torch
 from hf_stability._compat import clear_found_inf, found_inf_supported, set_found_inf
 from hf_stability.callbacks.resume import ResumableCallback, stored_count
 from hf_stability.callbacks.save_guard import CheckpointJudge
-from hf_stability.callbacks.signals import StepSignals, active_grad_scaler, completing_step
+from hf_stability.callbacks.signals import GuardedStep, StepSignals, active_grad_scaler, completing_step
 from hf_stability.callbacks.skip_decision import (
     TrainedParameters,
     innermost,
@@ -53,6 +53,7 @@ from hf_stability.callbacks.skip_health import COUNTERS, SkipHealth
 from hf_stability.callbacks.skip_queue import GRADIENTS, LOSS, PARAMETERS, StepQueue
 from hf_stability.engines import refuse_for_callback
 from hf_stability.settings import SkipSettings
+from hf_stability.step_guard import StepRecord
 from hf_stability.user_optimizer import hold_step, release_step
 
 __all__ = [
@@ -78,7 +79,7 @@ class _Delegated:
         setattr(callback._health, self.name, value)
 
 
-class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
+class SkipNonFiniteCallback(GuardedStep, ResumableCallback, CheckpointJudge):
     """Skip the optimizer update of any step with a NaN/Inf gradient on any rank; report NaN losses and weights.
 
     On a skip, every gradient is set to ``None``, the decision is written to
@@ -145,7 +146,8 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
 
     settings_class = SkipSettings
     settings: SkipSettings
-    priority = 400  # runs first: the others see the decision (hf_stability.callbacks.order)
+    priority = 400  # first of the stability callbacks in the list (hf_stability.callbacks.order); the step's work
+    # runs in the order of `StepGuard`, wherever the callback sits
 
     stored_attributes = {name: stored_count for name in COUNTERS}
     skipped_steps = _Delegated()
@@ -175,7 +177,7 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         self.begin_run(args, state, model)  # resolves this run's settings
         self._health.max_consecutive_skips = self.max_consecutive_skips
         self._health.max_underflow_steps = self.settings.max_underflow_steps
-        record = StepSignals.for_model(model).open(state)
+        record = self.register_stage("skip", state, model)
         if record.samples is not None:  # the samples of the steps still queued may be reported
             record.samples.hold("skip", completing_step(state))
         self._queue = StepQueue()
@@ -190,8 +192,11 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
             self._device_skip = (inner, found_inf_supported(inner))
         return inner if self._device_skip[1] else None
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        step = completing_step(state)
+    def before_update(self, step_record: StepRecord) -> None:
+        """Decide the step: flags, one all-reduce, the update dropped on device (queued) or on the host (flush)."""
+        args, state, control, model, optimizer = (
+            step_record.args, step_record.state, step_record.control, step_record.model, step_record.optimizer)
+        step = step_record.step
         scaler = active_grad_scaler(optimizer)
         record = StepSignals.for_model(model)
         if self._parameters is None:
@@ -203,7 +208,7 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
         )
         # A flush step reads its flags at once: the weights it started from are judged in the same read.
         entry = measure_step(
-            step, self._parameters, record.loss(step), record.grad_norm(step), scaler, optimizer, not queued
+            step, self._parameters, step_record.loss(), step_record.pre_clip_norm(), scaler, optimizer, not queued
         )
         self._queue.append(entry)
         if queued:
@@ -211,16 +216,18 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
                 set_found_inf(device_skip, update_dropped(entry))
                 self._found_inf_set = device_skip
             # Until a flush or the rollback's check judges the weights, a flagged step counts as a skipped batch.
-            record.mark_pending(step, update_dropped(entry), "fp16_overflow" if scaler else "nonfinite_gradients")
-            return control
+            step_record.decide(update_dropped(entry), "fp16_overflow" if scaler else "nonfinite_gradients")
+            return
         reason = self._flush(args, state, control, step, record, weights_measured=True)
         if reason is not None or record.weights_verdict == (step, True):
             model.zero_grad(set_to_none=True)  # no update: neither a bad batch's nor one made from NaN weights
             hold_step(optimizer)  # nor a wrapper optimizer's own step logic (a Lookahead's interpolation)
-        record.mark(step, reason)
-        return control
+        step_record.decide(reason is not None, reason)
 
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+    def update_applied(self, step_record: StepRecord) -> None:
+        self._release(step_record.optimizer)
+
+    def _release(self, optimizer: object) -> None:
         """Take the ``found_inf`` flag and a held ``step`` back: the next step decides anew."""
         release_step(optimizer)
         if self._found_inf_set is not None:
@@ -266,7 +273,7 @@ class SkipNonFiniteCallback(ResumableCallback, CheckpointJudge):
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Flush queued steps, then report weights the last update left non-finite."""
         # A step that raised may have left its flag (or a held step) behind.
-        self.on_optimizer_step(args, state, control, optimizer=optimizer)
+        self._release(optimizer)
         record = StepSignals.for_model(model)
         self._flush(args, state, control, state.global_step, record)
         if not self._health.weights_stop and weights_nonfinite(model, state.global_step):

@@ -20,8 +20,8 @@ from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.resume import ConfiguredCallback
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
 from hf_stability.callbacks.signals import (
+    GuardedStep,
     active_grad_scaler,
-    completing_step,
     is_logging_step,
     replicated,
     tensor_norms,
@@ -29,6 +29,7 @@ from hf_stability.callbacks.signals import (
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.engines import refuse_for_callback
 from hf_stability.settings import TelemetrySettings
+from hf_stability.step_guard import StepRecord
 
 logger = get_logger(__name__)
 
@@ -36,7 +37,7 @@ FP16_MAX = 65504.0
 FP16_SMALLEST_SUBNORMAL = 2.0**-24
 
 
-class LossScaleTelemetryCallback(ConfiguredCallback):
+class LossScaleTelemetryCallback(GuardedStep, ConfiguredCallback):
     """Adds ``stability/*`` metrics to every training log entry.
 
     Logged keys: ``stability/skipped_steps``, ``stability/nonfinite_loss_steps`` and
@@ -75,7 +76,7 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
 
     settings_class = TelemetrySettings
     settings: TelemetrySettings
-    priority = 100  # last of the stability callbacks: measures real updates after adaptive clipping
+    priority = 100  # list position only (hf_stability.callbacks.order); the step's order is `StepGuard`'s
 
     def __init__(self, log_fp16_pressure: bool | None = None, log_layer_grad_norms: bool | None = None) -> None:
         super().__init__(log_fp16_pressure=log_fp16_pressure, log_layer_grad_norms=log_layer_grad_norms)
@@ -122,6 +123,7 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         refuse_for_callback(self, args, kwargs.get("model"))
         self.configure(args)
+        self.register_stage("telemetry", state, kwargs["model"])
         self._optimizer = optimizer
         self._measured = {}
         if self._handler is None and not self._unbound_warned:
@@ -131,12 +133,14 @@ class LossScaleTelemetryCallback(ConfiguredCallback):
                 "W&B/TensorBoard do not receive stability metrics. Use LossScaleTelemetryCallback.attach(trainer)."
             )
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def before_update(self, record: StepRecord) -> None:
+        """On logging steps: measure the gradients the optimizer is about to apply (on device)."""
         if not (self.log_fp16_pressure or self.log_layer_grad_norms):
             return
-        if not is_logging_step(args, state, completing_step(state)):
+        if not is_logging_step(record.args, record.state, record.step):
             return
-        named = [(name, p.grad.detach()) for name, p in model.named_parameters() if p.grad is not None]
+        optimizer = record.optimizer
+        named = [(name, p.grad.detach()) for name, p in record.model.named_parameters() if p.grad is not None]
         if not named:  # the step was skipped: nothing to measure
             return
         grads = [grad for _, grad in named]

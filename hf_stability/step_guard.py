@@ -1,0 +1,148 @@
+"""`StepGuard`: one optimizer step's stability work, in code order, passing one `StepRecord` from stage to stage.
+
+Trainer announces an optimizer step to every callback three times (``on_pre_optimizer_step``,
+``on_optimizer_step``, ``on_step_end``). The stability callbacks do not act on those events themselves: each
+registers its stage (skip, clip, spike, telemetry) with the one guard of the model's run
+(``StepSignals.for_model(model).guard``) and, on each event, hands the event to the guard. The first callback
+to do so runs every stage of that event; the others find the event done for this step. Where a callback sits
+in the callback list therefore changes nothing, and the order of the stages is the order of the lines below.
+
+The stages are the callbacks' own objects (each keeps its state and exports it with checkpoints), seen here
+through the :class:`Stage` protocol; this module imports no callback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from transformers import TrainerControl, TrainerState
+
+
+class StepInputs(Protocol):
+    """Where the step's loss and Trainer's pre-clip gradient norm come from (`StepSignals`)."""
+
+    def loss(self, step: int) -> torch.Tensor | None: ...
+
+    def grad_norm(self, step: int) -> torch.Tensor | None: ...
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step carries from stage to stage.
+
+    ``skip`` is the skip decision: ``False`` (update goes ahead), ``True`` (decided on the host: every gradient
+    is ``None``), or a 0-d bool device tensor (decided on device, read with the queue at the next flush);
+    ``reason`` names it. The loss and the pre-clip norm are asked for once, when a stage first needs them.
+    """
+
+    step: int
+    args: Any
+    state: TrainerState
+    control: TrainerControl
+    model: torch.nn.Module
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    inputs: StepInputs | None = None
+    skip: torch.Tensor | bool = False
+    reason: str | None = None
+    _values: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
+
+    def loss(self) -> torch.Tensor | None:
+        """The step's training loss (0-d, on device), or ``None`` where the model returned none."""
+        if "loss" not in self._values:
+            self._values["loss"] = None if self.inputs is None else self.inputs.loss(self.step)
+        return self._values["loss"]
+
+    def pre_clip_norm(self) -> torch.Tensor | None:
+        """Trainer's gradient norm before clipping (0-d), or ``None`` under a trainer that does not share it."""
+        if "norm" not in self._values:
+            self._values["norm"] = None if self.inputs is None else self.inputs.grad_norm(self.step)
+        return self._values["norm"]
+
+    def decide(self, skip: torch.Tensor | bool, reason: str | None) -> None:
+        """Record the skip decision (``reason`` is ``None`` when the update goes ahead on the host)."""
+        self.skip, self.reason = skip, reason
+
+
+class Stage(Protocol):
+    """A stage's part in the step; each hook a stage has no use for does nothing."""
+
+    def before_update(self, record: StepRecord) -> None: ...
+
+    def update_applied(self, record: StepRecord) -> None: ...
+
+    def after_update(self, record: StepRecord) -> None: ...
+
+
+ROLES = ("skip", "clip", "spike", "telemetry")
+
+
+class StepGuard:
+    """Runs the registered stages of one run, once per Trainer event and step, in the order written below."""
+
+    def __init__(self, inputs: StepInputs | None = None) -> None:
+        self.inputs = inputs
+        self.stages: dict[str, Stage] = {}
+        self.record: StepRecord | None = None  # the step being taken (or the last one taken)
+        self._done: dict[str, int] = {}  # event -> the step it last ran for
+
+    def reset(self) -> None:
+        """A new run: no stage, no step."""
+        self.stages, self.record, self._done = {}, None, {}
+
+    def register(self, role: str, stage: Stage) -> None:
+        """Make ``stage`` the run's ``role`` (one of :data:`ROLES`); a later registration replaces it."""
+        if role not in ROLES:
+            raise ValueError(f"`role`: one of {ROLES}, got {role!r}")
+        self.stages[role] = stage
+
+    def _first(self, event: str, step: int) -> bool:
+        """Whether ``event`` has not run for ``step`` yet (and mark it run)."""
+        if self._done.get(event) == step:
+            return False
+        self._done[event] = step
+        return True
+
+    # ---- the step --------------------------------------------------------------------------------
+
+    def before_update(self, record: StepRecord) -> None:
+        """Gradients are final (unscaled, clipped by ``max_grad_norm``); the optimizer has not stepped."""
+        if not self._first("before_update", record.step):
+            return
+        self.record = record
+        skip, clip, spike, telemetry = (self.stages.get(role) for role in ROLES)
+        if skip is not None:
+            skip.before_update(record)  # flags (gradients, loss, weights on flush steps), one all-reduce, drop
+        if clip is not None:
+            clip.before_update(record)  # adaptive clipping of the gradients of a real update
+        if spike is not None:
+            spike.before_update(record)  # the spike metric of the step (pre-clip norm; fp16 overflow flag)
+        if telemetry is not None:
+            telemetry.before_update(record)  # fp16 pressure and per-layer norms of the update, on logging steps
+
+    def update_applied(self, record: StepRecord) -> None:
+        """``optimizer.step()`` has run (or was dropped)."""
+        if not self._first("update_applied", record.step):
+            return
+        self.record = record
+        skip, spike = self.stages.get("skip"), self.stages.get("spike")
+        if skip is not None:
+            skip.update_applied(record)  # found_inf and a held step taken back; an engine's own skip recorded
+        if spike is not None:
+            spike.update_applied(record)  # the step's value buffered on device, with its skip flag
+
+    def after_update(self, record: StepRecord, control: TrainerControl) -> None:
+        """The scheduler has stepped and ``global_step`` counts the step; Trainer has decided log/save/stop."""
+        if not self._first("after_update", record.step):
+            return
+        self.record, record.control = record, control
+        spike = self.stages.get("spike")
+        if spike is not None:
+            spike.after_update(record)  # on check steps: one read, then rollback, or a snapshot on snapshot steps
+
+    def skip_flag(self, step: int) -> torch.Tensor | bool:
+        """Whether ``step`` is skipped: a host bool, or the pending device flag (no host read)."""
+        record = self.record
+        return record.skip if record is not None and record.step == step else False
