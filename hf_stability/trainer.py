@@ -73,11 +73,12 @@ def stability_callbacks(args: TrainingArguments) -> list[TrainerCallback]:
     return [*callbacks, LossScaleTelemetryCallback()]
 
 
-def _upstream_trainer(cls: type) -> type:
-    """The class whose methods `StabilityTrainer`'s overrides extend: the first `Trainer` after it in ``cls``'s MRO
+def _upstream_trainer(cls: type, stability_trainer: type) -> type:
+    """The class whose methods `StabilityTrainer`'s overrides extend: the first `Trainer` after ``stability_trainer``
+    (the class itself, not the module's name for it, which a script may rebind to a subclass) in ``cls``'s MRO
     (transformers' own, unless a subclass mixes another `Trainer` subclass in)."""
     mro = cls.__mro__
-    return next(base for base in mro[mro.index(StabilityTrainer) + 1 :] if issubclass(base, Trainer))
+    return next(base for base in mro[mro.index(stability_trainer) + 1 :] if issubclass(base, Trainer))
 
 
 class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
@@ -114,7 +115,7 @@ class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        check_trainer_hooks(_upstream_trainer(type(self)))
+        check_trainer_hooks(_upstream_trainer(type(self), __class__))  # type: ignore[name-defined]  # the cell super() uses
         warn_untested_versions()
         super().__init__(*args, **kwargs)
         self._build_batch_ramp()
