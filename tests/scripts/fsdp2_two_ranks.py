@@ -66,7 +66,7 @@ def main(output_dir: str) -> None:
     skip = SkipNonFiniteCallback()
     telemetry = LossScaleTelemetryCallback(log_fp16_pressure=True, log_layer_grad_norms=True)
     skip.on_train_begin(args, state, control, model=model)
-    telemetry.on_train_begin(args, state, control, optimizer=optimizer)
+    telemetry.on_train_begin(args, state, control, model=model, optimizer=optimizer)  # as Trainer calls it
     result: dict = {}
 
     def step(poison: bool = False) -> None:
