@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_stability.events import EVENTS_FILENAME
+from hf_stability.events import BAD_SAMPLES_FILENAME, EVENTS_FILENAME
 from hf_stability.report import RunRecord, gradient_health, load_run
-from hf_stability.samples import BAD_SAMPLES_FILENAME
 
 # GradScaler starts high and halves on each overflow until the gradients fit: overflow skips from the first
 # step on, one after another, are that search. Recurring ones after it mean the range is exceeded in training.

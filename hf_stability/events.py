@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 EVENTS_FILENAME = "stability_events.jsonl"
+# The samples the events blamed (written by `hf_stability.samples`, read by the doctor and the report); named here,
+# in this light module, so that reading a run never imports torch.
+BAD_SAMPLES_FILENAME = "stability_bad_samples.json"
 SUPERSEDED_PREFIX = "stability_events.superseded-"
 REQUIRED_KEYS = ("step", "event", "reason")
 # Resolved events file -> callables told of each event appended to it (alerts: `hf_stability.alerts`).

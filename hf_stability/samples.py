@@ -33,10 +33,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset
 
+from hf_stability.events import BAD_SAMPLES_FILENAME
+
 SAMPLE_INDEX_KEY = "hf_stability_sample_index"  # reserved feature/batch key carrying the tags
 DATASET_INDEX = "dataset_index"  # a map-style dataset: the index ``dataset[i]`` was read with
 STREAM_POSITION = "stream_position"  # an IterableDataset: the item's position (from 0) in the pass it came from
-BAD_SAMPLES_FILENAME = "stability_bad_samples.json"  # read by `hf_stability.doctor.read_bad_samples`
 WORST_SAMPLES = 8  # per-sample losses named in an event (non-finite first, then the largest)
 LISTED_STEPS = 32  # steps between the restored snapshot and the spike listed in a rollback event (nearest first)
 
