@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, RandomSampler, Sampler
 
 from hf_stability._compat import output_dir
 from hf_stability._logging import get_logger
+from hf_stability.events import BAD_SAMPLES_FILENAME
 from hf_stability.report import EXCLUDED_FILENAME
 from hf_stability.settings import EXCLUDE_AUTO, ExcludeSettings
 
@@ -40,8 +41,6 @@ logger = get_logger(__name__)
 def exclude_list_file(setting: str, directory: str | os.PathLike) -> Path | None:
     """The file ``exclude_samples`` names: the path itself, or for ``"auto"`` the output directory's bad-samples
     file; ``None`` when the setting is empty."""
-    from hf_stability.doctor import BAD_SAMPLES_FILENAME
-
     if not setting:
         return None
     return Path(directory) / BAD_SAMPLES_FILENAME if setting == EXCLUDE_AUTO else Path(setting)

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hf_stability.doctor import BAD_SAMPLES_FILENAME, read_bad_samples
+from hf_stability.doctor import read_bad_samples
+from hf_stability.events import BAD_SAMPLES_FILENAME
 from hf_stability.exclude import exclude_list_file
 from hf_stability.report import read_excluded
 
