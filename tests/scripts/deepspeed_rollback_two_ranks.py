@@ -13,17 +13,18 @@ one more step (the run goes on), and the restore from disk. ZeRO-3 runs with ``s
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
 os.environ.setdefault("DS_BUILD_OPS", "0")
 
-import deepspeed  # noqa: E402
 import torch  # noqa: E402
-from transformers import TrainerCallback, default_data_collator  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from hf_stability.deepspeed import ENGINE_COUNTERS, DeepSpeedSnapshotStore  # noqa: E402
-from tests.testing_utils import bert_tokenizer, mlm_dataset, rank, tiny_bert  # noqa: E402
+from tests.scripts.deepspeed_skip_two_ranks import run_configs, tiny_engine  # noqa: E402
+from tests.testing_utils import rank  # noqa: E402
 
 CONFIGS = [(stage, precision) for stage in (1, 2, 3) for precision in ("fp32", "bf16")]
 
@@ -139,13 +140,8 @@ class EngineRecord(TrainerCallback):
 
 
 def run(stage: int, precision: str, tokenizer, batches, rank: int, output_dir: str) -> dict[str, object]:
-    model = tiny_bert(tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
-    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-              "bf16": {"enabled": precision == "bf16"}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    engine = tiny_engine(tokenizer, zero, {"enabled": precision == "bf16"})
 
     def step(index: int, spike: bool = False) -> None:
         batch = {k: v.to(engine.device) for k, v in batches[2 * index + rank].items()}
@@ -181,14 +177,7 @@ def run(stage: int, precision: str, tokenizer, batches, rank: int, output_dir: s
 
 
 def main(output_dir: str) -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
-    tokenizer = bert_tokenizer()
-    rows = mlm_dataset(tokenizer, rows=64)
-    batches = [default_data_collator([rows[i] for i in range(start, start + 4)]) for start in range(0, 64, 4)]
-    result = {f"zero{stage}-{precision}": run(stage, precision, tokenizer, batches, rank, output_dir)
-              for stage, precision in CONFIGS}
-    torch.save(result, os.path.join(output_dir, f"rank{rank}.pt"))
+    run_configs(output_dir, CONFIGS, functools.partial(run, output_dir=output_dir))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 os.environ.setdefault("DS_BUILD_OPS", "0")
 
@@ -44,17 +45,35 @@ def scheduler_state(engine) -> tuple[int, list[float]]:
     return engine.lr_scheduler.state_dict()["last_epoch"], engine.lr_scheduler.get_last_lr()
 
 
-def run(stage: int, precision: str, tokenizer, batches, rank: int) -> dict[str, object]:
+def tiny_engine(tokenizer, zero: dict, bf16: dict):
+    """A DeepSpeed engine over a tiny BERT, AdamW and a decaying LambdaLR, micro-batches of 4 (the raw-engine runs)."""
     model = tiny_bert(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    config = {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage},
-        "bf16": {"enabled": precision != "fp32", "check_grad_overflow": precision != "bf16-nocheck"},
-    }
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+              "bf16": bf16}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def run_configs(output_dir: str, configs: list[tuple[int, str]], run: Callable[..., dict[str, object]]) -> None:
+    """``run(stage, precision, tokenizer, batches, rank)`` per config on this rank; the results to ``rank<r>.pt``.
+
+    ``batches[2 * i + rank]`` is rank ``rank``'s batch of step ``i``: the two ranks train on different rows.
+    """
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    tokenizer = bert_tokenizer()
+    rows = mlm_dataset(tokenizer, rows=64)
+    batches = [default_data_collator([rows[i] for i in range(start, start + 4)]) for start in range(0, 64, 4)]
+    result = {f"zero{stage}-{precision}": run(stage, precision, tokenizer, batches, rank) for stage, precision in
+              configs}
+    torch.save(result, os.path.join(output_dir, f"rank{rank}.pt"))
+
+
+def run(stage: int, precision: str, tokenizer, batches, rank: int) -> dict[str, object]:
+    bf16 = {"enabled": precision != "fp32", "check_grad_overflow": precision != "bf16-nocheck"}
+    engine = tiny_engine(tokenizer, {"stage": stage}, bf16)
 
     def step(index: int, poison: bool = False) -> None:
         batch = {k: v.to(engine.device) for k, v in batches[2 * index + rank].items()}
@@ -86,14 +105,7 @@ def run(stage: int, precision: str, tokenizer, batches, rank: int) -> dict[str, 
 
 
 def main(output_dir: str) -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
-    tokenizer = bert_tokenizer()
-    rows = mlm_dataset(tokenizer, rows=64)
-    batches = [default_data_collator([rows[i] for i in range(start, start + 4)]) for start in range(0, 64, 4)]
-    result = {f"zero{stage}-{precision}": run(stage, precision, tokenizer, batches, rank) for stage, precision in
-              CONFIGS}
-    torch.save(result, os.path.join(output_dir, f"rank{rank}.pt"))
+    run_configs(output_dir, CONFIGS, run)
 
 
 if __name__ == "__main__":
