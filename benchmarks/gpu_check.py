@@ -65,8 +65,8 @@ from transformers import BartConfig, BartForConditionalGeneration, Trainer, Trai
 from benchmarks.host_reads import counting_host_reads  # noqa: E402
 from hf_stability import StabilityTrainer  # noqa: E402
 from hf_stability.callbacks import SkipNonFiniteCallback  # noqa: E402
-from hf_stability.callbacks.signals import reduce_across_ranks  # noqa: E402
 from hf_stability.snapshots import SnapshotStore, restore_training_state  # noqa: E402
+from hf_stability.step.channel import reduce_across_ranks  # noqa: E402
 from tests.testing_utils import (  # noqa: E402
     PoisonActivations,
     bert_tokenizer,
@@ -521,7 +521,7 @@ class StepClock(TrainerCallback):
 
 def fsdp2_result() -> dict[str, Any]:
     """Trainer + FSDP2 on one GPU (NCCL) with the stability callbacks and a poisoned batch."""
-    from hf_stability.callbacks.signals import distributed
+    from hf_stability.step.channel import distributed
 
     with tempfile.TemporaryDirectory() as output_dir:
         trainer, around = poisoned_run(

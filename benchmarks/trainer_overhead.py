@@ -45,7 +45,7 @@ from benchmarks.host_reads import counting_host_reads  # noqa: E402
 from benchmarks.timing import Stopwatch  # noqa: E402
 from hf_stability import LossScaleTelemetryCallback, StabilityTrainer, samples  # noqa: E402
 from hf_stability import trainer as stability_trainer  # noqa: E402
-from hf_stability.callbacks.signals import StepSignals  # noqa: E402
+from hf_stability.step.channel import StepSignals  # noqa: E402
 from tests.testing_utils import (  # noqa: E402
     BART_BASE_TENSORS,
     bart_layout_model,

@@ -21,7 +21,6 @@ from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.resume import check_stored_state, end_run, resume_checkpoint
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
 from hf_stability.callbacks.save_guard import guard_checkpoint_writes
-from hf_stability.callbacks.signals import StepSignals, completing_step
 from hf_stability.callbacks.skip import SkipNonFiniteCallback
 from hf_stability.callbacks.telemetry import LossScaleTelemetryCallback
 from hf_stability.config import StabilityConfig
@@ -38,6 +37,7 @@ from hf_stability.samples import (
     replay_step,
 )
 from hf_stability.settings import AlertSettings, ForensicsSettings
+from hf_stability.step.channel import StepSignals, completing_step
 
 logger = get_logger(__name__)
 

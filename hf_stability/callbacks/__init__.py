@@ -5,7 +5,7 @@
 - `AdaptiveClipCallback` (``adaptive_clip.py``): clip gradient norms above mean + z·σ of their EMA (ZClip).
 - `LossScaleTelemetryCallback` (``telemetry.py``): loss scale, skip/rollback counts, fp16 pressure via `Trainer.log`.
 
-Each registers its stage with the run's `StepGuard` (``hf_stability/step_guard.py``), which runs a step's stages in
+Each registers its stage with the run's `StepGuard` (``hf_stability/step/guard.py``), which runs a step's stages in
 code order, passing one `StepRecord`; the callbacks hand it Trainer's step events (``signals.py``: `GuardedStep`).
 Their ``priority`` (``order.py``) only keeps them after `DefaultFlowCallback` and ahead of the reporting callbacks.
 """

@@ -19,11 +19,12 @@ import torch
 from hf_stability import metric_names as names
 from hf_stability._compat import foreach_mul_
 from hf_stability._logging import get_logger
+from hf_stability.callbacks.guarded import GuardedStep
 from hf_stability.callbacks.resume import ResumableCallback, stored_count, stored_number
-from hf_stability.callbacks.signals import GuardedStep, global_grad_norm, gradients
 from hf_stability.engines import refuse_for_callback
 from hf_stability.settings import AdaptiveClipSettings
-from hf_stability.step_guard import StepRecord
+from hf_stability.step.channel import global_grad_norm, gradients
+from hf_stability.step.guard import StepRecord
 
 logger = get_logger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any
 from transformers import TrainerCallback
 
 from hf_stability._logging import get_logger
-from hf_stability.callbacks.signals import GuardedStep
+from hf_stability.callbacks.guarded import GuardedStep
 from hf_stability.deepspeed import active_deepspeed_config, overflow_skip
 from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled
 from hf_stability.events import StabilityEventLog
-from hf_stability.step_guard import StepRecord
+from hf_stability.step.guard import StepRecord
 
 logger = get_logger(__name__)
 

@@ -4,7 +4,7 @@ Each stability callback has a class attribute ``priority`` (as in OLMo-core); wi
 first: `SkipNonFiniteCallback` (400; under DeepSpeed, `DeepSpeedSkipTelemetryCallback`),
 `AdaptiveClipCallback` (300), `SpikeRollbackCallback` (200), `LossScaleTelemetryCallback` (100). The step's
 own work does not depend on it: the callbacks hand Trainer's step events to the run's `StepGuard`
-(`hf_stability.step_guard`), which runs the stages in its own order wherever the callbacks sit.
+(`hf_stability.step.guard`), which runs the stages in its own order wherever the callbacks sit.
 
 All of them run right after `DefaultFlowCallback` (whose ``on_step_end`` decides ``should_save``, which the
 checkpoint checks read) and ahead of the reporting callbacks (W&B, TensorBoard), so those receive the

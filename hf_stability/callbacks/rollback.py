@@ -57,10 +57,18 @@ from transformers import TrainerControl, TrainerState
 
 from hf_stability._compat import unwrap_optimizer
 from hf_stability._logging import get_logger
+from hf_stability.callbacks.guarded import GuardedStep
 from hf_stability.callbacks.resume import ResumableCallback, stored_count, stored_numbers, stored_scale
 from hf_stability.callbacks.save_guard import CheckpointJudge
-from hf_stability.callbacks.signals import (
-    GuardedStep,
+from hf_stability.callbacks.skip import weights_nonfinite
+from hf_stability.deepspeed import DeepSpeedSnapshotStore
+from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled, refuse_for_callback
+from hf_stability.events import StabilityEventLog
+from hf_stability.samples import event_samples, public, record_bad_samples
+from hf_stability.settings import RollbackSettings, SnapshotStorage, SpikeMetric
+from hf_stability.snapshots import SnapshotStore
+from hf_stability.spike import SpikeDetector
+from hf_stability.step.channel import (
     StepSignals,
     active_grad_scaler,
     distributed,
@@ -69,16 +77,8 @@ from hf_stability.callbacks.signals import (
     is_logging_step,
     reduce_across_ranks,
 )
-from hf_stability.callbacks.skip import weights_nonfinite
-from hf_stability.callbacks.skip_decision import weights_check
-from hf_stability.deepspeed import DeepSpeedSnapshotStore
-from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled, refuse_for_callback
-from hf_stability.events import StabilityEventLog
-from hf_stability.samples import event_samples, public, record_bad_samples
-from hf_stability.settings import RollbackSettings, SnapshotStorage, SpikeMetric
-from hf_stability.snapshots import SnapshotStore
-from hf_stability.spike import SpikeDetector
-from hf_stability.step_guard import StepRecord
+from hf_stability.step.guard import StepRecord
+from hf_stability.step.skip_decision import weights_check
 from hf_stability.user_optimizer import check_lr_cut, scale_learning_rate
 
 logger = get_logger(__name__)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from hf_stability._compat import calling_trainer, route_checkpoint_writes
-from hf_stability.callbacks.signals import StepSignals
-from hf_stability.callbacks.skip_decision import parameters_nonfinite, weights_nonfinite
+from hf_stability.step.channel import StepSignals
+from hf_stability.step.skip_decision import parameters_nonfinite, weights_nonfinite
 
 
 class CheckpointJudge:

@@ -37,10 +37,14 @@ from __future__ import annotations
 import torch
 
 from hf_stability._compat import clear_found_inf, found_inf_supported, set_found_inf
+from hf_stability.callbacks.guarded import GuardedStep
 from hf_stability.callbacks.resume import ResumableCallback, stored_count
 from hf_stability.callbacks.save_guard import CheckpointJudge
-from hf_stability.callbacks.signals import GuardedStep, StepSignals, active_grad_scaler, completing_step
-from hf_stability.callbacks.skip_decision import (
+from hf_stability.engines import refuse_for_callback
+from hf_stability.settings import SkipSettings
+from hf_stability.step.channel import StepSignals, active_grad_scaler, completing_step
+from hf_stability.step.guard import StepRecord
+from hf_stability.step.skip_decision import (
     TrainedParameters,
     innermost,
     judge_flagged_weights,
@@ -49,11 +53,8 @@ from hf_stability.callbacks.skip_decision import (
     update_dropped,
     weights_nonfinite,
 )
-from hf_stability.callbacks.skip_health import COUNTERS, SkipHealth
-from hf_stability.callbacks.skip_queue import GRADIENTS, LOSS, PARAMETERS, StepQueue
-from hf_stability.engines import refuse_for_callback
-from hf_stability.settings import SkipSettings
-from hf_stability.step_guard import StepRecord
+from hf_stability.step.skip_health import COUNTERS, SkipHealth
+from hf_stability.step.skip_queue import GRADIENTS, LOSS, PARAMETERS, StepQueue
 from hf_stability.user_optimizer import hold_step, release_step
 
 __all__ = [
@@ -83,7 +84,7 @@ class SkipNonFiniteCallback(GuardedStep, ResumableCallback, CheckpointJudge):
     """Skip the optimizer update of any step with a NaN/Inf gradient on any rank; report NaN losses and weights.
 
     On a skip, every gradient is set to ``None``, the decision is written to
-    :class:`~hf_stability.callbacks.signals.StepSignals` (``StepSignals.for_model(model).skipped(step)``),
+    :class:`~hf_stability.step.channel.StepSignals` (``StepSignals.for_model(model).skipped(step)``),
     the counters below move once, and the main process appends a ``"skip"`` event to
     ``<output_dir>/stability_events.jsonl``. ``global_step`` still counts the batch and training goes on.
     After ``max_consecutive_skips`` skips in a row the run stops with a checkpoint (event ``"stop"``).

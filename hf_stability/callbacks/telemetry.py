@@ -16,20 +16,20 @@ from transformers.trainer_callback import CallbackHandler
 from hf_stability import metric_names as names
 from hf_stability._compat import foreach_abs, foreach_mul, scaler_scale
 from hf_stability._logging import get_logger
+from hf_stability.callbacks.guarded import GuardedStep
 from hf_stability.callbacks.order import find_callback, keep_in_priority_order
 from hf_stability.callbacks.resume import ConfiguredCallback
 from hf_stability.callbacks.rollback import SpikeRollbackCallback
-from hf_stability.callbacks.signals import (
-    GuardedStep,
+from hf_stability.callbacks.skip import SkipNonFiniteCallback
+from hf_stability.engines import refuse_for_callback
+from hf_stability.settings import TelemetrySettings
+from hf_stability.step.channel import (
     active_grad_scaler,
     is_logging_step,
     replicated,
     tensor_norms,
 )
-from hf_stability.callbacks.skip import SkipNonFiniteCallback
-from hf_stability.engines import refuse_for_callback
-from hf_stability.settings import TelemetrySettings
-from hf_stability.step_guard import StepRecord
+from hf_stability.step.guard import StepRecord
 
 logger = get_logger(__name__)
 

@@ -12,7 +12,7 @@ from hf_stability import (
     SpikeRollbackCallback,
     read_events,
 )
-from hf_stability.callbacks.signals import StepSignals
+from hf_stability.step.channel import StepSignals
 from tests.rollback_faults import ThrowWeights
 from tests.testing_utils import PoisonGradient, mlm_dataset, tiny_bert, training_args
 

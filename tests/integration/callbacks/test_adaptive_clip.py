@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from benchmarks.host_reads import counting_host_reads
 from hf_stability import AdaptiveClipCallback, StabilityConfig, StabilityTrainer
 from hf_stability.callbacks.order import find_callback
-from hf_stability.callbacks.signals import completing_step, global_grad_norm, gradients
+from hf_stability.step.channel import completing_step, global_grad_norm, gradients
 from tests.testing_utils import (
     PoisonGradient,
     emulate_fp16_scaler,

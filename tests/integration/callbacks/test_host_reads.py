@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback
 
 from benchmarks.host_reads import counting_host_reads
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
-from hf_stability.callbacks.signals import StepSignals
+from hf_stability.step.channel import StepSignals
 from tests.testing_utils import (
     bart_layout_model,
     emulate_fp16_scaler,

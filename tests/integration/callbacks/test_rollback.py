@@ -31,8 +31,8 @@ from hf_stability import (
     read_events,
 )
 from hf_stability.callbacks.order import find_callback
-from hf_stability.callbacks.signals import StepSignals
 from hf_stability.collators import DataCollatorForT5SpanCorruption
+from hf_stability.step.channel import StepSignals
 from tests.rollback_faults import NanWeights, ThrowWeights
 from tests.testing_utils import (
     PoisonActivations,

@@ -14,8 +14,8 @@ from transformers import Trainer, TrainerCallback
 from benchmarks.host_reads import counting_host_reads
 from hf_stability import SkipNonFiniteCallback, StabilityTrainer, read_events
 from hf_stability.callbacks.order import find_callback
-from hf_stability.callbacks.signals import StepSignals
-from hf_stability.callbacks.skip_decision import innermost
+from hf_stability.step.channel import StepSignals
+from hf_stability.step.skip_decision import innermost
 from tests.testing_utils import (
     NoLabelBatches,
     PoisonActivations,

@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_stability import SpikeRollbackCallback
-from hf_stability.callbacks.signals import StepSignals
+from hf_stability.step.channel import StepSignals
 
 INTERVAL = 5  # snapshot_interval and check_interval
 

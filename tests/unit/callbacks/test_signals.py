@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hf_stability.callbacks.signals import collective_device, reduce_across_ranks
+from hf_stability.step.channel import collective_device, reduce_across_ranks
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from benchmarks.host_reads import counting_host_reads
 from hf_stability import read_events
-from hf_stability.callbacks.signals import StepSignals
-from hf_stability.callbacks.skip_decision import TrainedParameters, judge_flagged_weights
-from hf_stability.callbacks.skip_health import SkipHealth
-from hf_stability.callbacks.skip_queue import PARAMETERS, Flags, QueuedStep, StepQueue
+from hf_stability.step.channel import StepSignals
+from hf_stability.step.skip_decision import TrainedParameters, judge_flagged_weights
+from hf_stability.step.skip_health import SkipHealth
+from hf_stability.step.skip_queue import PARAMETERS, Flags, QueuedStep, StepQueue
 
 HEALTHY, BAD_GRADIENTS, BAD_LOSS, BAD_WEIGHTS = (0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 1)
 

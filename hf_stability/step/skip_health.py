@@ -1,6 +1,6 @@
 """Health reporting of the skip callback: counters, events, warnings and stops from steps read on the host.
 
-:class:`SkipHealth` turns the steps a flush read (`hf_stability.callbacks.skip_queue.ReadStep`) into the
+:class:`SkipHealth` turns the steps a flush read (`hf_stability.step.skip_queue.ReadStep`) into the
 counters `SkipNonFiniteCallback` exports, the ``stability_events.jsonl`` entries (``skip``,
 ``nonfinite_loss``, ``nonfinite_parameters``, ``underflow``, ``stop``), log warnings, and the consecutive-skip,
 underflow and non-finite-weights stops. It reads no tensor: everything it sees is already on the host.
@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 
 from hf_stability._logging import get_logger, is_main_process
-from hf_stability.callbacks.signals import StepSignals, distributed, for_collective
-from hf_stability.callbacks.skip_queue import FLAG_NAMES, ReadStep
 from hf_stability.events import StabilityEventLog
 from hf_stability.samples import SampleRecord, event_samples, process_rank, public, record_bad_samples
+from hf_stability.step.channel import StepSignals, distributed, for_collective
+from hf_stability.step.skip_queue import FLAG_NAMES, ReadStep
 
 logger = get_logger(__name__)
 

@@ -20,7 +20,7 @@ from hf_stability._compat import SUPPORTED, UpstreamChangedError, foreach_norm, 
 from hf_stability._compat import is_logging_step as is_logging_step  # re-exported: its former home
 from hf_stability._logging import get_logger
 from hf_stability.samples import SampleRecord
-from hf_stability.step_guard import StepGuard, StepRecord
+from hf_stability.step.guard import StepGuard, StepRecord
 
 logger = get_logger(__name__)
 
@@ -48,7 +48,7 @@ class StepSignals:
       a one-time warning when a callback asks for it.
     - `StabilityTrainer` also hands over its live engine (:attr:`engine`): under DeepSpeed, spike rollback snapshots
       the engine's ZeRO partitions (a callback Trainer re-creates on resume finds it here too).
-    - The step's stability work runs in :attr:`guard` (`hf_stability.step_guard.StepGuard`), which passes one
+    - The step's stability work runs in :attr:`guard` (`hf_stability.step.guard.StepGuard`), which passes one
       `StepRecord` (skip decision included) from stage to stage; :meth:`skip_flag` reads the decision there.
       `SkipNonFiniteCallback` writes the verdict on the weights; `SpikeRollbackCallback` sets :attr:`recovery`
       while it can restore non-finite weights.
@@ -211,41 +211,6 @@ class StepSignals:
 
 
 _SIGNALS: weakref.WeakKeyDictionary[torch.nn.Module, StepSignals] = weakref.WeakKeyDictionary()
-
-
-class GuardedStep:
-    """Trainer's three step events, handed to the run's `StepGuard` (which runs each once per step).
-
-    A stability callback mixes this in ahead of `TrainerCallback` and registers its stage in ``on_train_begin``
-    (:meth:`register_stage`): its position in the callback list then changes nothing.
-    """
-
-    def register_stage(self, role: str, state: TrainerState, model: torch.nn.Module) -> StepSignals:
-        signals = StepSignals.for_model(model).open(state)
-        signals.guard.register(role, self)
-        return signals
-
-    def before_update(self, record: StepRecord) -> None:
-        """This stage's work before ``optimizer.step()`` (none by default)."""
-
-    def update_applied(self, record: StepRecord) -> None:
-        """This stage's work right after ``optimizer.step()`` (none by default)."""
-
-    def after_update(self, record: StepRecord) -> None:
-        """This stage's work at the end of the step (none by default)."""
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        signals = StepSignals.for_model(model)
-        signals.guard.before_update(signals.record(args, state, control, model, optimizer, lr_scheduler))
-
-    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        signals = StepSignals.for_model(model)
-        signals.guard.update_applied(signals.record(args, state, control, model, optimizer, lr_scheduler))
-
-    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        signals = StepSignals.for_model(model)
-        record = signals.record(args, state, control, model, optimizer, lr_scheduler, step=state.global_step)
-        signals.guard.after_update(record, control)
 
 
 def gradients(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:

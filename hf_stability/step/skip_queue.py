@@ -1,7 +1,7 @@
 """The skip callback's step queue: each step's flags stay on device until one flush reads them all.
 
 When the optimizer can skip an update on device (the grad scaler in fp16, or a fused optimizer given a
-``found_inf`` flag, see `hf_stability.callbacks.skip_decision`), nothing needs a step's flags on the host
+``found_inf`` flag, see `hf_stability.step.skip_decision`), nothing needs a step's flags on the host
 at once. They wait here, as named device tensors, and :meth:`StepQueue.drain` reads the whole queue with
 one device-to-host copy on the steps where the host needs them (:meth:`StepQueue.due`).
 """

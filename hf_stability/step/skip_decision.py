@@ -23,14 +23,14 @@ from typing import cast
 import torch
 
 from hf_stability._compat import foreach_norm, found_inf_per_device, scaler_scale, unwrap_optimizer
-from hf_stability.callbacks.signals import (
+from hf_stability.step.channel import (
     StepSignals,
     global_grad_norm,
     gradients,
     reduce_across_ranks,
     replicated,
 )
-from hf_stability.callbacks.skip_queue import GRADIENTS, PARAMETERS, QueuedStep, ReadStep
+from hf_stability.step.skip_queue import GRADIENTS, PARAMETERS, QueuedStep, ReadStep
 
 
 def innermost(optimizer: object) -> torch.optim.Optimizer:

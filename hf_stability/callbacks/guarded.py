@@ -1,0 +1,44 @@
+"""`GuardedStep`: how a stability callback hands Trainer's three step events to the run's `StepGuard`."""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerState
+
+from hf_stability.step.channel import StepSignals
+from hf_stability.step.guard import StepRecord
+
+
+class GuardedStep:
+    """Trainer's three step events, handed to the run's `StepGuard` (which runs each once per step).
+
+    A stability callback mixes this in ahead of `TrainerCallback` and registers its stage in ``on_train_begin``
+    (:meth:`register_stage`): its position in the callback list then changes nothing.
+    """
+
+    def register_stage(self, role: str, state: TrainerState, model: torch.nn.Module) -> StepSignals:
+        signals = StepSignals.for_model(model).open(state)
+        signals.guard.register(role, self)
+        return signals
+
+    def before_update(self, record: StepRecord) -> None:
+        """This stage's work before ``optimizer.step()`` (none by default)."""
+
+    def update_applied(self, record: StepRecord) -> None:
+        """This stage's work right after ``optimizer.step()`` (none by default)."""
+
+    def after_update(self, record: StepRecord) -> None:
+        """This stage's work at the end of the step (none by default)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        signals = StepSignals.for_model(model)
+        signals.guard.before_update(signals.record(args, state, control, model, optimizer, lr_scheduler))
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        signals = StepSignals.for_model(model)
+        signals.guard.update_applied(signals.record(args, state, control, model, optimizer, lr_scheduler))
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        signals = StepSignals.for_model(model)
+        record = signals.record(args, state, control, model, optimizer, lr_scheduler, step=state.global_step)
+        signals.guard.after_update(record, control)
