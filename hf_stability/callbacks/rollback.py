@@ -185,6 +185,7 @@ class SpikeRollbackCallback(GuardedStep, ResumableCallback, CheckpointJudge):
         self._first_resumed_step: int | None = None  # the first judged step after the resume: its loss judges it
         self._unjudged_checkpoint: Path | None = None  # written on the last step, its update not judged yet
         self._cut_optimizer: weakref.ref | None = None  # the optimizer whose LR carries lr_scale
+        self.restoring = False  # a run is under way: non-finite weights are answered by a restore (`StepGuard`)
 
     # ---- configuration -------------------------------------------------------------------------
 
@@ -222,7 +223,8 @@ class SpikeRollbackCallback(GuardedStep, ResumableCallback, CheckpointJudge):
         self._resumed_from = state.global_step if state.global_step > 0 else None
         self._first_resumed_step = None
         self._unjudged_checkpoint = None
-        self.register_stage("spike", state, model).recovery = True
+        self.register_stage("spike", state, model)
+        self.restoring = True  # until on_train_end, non-finite weights are answered by a restore
         # The starting state cannot hold a bad update made in this run, so it is a rollback target at once.
         self._store.capture(state.global_step, model, optimizer, lr_scheduler, self.lr_scale, trusted=True)
         self._hold_samples(model, state.global_step)
@@ -326,12 +328,11 @@ class SpikeRollbackCallback(GuardedStep, ResumableCallback, CheckpointJudge):
         self._unjudged_checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.restoring = False
         if self._store is not None:
             self._store.clear()
         if model is not None:
-            signals = StepSignals.for_model(model)
-            signals.recovery = False
-            signals.close()
+            StepSignals.for_model(model).close()
         super().on_train_end(args, state, control, model=model, **kwargs)
 
     def judge_nonfinite_checkpoint(self, args, state, control, model, optimizer, lr_scheduler) -> None:
@@ -377,7 +378,7 @@ class SpikeRollbackCallback(GuardedStep, ResumableCallback, CheckpointJudge):
     @staticmethod
     def _weights_bad(model, step: int) -> bool:
         """Non-finite weights at the end of ``step`` as the skip flags found them (before a write: `save_guard`)."""
-        return StepSignals.for_model(model).weights_verdict == (step, True)
+        return StepSignals.for_model(model).guard.weights.nonfinite_after(step)
 
     # ---- detection -----------------------------------------------------------------------------
 
@@ -441,12 +442,12 @@ class SpikeRollbackCallback(GuardedStep, ResumableCallback, CheckpointJudge):
         Judged only when a left-out value is buffered on some rank (one parameter check, one read; with several
         ranks, one more all-reduce first so that all of them take part in the check's). Weights an update blew up
         stay non-finite until a restore, so the steps that started from them are the trailing run of left-out or
-        non-finite values. They are also handed to the skip callback (`StepSignals.nonfinite_weight_steps`), which
+        non-finite values. They are also handed to the skip stage (the run's `WeightsLedger.started_nonfinite`), which
         reports them as such at its next flush even when this rollback has restored the weights by then. Returns
         whether a buffered step started from non-finite weights.
         """
-        signals = StepSignals.for_model(model)
-        known = signals.nonfinite_weight_steps
+        weights = StepSignals.for_model(model).guard.weights
+        known = weights.started_nonfinite
         unexplained = any(flag and s not in known for s, flag in zip(steps, left_out, strict=True))
         if distributed():
             # A left-out fp16 overflow also depends on this rank's loss: agree before the check's all-reduce.
@@ -466,11 +467,11 @@ class SpikeRollbackCallback(GuardedStep, ResumableCallback, CheckpointJudge):
         # Weights that no buffered step started from were written by this very step's update: the next steps'
         # flags show them, as for any update, and the check after them judges them (no earlier, no later).
         if run:
-            signals.weights_verdict = (step, True)
+            weights.judge(step, True)
             for s in run:
                 known.setdefault(s, here)
         elif not anywhere:
-            signals.weights_verdict = (step, False)
+            weights.judge(step, False)
         for index, s in enumerate(steps):
             if s in known:
                 left_out[index] = 0.0

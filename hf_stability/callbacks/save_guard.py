@@ -51,7 +51,7 @@ def _judges(trainer: Any) -> list[CheckpointJudge]:
 
 def _weights_nonfinite_now(model: torch.nn.Module, step: int) -> bool:
     """A fresh verdict on the weights: a restore since the last one (a rollback this step) makes that one stale."""
-    StepSignals.for_model(model).weights_verdict = None
+    StepSignals.for_model(model).guard.weights.forget()
     return weights_nonfinite(model, step)
 
 

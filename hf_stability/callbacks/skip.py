@@ -220,7 +220,7 @@ class SkipNonFiniteCallback(GuardedStep, ResumableCallback, CheckpointJudge):
             step_record.decide(update_dropped(entry), "fp16_overflow" if scaler else "nonfinite_gradients")
             return
         reason = self._flush(args, state, control, step, record, weights_measured=True)
-        if reason is not None or record.weights_verdict == (step, True):
+        if reason is not None or record.guard.weights.nonfinite_after(step):
             model.zero_grad(set_to_none=True)  # no update: neither a bad batch's nor one made from NaN weights
             hold_step(optimizer)  # nor a wrapper optimizer's own step logic (a Lookahead's interpolation)
         step_record.decide(reason is not None, reason)
@@ -242,9 +242,9 @@ class SkipNonFiniteCallback(GuardedStep, ResumableCallback, CheckpointJudge):
         """
         steps, local = self._queue.drain()
         steps, local = judge_flagged_weights(
-            steps, local, self._parameters, record.nonfinite_weight_steps, weights_measured
+            steps, local, self._parameters, record.guard.weights.started_nonfinite, weights_measured
         )
-        reason = self._health.apply(args, state, control, steps, local, now, record)
+        reason = self._health.apply(args, state, control, steps, local, now, record, record.guard.restores_weights())
         if record.samples is not None:  # every step up to ``now`` is reported
             record.samples.hold("skip", now + 1)
         return reason
@@ -259,8 +259,9 @@ class SkipNonFiniteCallback(GuardedStep, ResumableCallback, CheckpointJudge):
             control.should_save = False
             return
         record = StepSignals.for_model(model)
-        self._health.report_parameters(args, state, state.global_step, None, None, record.recovery)
-        if not record.recovery:
+        restoring = record.guard.restores_weights()
+        self._health.report_parameters(args, state, state.global_step, None, None, restoring)
+        if not restoring:
             self._health.stop_for_weights(args, state, control, state.global_step, state.global_step, record.samples)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):

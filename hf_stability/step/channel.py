@@ -28,8 +28,8 @@ logger = get_logger(__name__)
 class StepSignals:
     """What the stability callbacks share about the optimizer step being taken: one object per model and run.
 
-    Holds the step's training loss, Trainer's pre-clip gradient norm, the skip decision and the verdict on the
-    weights, each keyed by the step it belongs to (``completing_step(state)`` until the update, then
+    Holds the step's training loss and Trainer's pre-clip gradient norm (and, through its guard, the skip
+    decision), each keyed by the step it belongs to (``completing_step(state)`` until the update, then
     ``state.global_step``), so that a value of another step is never mistaken for this one's.
 
     Who feeds it:
@@ -49,9 +49,8 @@ class StepSignals:
     - `StabilityTrainer` also hands over its live engine (:attr:`engine`): under DeepSpeed, spike rollback snapshots
       the engine's ZeRO partitions (a callback Trainer re-creates on resume finds it here too).
     - The step's stability work runs in :attr:`guard` (`hf_stability.step.guard.StepGuard`), which passes one
-      `StepRecord` (skip decision included) from stage to stage; :meth:`skip_flag` reads the decision there.
-      `SkipNonFiniteCallback` writes the verdict on the weights; `SpikeRollbackCallback` sets :attr:`recovery`
-      while it can restore non-finite weights.
+      `StepRecord` (skip decision included) from stage to stage; :meth:`skip_flag` reads the decision there. The
+      run's verdicts on its weights are the guard's (`StepGuard.weights`).
 
     Lifecycle: the stability callbacks call :meth:`open` in ``on_train_begin`` (the first call of a run resets
     the values and installs the hook) and :meth:`close` in ``on_train_end`` (removes the hook). The registry
@@ -100,15 +99,6 @@ class StepSignals:
         self._norm_step: int | None = None
         self._norm: torch.Tensor | None = None
         self.guard.reset()
-        # The latest host verdict on the weights: ``(step, True)`` when some parameter was NaN/Inf at the end
-        # of ``step`` (all ranks agree). Such a step is no skip: its loss stays in the spike detector's view.
-        self.weights_verdict: tuple[int, bool] | None = None
-        # Steps that started from non-finite weights (step -> this rank's own verdict), found by the skip
-        # callback's flush or by spike rollback's check (before it restores them): each reads the other's, so
-        # such a step is reported as non-finite weights, not as a skip, and judged by the rollback as a spike.
-        self.nonfinite_weight_steps: dict[int, bool] = {}
-        # True while a callback (spike rollback) answers non-finite weights by restoring a trusted snapshot.
-        self.recovery = False
 
     def open(self, state: TrainerState) -> StepSignals:
         """Start the run of ``state`` (Trainer's `TrainerState`): reset and hook once per run, whoever calls first."""

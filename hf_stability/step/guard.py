@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 from transformers import TrainerControl, TrainerState
 
+from hf_stability.step.weights import WeightsLedger
+
 
 class StepInputs(Protocol):
     """Where the step's loss and Trainer's pre-clip gradient norm come from (`StepSignals`)."""
@@ -87,10 +89,16 @@ class StepGuard:
         self.stages: dict[str, Stage] = {}
         self.record: StepRecord | None = None  # the step being taken (or the last one taken)
         self._done: dict[str, int] = {}  # event -> the step it last ran for
+        self.weights = WeightsLedger()  # the run's verdicts on its weights, shared by the skip and spike stages
 
     def reset(self) -> None:
-        """A new run: no stage, no step."""
-        self.stages, self.record, self._done = {}, None, {}
+        """A new run: no stage, no step, no verdict."""
+        self.stages, self.record, self._done, self.weights = {}, None, {}, WeightsLedger()
+
+    def restores_weights(self) -> bool:
+        """Whether the run's spike stage can answer non-finite weights by restoring a trusted snapshot now."""
+        spike = self.stages.get("spike")
+        return spike is not None and bool(getattr(spike, "restoring", False))
 
     def register(self, role: str, stage: Stage) -> None:
         """Make ``stage`` the run's ``role`` (one of :data:`ROLES`); a later registration replaces it."""

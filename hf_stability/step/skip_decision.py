@@ -106,15 +106,16 @@ def weights_check(model: torch.nn.Module) -> tuple[bool, bool]:
 def weights_nonfinite(model: torch.nn.Module, step: int) -> bool:
     """Whether any rank's weights are non-finite at the end of ``step``: one all-reduce and one host read.
 
-    Run before a checkpoint is written (rarely enough to afford the read). The verdict is kept in
-    `StepSignals`, so a second callback asking about the same step gets it without another read; a verdict
-    already set for ``step`` by the per-step flags is reused as is.
+    Run before a checkpoint is written (rarely enough to afford the read). The verdict is kept in the run's
+    `WeightsLedger`, so a second stage asking about the same step gets it without another read; a verdict
+    already made for ``step`` by the per-step flags is reused as is.
     """
-    record = StepSignals.for_model(model)
-    if record.weights_verdict is None or record.weights_verdict[0] != step:
-        bad = reduce_across_ranks(parameters_nonfinite(model).float(), "max").item() > 0
-        record.weights_verdict = (step, bad)
-    return record.weights_verdict[1]
+    weights = StepSignals.for_model(model).guard.weights
+    verdict = weights.verdict(step)
+    if verdict is None:
+        verdict = reduce_across_ranks(parameters_nonfinite(model).float(), "max").item() > 0
+        weights.judge(step, verdict)
+    return verdict
 
 
 def measure_step(

@@ -94,13 +94,14 @@ class SkipHealth:
         self._weights_reported = None  # step numbers of an earlier train() recur in this one
 
     def apply(self, args, state, control, steps: list[ReadStep], local: torch.Tensor | None, now: int,
-              record: StepSignals) -> str | None:
+              record: StepSignals, restoring: bool) -> str | None:
         """Count and report ``steps`` (read by a flush at step ``now``); the skip reason of the last one (or None).
 
         A step whose weights were already non-finite is no skipped batch: every loss and gradient from then on is
         non-finite whatever the data. It is reported (``"nonfinite_parameters"``) and left to spike rollback when
-        one is installed (``record.recovery``), which restores a trusted snapshot; without one, training stops at
-        once, and without a checkpoint.
+        one can restore a trusted snapshot (``restoring``: the run's spike stage is active); without one, training
+        stops at once, and without a checkpoint. A flush step's own verdict goes into the run's `WeightsLedger`,
+        which the spike stage of the same step reads.
         """
         if not steps:
             return None
@@ -115,7 +116,7 @@ class SkipHealth:
             if self._count_underflow(args, state, step) >= self.max_underflow_steps:
                 underflow_reached, underflow_step = self.consecutive_underflow_steps, step.step
             if step.reduced.parameters:
-                self.report_parameters(args, state, step.step, flagged["parameters"], step.loss, record.recovery)
+                self.report_parameters(args, state, step.step, flagged["parameters"], step.loss, restoring)
                 weights_step = step.step
                 self.consecutive_skips = 0
                 reason = None
@@ -134,8 +135,8 @@ class SkipHealth:
                 limit_reached, limit_step = max(limit_reached, self.consecutive_skips), step.step
         if weights_step is not None:
             if weights_step == now:
-                record.weights_verdict = (now, True)  # the rollback of this step reads it
-            if not record.recovery:
+                record.guard.weights.judge(now, True)  # the spike stage of this step reads it
+            if not restoring:
                 self.stop_for_weights(args, state, control, now, weights_step, record.samples)
                 return reason
         if limit_step is not None:

@@ -42,11 +42,10 @@ def state_for(args: TrainingArguments, max_steps: int = 100) -> TrainerState:
 def drain_into(health: SkipHealth, tmp_path, rows: list[QueuedStep], now: int, recovery: bool = False):
     args = arguments(tmp_path)
     queue, control, record = StepQueue(), TrainerControl(), StepSignals()
-    record.recovery = recovery
     for row in rows:
         queue.append(row)
     steps, local = queue.drain()
-    reason = health.apply(args, state_for(args), control, steps, local, now, record)
+    reason = health.apply(args, state_for(args), control, steps, local, now, record, restoring=recovery)
     return reason, control, record
 
 
@@ -135,7 +134,7 @@ def test_nonfinite_weights_are_no_skip_and_stop_without_a_checkpoint_unless_roll
     health = SkipHealth(max_consecutive_skips=50)
     reason, control, record = drain_into(health, tmp_path, [queued(6, BAD_WEIGHTS)], now=6, recovery=recovery)
     assert reason is None and (health.skipped_steps, health.nonfinite_parameter_steps) == (0, 1)
-    assert record.weights_verdict == (6, True), "the rollback of this step reads the verdict"
+    assert record.guard.weights.nonfinite_after(6), "the spike stage of this step reads the verdict"
     assert control.should_training_stop is not recovery and not control.should_save
     assert [e["event"] for e in read_events(tmp_path)] == ["nonfinite_parameters"] + ([] if recovery else ["stop"])
 
