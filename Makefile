@@ -16,7 +16,7 @@ FLOOR := .ci/floor
 floor_version = $(shell sed -n 's/^ *"$(1)>=\([0-9.]*\)",$$/\1/p' pyproject.toml)
 FLOOR_TRANSFORMERS := $(call floor_version,transformers)
 FLOOR_ACCELERATE := $(call floor_version,accelerate)
-FLOOR_TESTS ?= tests/integration/test_compat.py tests/integration/test_trainer.py tests/integration/callbacks tests/unit/callbacks
+FLOOR_TESTS ?= tests/integration/test_compat.py tests/integration/test_trainer.py tests/integration/callbacks tests/unit/callbacks tests/integration/step tests/unit/step
 VERSIONS := import torch, transformers, accelerate; \
 	print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}")
 
