@@ -6,7 +6,7 @@ import torch
 from transformers import TrainerState
 
 from hf_stability.step.channel import StepSignals
-from hf_stability.step.guard import StepRecord
+from hf_stability.step.guard import Stage, StepRecord
 
 
 class GuardedStep:
@@ -16,9 +16,12 @@ class GuardedStep:
     (:meth:`register_stage`): its position in the callback list then changes nothing.
     """
 
-    def register_stage(self, role: str, state: TrainerState, model: torch.nn.Module) -> StepSignals:
+    def register_stage(
+        self, role: str, state: TrainerState, model: torch.nn.Module, stage: Stage | None = None
+    ) -> StepSignals:
+        """Open the run's signals and make ``stage`` (default: this callback) the guard's ``role``."""
         signals = StepSignals.for_model(model).open(state)
-        signals.guard.register(role, self)
+        signals.guard.register(role, self if stage is None else stage)
         return signals
 
     def before_update(self, record: StepRecord) -> None:
