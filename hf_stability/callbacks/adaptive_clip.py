@@ -11,7 +11,7 @@ from hf_stability.callbacks.guarded import GuardedStep
 from hf_stability.callbacks.resume import ResumableCallback, stored_count, stored_number
 from hf_stability.engines import refuse_for_callback
 from hf_stability.settings import AdaptiveClipSettings
-from hf_stability.step.clip import STATISTICS, AdaptiveClipStage
+from hf_stability.step.clip import AdaptiveClipStage
 
 
 class _Statistic:
@@ -106,8 +106,7 @@ class AdaptiveClipCallback(GuardedStep, ResumableCallback):
         return self.settings.adaptive_clip_warmup
 
     def attributes(self) -> dict:
-        statistics = self.stage.host_statistics()
-        return {name: statistics[name] for name in STATISTICS}
+        return self.stage.host_statistics()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_for_callback(self, args, model)
