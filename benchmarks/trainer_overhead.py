@@ -43,9 +43,10 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from benchmarks.host_reads import counting_host_reads  # noqa: E402
 from benchmarks.timing import Stopwatch  # noqa: E402
-from hf_stability import LossScaleTelemetryCallback, StabilityTrainer, samples  # noqa: E402
+from hf_stability import StabilityTrainer, samples  # noqa: E402
 from hf_stability import trainer as stability_trainer  # noqa: E402
 from hf_stability.step.channel import StepSignals  # noqa: E402
+from hf_stability.step.guard import StepGuard  # noqa: E402
 from tests.testing_utils import (  # noqa: E402
     BART_BASE_TENSORS,
     bart_layout_model,
@@ -92,7 +93,7 @@ class StabilityClock(Stopwatch):
         patched = [
             (StepSignals, "add_loss"),
             (StepSignals, "record_grad_norm"),
-            (LossScaleTelemetryCallback, "collect"),
+            (StepGuard, "metrics"),
         ]
         originals = [getattr(owner, name) for owner, name in patched]
         for owner, name in patched:

@@ -106,9 +106,9 @@ class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
     With ``batch_ramp_start > 0`` the global batch grows step by step (`hf_stability.batch_ramp`); with
     ``exclude_samples`` the train dataloader leaves the listed samples out (`hf_stability.exclude`).
 
-    ``log()`` merges the ``stability/*`` metrics into every training log entry before `Trainer`
-    records it, so ``log_history``, W&B and TensorBoard receive them (keys in
-    `LossScaleTelemetryCallback`).
+    ``log()`` merges the ``stability/*`` metrics of the run's stages (`StepGuard.metrics`, one device-to-host read)
+    into every training log entry before `Trainer` records it, so ``log_history``, W&B and TensorBoard receive
+    them (keys in `hf_stability.metric_names`).
 
     Construction raises `hf_stability._compat.UpstreamChangedError` (naming the supported transformers range)
     when a `Trainer` hook it overrides is gone or no longer called by Trainer's training loop.
@@ -139,7 +139,7 @@ class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
                 callback.on_init_end(self.args, self.state, self.control, model=self.model)
         telemetry = find_callback(callbacks, LossScaleTelemetryCallback)
         if telemetry is not None:  # stability_callbacks adds one (not under DeepSpeed) unless the caller passed it
-            telemetry.bind(self.callback_handler, merged_by_trainer=True)
+            telemetry.bind()
         stability_types = (
             SkipNonFiniteCallback,
             AdaptiveClipCallback,
@@ -205,15 +205,7 @@ class StabilityTrainer(ExcludeSamplesMixin, BatchRampMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step entry (evaluation and the final summary have other keys)
-            telemetry = find_callback(self.callback_handler.callbacks, LossScaleTelemetryCallback)
-            if telemetry is not None:
-                logs.update(telemetry.collect(self.callback_handler.callbacks))
-            deepspeed = find_callback(self.callback_handler.callbacks, DeepSpeedSkipTelemetryCallback)
-            if deepspeed is not None:
-                logs.update(deepspeed.metrics())
-            adaptive_clip = find_callback(self.callback_handler.callbacks, AdaptiveClipCallback)
-            if adaptive_clip is not None:
-                adaptive_clip.merge_into(logs)
+            logs.update(self.step_signals.guard.log_metrics(self.state.global_step))  # every stage's, one read
             logs.update(self.batch_ramp_metrics())
         super().log(logs, start_time)
 

@@ -8,12 +8,11 @@ bit-exact on every rank for ZeRO-1/2/3 in fp32 and bf16) but says nothing a run'
 ``stability/skipped_steps`` in each training log entry (``log_history``; Trainer itself logs the engine's global
 ``grad_norm``, inf on a skipped step). Where DeepSpeed would not skip or that is not measured — fp16 included
 (not runnable on the CPU accelerator, so no loss scale is reported yet) — it warns in one line naming the
-setting, or refuses with ``require_skip=True`` (`StabilityTrainer` sets it from ``skip_nonfinite``).
+setting, or refuses with ``require_skip=True`` (`StabilityTrainer` sets it from ``skip_nonfinite``). The work is its
+stage's (`hf_stability.step.deepspeed_skip.DeepSpeedSkipStage`, the run's ``skip`` stage).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from transformers import TrainerCallback
 
@@ -22,7 +21,7 @@ from hf_stability.callbacks.guarded import GuardedStep
 from hf_stability.deepspeed import active_deepspeed_config, overflow_skip
 from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled
 from hf_stability.events import StabilityEventLog
-from hf_stability.step.guard import StepRecord
+from hf_stability.step.deepspeed_skip import DeepSpeedSkipStage
 
 logger = get_logger(__name__)
 
@@ -39,9 +38,11 @@ class DeepSpeedSkipTelemetryCallback(GuardedStep, TrainerCallback):
 
     def __init__(self, require_skip: bool = False) -> None:
         self.require_skip = require_skip
-        self.skipped_steps = 0
-        self._events: StabilityEventLog | None = None
-        self._optimizer: Any = None
+        self.stage = DeepSpeedSkipStage()
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.stage.skipped_steps
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         config = active_deepspeed_config(args) if deepspeed_enabled(args) else None
@@ -55,37 +56,16 @@ class DeepSpeedSkipTelemetryCallback(GuardedStep, TrainerCallback):
             if self.require_skip:
                 raise UnsupportedEngineError(f"`deepspeed`: `skip_nonfinite` cannot be honoured: {verdict}.")
             logger.warning(f"DeepSpeed: non-finite steps are not skipped: {verdict}.")
-        self._optimizer = optimizer
+        self.stage.begin_run(optimizer, StabilityEventLog(args.output_dir) if state.is_world_process_zero else None)
         if kwargs.get("model") is not None:
-            self.register_stage("skip", state, kwargs["model"])
-        self._events = StabilityEventLog(args.output_dir) if state.is_world_process_zero else None
-
-    def update_applied(self, record: StepRecord) -> None:
-        """Put the engine's decision in the step's record: spike rollback judges no loss of a step DeepSpeed skipped."""
-        if getattr(self._optimizer, "step_was_skipped", False):
-            record.decide(True, "deepspeed_overflow")
+            self.register_stage("skip", state, kwargs["model"], self.stage)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         """Report the engine's skip, then hand the event to the guard (the spike check comes after the report)."""
-        self._report_skip(state)
+        self.stage.report(state.global_step)
         super().on_step_end(args, state, control, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, **kwargs)
 
-    def _report_skip(self, state) -> None:
-        if not getattr(self._optimizer, "step_was_skipped", False):
-            return
-        self.skipped_steps += 1
-        if self._events is not None:
-            self._events.append(
-                state.global_step, "skip", "deepspeed_overflow", engine="deepspeed", skipped_steps=self.skipped_steps
-            )
-
-    def metrics(self) -> dict[str, int]:
-        return {"stability/skipped_steps": self.skipped_steps}
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        """With a plain `Trainer`: into ``logs`` and ``log_history`` (`StabilityTrainer.log` merges them before)."""
-        if logs is not None and "loss" in logs:
-            metrics = self.metrics()
-            logs.update(metrics)
-            if state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1].update(metrics)
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        """With a plain `Trainer`: the run's metrics into ``logs`` and ``log_history`` (`StabilityTrainer.log` merges
+        them before; `GuardedStep.log_step_metrics`)."""
+        self.log_step_metrics(state, logs, model)

@@ -6,10 +6,10 @@ import torch
 from transformers import TrainerState
 
 from hf_stability.step.channel import StepSignals
-from hf_stability.step.guard import Stage, StepRecord
+from hf_stability.step.guard import Stage, StageHooks
 
 
-class GuardedStep:
+class GuardedStep(StageHooks):
     """Trainer's three step events, handed to the run's `StepGuard` (which runs each once per step).
 
     A stability callback mixes this in ahead of `TrainerCallback` and registers its stage in ``on_train_begin``
@@ -24,14 +24,19 @@ class GuardedStep:
         signals.guard.register(role, self if stage is None else stage)
         return signals
 
-    def before_update(self, record: StepRecord) -> None:
-        """This stage's work before ``optimizer.step()`` (none by default)."""
+    def log_step_metrics(self, state: TrainerState, logs: dict | None, model: torch.nn.Module | None) -> None:
+        """Plain-`Trainer` path of ``on_log``: the guard's metrics into a training log entry, once per entry.
 
-    def update_applied(self, record: StepRecord) -> None:
-        """This stage's work right after ``optimizer.step()`` (none by default)."""
-
-    def after_update(self, record: StepRecord) -> None:
-        """This stage's work at the end of the step (none by default)."""
+        They go into ``logs`` (which W&B/TensorBoard receive next) and the entry Trainer already appended to
+        ``log_history``. Whichever stability callback's ``on_log`` comes first merges them; after it, or after
+        `StabilityTrainer.log`, the guard gives nothing (`StepGuard.log_metrics`).
+        """
+        if logs is None or "loss" not in logs or model is None:
+            return  # not a training-step entry
+        metrics = StepSignals.for_model(model).guard.log_metrics(state.global_step)
+        logs.update(metrics)
+        if metrics and state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         signals = StepSignals.for_model(model)

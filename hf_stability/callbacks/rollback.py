@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from transformers import TrainerControl, TrainerState
 
+from hf_stability import metric_names as names
 from hf_stability._compat import unwrap_optimizer
 from hf_stability._logging import get_logger
 from hf_stability.callbacks.guarded import GuardedStep
@@ -195,6 +196,10 @@ class SpikeRollbackCallback(GuardedStep, ResumableCallback, CheckpointJudge):
             "lr_scale": self.lr_scale,
             "detector_window": self.detector_window if self._detector is None else self._detector.values,
         }
+
+    def metrics(self) -> dict[str, int]:
+        """The spike stage's log metric (`StepGuard.metrics`): the run's rollbacks so far."""
+        return {names.ROLLBACKS: self.rollbacks}
 
     # ---- trainer events ------------------------------------------------------------------------
 

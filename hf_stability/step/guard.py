@@ -7,19 +7,26 @@ registers its stage (skip, clip, spike, telemetry) with the one guard of the mod
 to do so runs every stage of that event; the others find the event done for this step. Where a callback sits
 in the callback list therefore changes nothing, and the order of the stages is the order of the lines below.
 
-The stages are the callbacks' own objects (each keeps its state and exports it with checkpoints), seen here
-through the :class:`Stage` protocol; this module imports no callback.
+The stages are plain objects in ``hf_stability.step`` (skip, clip, telemetry, DeepSpeed's skip report) or, for
+now, the spike callback itself; a public callback owns its stage and exports its state with checkpoints.
+They are seen here through the :class:`Stage` protocol; this module imports no callback. :meth:`StepGuard.metrics`
+gathers the stages' log metrics with one device-to-host read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import torch
 from transformers import TrainerControl, TrainerState
 
+from hf_stability import metric_names as names
 from hf_stability.step.weights import WeightsLedger
+
+Metric: TypeAlias = torch.Tensor | float | int
+"""A ``stability/`` metric a stage offers: a 0-d device tensor (read with the others at once) or a host number."""
 
 
 class StepInputs(Protocol):
@@ -69,13 +76,30 @@ class StepRecord:
 
 
 class Stage(Protocol):
-    """A stage's part in the step; each hook a stage has no use for does nothing."""
+    """A stage's part in the step; each hook a stage has no use for does nothing.
+
+    A stage may also offer its ``stability/`` metrics for the log entry, ``metrics(self) -> dict[str, Metric]``
+    (device values are not read there: :meth:`StepGuard.metrics` reads every stage's at once).
+    """
 
     def before_update(self, record: StepRecord) -> None: ...
 
     def update_applied(self, record: StepRecord) -> None: ...
 
     def after_update(self, record: StepRecord) -> None: ...
+
+
+class StageHooks:
+    """The step's three hooks, doing nothing: a stage overrides those it works in."""
+
+    def before_update(self, record: StepRecord) -> None:
+        """This stage's work before ``optimizer.step()`` (none by default)."""
+
+    def update_applied(self, record: StepRecord) -> None:
+        """This stage's work right after ``optimizer.step()`` (none by default)."""
+
+    def after_update(self, record: StepRecord) -> None:
+        """This stage's work at the end of the step (none by default)."""
 
 
 ROLES = ("skip", "clip", "spike", "telemetry")
@@ -150,7 +174,45 @@ class StepGuard:
         if spike is not None:
             spike.after_update(record)  # on check steps: one read, then rollback, or a snapshot on snapshot steps
 
+    # ---- the log entry ----------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float | int]:
+        """Every stage's ``stability/`` metrics, in the stages' order, their device values read at once (one read).
+
+        ``stability/rollbacks`` is the spike stage's count; a telemetry stage that logs the run's counts
+        (``logs_run_counts``) makes it 0 where no spike stage runs.
+        """
+        offered: dict[str, Metric] = {}
+        for role in ROLES:
+            offer = getattr(self.stages.get(role), "metrics", None)
+            if offer is not None:
+                offered.update(offer())
+        if "spike" not in self.stages and getattr(self.stages.get("telemetry"), "logs_run_counts", False):
+            offered[names.ROLLBACKS] = 0
+        return read_metrics(offered)
+
+    def log_metrics(self, step: int) -> dict[str, float | int]:
+        """:meth:`metrics` for the training log entry of ``step``, the first time it is asked for; ``{}`` after.
+
+        `StabilityTrainer.log` asks before the entry is recorded; under a plain `Trainer` the first stability
+        callback's ``on_log`` asks. Either way the entry gets the metrics once, whoever asks second.
+        """
+        return self.metrics() if self._first("log", step) else {}
+
     def skip_flag(self, step: int) -> torch.Tensor | bool:
         """Whether ``step`` is skipped: a host bool, or the pending device flag (no host read)."""
         record = self.record
         return record.skip if record is not None and record.step == step else False
+
+
+def read_metrics(offered: Mapping[str, Metric]) -> dict[str, float | int]:
+    """``offered`` with its device values read to the host in one read (an integer tensor gives an int)."""
+    values: dict[str, float | int] = {k: v for k, v in offered.items() if not isinstance(v, torch.Tensor)}
+    device_values = {k: v for k, v in offered.items() if isinstance(v, torch.Tensor)}
+    if device_values:  # read on an accelerator where any value is on one: moving to it reads nothing
+        devices = [v.device for v in device_values.values()]
+        target = next((d for d in devices if d.type != "cpu"), devices[0])
+        stacked = torch.stack([v.detach().float().reshape(()).to(target) for v in device_values.values()])
+        for (key, value), number in zip(device_values.items(), stacked.tolist(), strict=True):
+            values[key] = number if value.is_floating_point() else int(number)
+    return {key: values[key] for key in offered}

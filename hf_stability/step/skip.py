@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from transformers import TrainerState
 
+from hf_stability import metric_names as names
 from hf_stability._compat import clear_found_inf, found_inf_supported, set_found_inf
 from hf_stability.settings import SkipSettings
 from hf_stability.step.channel import StepSignals, active_grad_scaler, completing_step
@@ -73,6 +74,12 @@ class SkipStage:
     @property
     def max_consecutive_skips(self) -> int:
         return self.settings.max_consecutive_skips
+
+    def metrics(self) -> dict[str, int]:
+        """The log metrics (`StepGuard.metrics`): the counters, as of the last flush (every logging step flushes)."""
+        health = self.health
+        return {names.SKIPPED_STEPS: health.skipped_steps, names.NONFINITE_LOSS_STEPS: health.nonfinite_loss_steps,
+                names.UNDERFLOW_STEPS: health.underflow_steps}
 
     def begin_run(self, settings: SkipSettings, signals: StepSignals, state: TrainerState) -> None:
         """A run begins with this run's ``settings``: an empty queue, the counters' run-level state reset."""

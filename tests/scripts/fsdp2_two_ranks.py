@@ -28,9 +28,9 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from transformers import TrainerControl, TrainerState, TrainingArguments, default_data_collator  # noqa: E402
 
 from hf_stability.callbacks import LossScaleTelemetryCallback, SkipNonFiniteCallback  # noqa: E402
-from hf_stability.callbacks.telemetry import fp16_pressure  # noqa: E402
 from hf_stability.snapshots import SnapshotStore, restore_training_state  # noqa: E402
 from hf_stability.step.channel import StepSignals, global_grad_norm, gradients  # noqa: E402
+from hf_stability.step.telemetry import fp16_pressure  # noqa: E402
 from tests.testing_utils import bert_tokenizer, mlm_dataset, tiny_bert, training_args  # noqa: E402
 
 BATCH = 4
@@ -91,7 +91,7 @@ def main(output_dir: str) -> None:
         state.global_step += 1
 
     step()
-    metrics = telemetry.collect()
+    metrics = StepSignals.for_model(model).guard.metrics()
     result["layer_norms"] = torch.tensor(
         [value for key, value in metrics.items() if key.startswith("stability/grad_norm/")]
     )

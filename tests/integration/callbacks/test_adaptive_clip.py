@@ -123,7 +123,7 @@ def test_a_skipped_step_leaves_the_statistics_alone_and_no_host_read_per_step(
         with counting_host_reads() as counts:
             hook(args, state, control, **kwargs)
         reads[completing_step(state)] = sum(counts.values())
-        stats[completing_step(state)] = clip._stats.clone()
+        stats[completing_step(state)] = clip.stage.stats.clone()
 
     clip.on_pre_optimizer_step = counted
     trainer.add_callback(PoisonGradient([BURST_STEP - 1]))  # step 12 has an Inf gradient: skipped

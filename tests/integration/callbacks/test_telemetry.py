@@ -12,7 +12,7 @@ from transformers import Trainer, TrainerCallback, default_data_collator
 
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
 from hf_stability.callbacks.order import find_callback
-from hf_stability.callbacks.telemetry import fp16_pressure
+from hf_stability.step.telemetry import fp16_pressure
 from tests.testing_utils import (
     NoLabelBatches,
     PoisonGradient,
