@@ -152,9 +152,9 @@ class SpikeRollbackCallback(GuardedStep, ResumableCallback, CheckpointJudge):
         self._cut_optimizer = None if inner is None else weakref.ref(inner)  # carries lr_scale from here on
         self.guard_checkpoint_writes()
         self.stage.settings = self.settings  # this run's, resolved by begin_run
-        self.register_stage("spike", state, model, self.stage)
         self.stage.begin(args, state, model, optimizer, lr_scheduler, self.detector_window)
         self.detector_window = []
+        self.register_stage("spike", state, model, self.stage)
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         """Judge what is still buffered before an epoch-strategy checkpoint."""
