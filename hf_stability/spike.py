@@ -10,8 +10,8 @@ otherwise join the window and lift the threshold to ~4e29 for the next ``window`
 20x spike went unnoticed. Median and MAD do not move with one outlier; on a healthy signal nothing is that
 far out, so the threshold is the plain mean + σ·std.
 
-The detector is plain host-side arithmetic on Python floats; the callback buffers the per-step values on
-device and hands them over in batches (see `hf_stability.callbacks.rollback`), so judging costs no extra
+The detector is plain host-side arithmetic on Python floats; the spike stage buffers the per-step values on
+device and hands them over in batches (see `hf_stability.step.rollback`), so judging costs no extra
 host synchronisation per step.
 """
 

@@ -7,8 +7,8 @@ registers its stage (skip, clip, spike, telemetry) with the one guard of the mod
 to do so runs every stage of that event; the others find the event done for this step. Where a callback sits
 in the callback list therefore changes nothing, and the order of the stages is the order of the lines below.
 
-The stages are plain objects in ``hf_stability.step`` (skip, clip, telemetry, DeepSpeed's skip report) or, for
-now, the spike callback itself; a public callback owns its stage and exports its state with checkpoints.
+The stages are plain objects in ``hf_stability.step`` (skip, clip, spike, telemetry, DeepSpeed's skip report); a
+public callback owns its stage and exports its state with checkpoints.
 They are seen here through the :class:`Stage` protocol; this module imports no callback. :meth:`StepGuard.metrics`
 gathers the stages' log metrics with one device-to-host read.
 """

@@ -44,7 +44,7 @@ def setup(tmp_path):
 
 def test_a_snapshot_is_trusted_only_after_a_check_of_the_steps_after_it(tmp_path):
     callback, args, state, control, model, optimizer = setup(tmp_path)
-    store = callback._store
+    store = callback.stage._store
     assert [(s.step, s.trusted) for s in store.snapshots] == [(0, True)]  # the starting state
     run_steps(callback, args, state, control, model, optimizer, [1.0, 1.1, 0.9, 1.0, 1.05])
     assert [(s.step, s.trusted) for s in store.snapshots] == [(0, True), (5, False)]
@@ -58,10 +58,10 @@ def test_a_spike_discards_untrusted_snapshots_and_restores_the_newest_trusted_on
     run_steps(callback, args, state, control, model, optimizer, [1.0, 1.1, 0.9, 1.0, 1.05])
     weights_at_5 = model.weight.detach().clone()
     run_steps(callback, args, state, control, model, optimizer, [1.0, 0.95, 1.02, 0.98, 1.01])
-    assert callback._store.newest_trusted().step == 5
+    assert callback.stage._store.newest_trusted().step == 5
     # A bad update made at step 10 (held by the untrusted snapshot of step 10) shows in the loss of step 12.
     run_steps(callback, args, state, control, model, optimizer, [1.0, 50.0, 1.0, 1.0, 1.0])
     assert callback.rollbacks == 1
-    assert [(s.step, s.trusted) for s in callback._store.snapshots] == [(0, True), (5, True)]
+    assert [(s.step, s.trusted) for s in callback.stage._store.snapshots] == [(0, True), (5, True)]
     assert torch.equal(model.weight, weights_at_5), "restored to the trusted snapshot of step 5, bit for bit"
     assert state.global_step == 15  # the data stream goes on; only the training state went back
