@@ -5,8 +5,6 @@ re-derives, lives here, each with the upstream behaviour relied on and the versi
 (`TRANSFORMERS_VERIFIED`, `ACCELERATE_VERIFIED`, `TORCH_VERIFIED` below). When an upgrade breaks one, this file is
 the place to look; `check_trainer_hooks` makes the `Trainer` seams fail loudly at construction rather than
 leave a protection silently inactive.
-
-Re-exported from their former homes (``callbacks/signals.py``) where other code imports them.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@
 - `AdaptiveClipCallback` (``adaptive_clip.py``): clip gradient norms above mean + z·σ of their EMA (ZClip).
 - `LossScaleTelemetryCallback` (``telemetry.py``): loss scale, skip/rollback counts, fp16 pressure via `Trainer.log`.
 
-Each registers its stage with the run's `StepGuard` (``hf_stability/step/guard.py``), which runs a step's stages in
-code order, passing one `StepRecord`; the callbacks hand it Trainer's step events (``signals.py``: `GuardedStep`).
+Each is a facade over a stage in ``hf_stability/step/``: it owns the stage's settings and checkpoint state, registers
+the stage with the run's `StepGuard` (``step/guard.py``), which runs a step's stages in code order passing one
+`StepRecord`, and hands it Trainer's step events (``guarded.py``: `GuardedStep`).
 Their ``priority`` (``order.py``) only keeps them after `DefaultFlowCallback` and ahead of the reporting callbacks.
 """
 

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from transformers import TrainerState
 
 from hf_stability._compat import SUPPORTED, UpstreamChangedError, foreach_norm, grad_scaler
-from hf_stability._compat import is_logging_step as is_logging_step  # re-exported: its former home
 from hf_stability._logging import get_logger
 from hf_stability.samples import SampleRecord
 from hf_stability.step.guard import StepGuard, StepRecord

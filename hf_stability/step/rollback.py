@@ -57,6 +57,7 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from hf_stability import metric_names as names
+from hf_stability._compat import is_logging_step
 from hf_stability._logging import get_logger
 from hf_stability.deepspeed import DeepSpeedSnapshotStore
 from hf_stability.engines import UnsupportedEngineError, deepspeed_enabled
@@ -71,7 +72,6 @@ from hf_stability.step.channel import (
     distributed,
     global_grad_norm,
     gradients,
-    is_logging_step,
     reduce_across_ranks,
 )
 from hf_stability.step.guard import StepRecord

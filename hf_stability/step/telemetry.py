@@ -12,9 +12,9 @@ import math
 import torch
 
 from hf_stability import metric_names as names
-from hf_stability._compat import foreach_abs, foreach_mul, scaler_scale
+from hf_stability._compat import foreach_abs, foreach_mul, is_logging_step, scaler_scale
 from hf_stability.settings import TelemetrySettings
-from hf_stability.step.channel import active_grad_scaler, is_logging_step, replicated, tensor_norms
+from hf_stability.step.channel import active_grad_scaler, replicated, tensor_norms
 from hf_stability.step.guard import Metric, StageHooks, StepRecord
 
 FP16_MAX = 65504.0
