@@ -386,8 +386,8 @@ def found_inf_supported(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def set_found_inf(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
-    """Have the next ``step()`` skip its update iff ``flag`` (a 0-d bool on device) is True: no host read."""
-    optimizer.found_inf = flag.float().reshape(())  # type: ignore[attr-defined]  # 0-d: shape [1] fails
+    """Have the next ``step()`` skip its update iff ``flag`` (a 0-d fp32 0/1 on device) is 1: no host read."""
+    optimizer.found_inf = flag  # type: ignore[attr-defined]  # 0-d: shape [1] fails
 
 
 def clear_found_inf(optimizer: torch.optim.Optimizer) -> None:

@@ -175,8 +175,9 @@ class SampleRecord:
             if self.keeps_inputs:
                 self._with_inputs.append(step)
         keep_inputs = self.keeps_inputs
-        self._steps[step].append(MicroBatch(indices, None if loss is None else loss.detach(),
-                                            inputs if keep_inputs else None))
+        if loss is not None and loss.requires_grad:
+            loss = loss.detach()
+        self._steps[step].append(MicroBatch(indices, loss, inputs if keep_inputs else None))
 
     @property
     def keeps_inputs(self) -> bool:

@@ -22,7 +22,16 @@ class GuardedStep(StageHooks):
         """Open the run's signals and make ``stage`` (default: this callback) the guard's ``role``."""
         signals = StepSignals.for_model(model).open(state)
         signals.guard.register(role, self if stage is None else stage)
+        self._run_signals = (state, signals)
         return signals
+
+    def _signals(self, state: TrainerState, model: torch.nn.Module) -> StepSignals:
+        """The signals this callback registered with in the run of ``state`` (no registry lookup per event);
+        for a run it did not register in, those of ``model``."""
+        run = getattr(self, "_run_signals", None)
+        if run is not None and run[0] is state:
+            return run[1]
+        return StepSignals.for_model(model)
 
     def log_step_metrics(self, state: TrainerState, logs: dict | None, model: torch.nn.Module | None) -> None:
         """Plain-`Trainer` path of ``on_log``: the guard's metrics into a training log entry, once per entry.
@@ -33,20 +42,20 @@ class GuardedStep(StageHooks):
         """
         if logs is None or "loss" not in logs or model is None:
             return  # not a training-step entry
-        metrics = StepSignals.for_model(model).guard.log_metrics(state.global_step)
+        metrics = self._signals(state, model).guard.log_metrics(state.global_step)
         logs.update(metrics)
         if metrics and state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        signals = StepSignals.for_model(model)
+        signals = self._signals(state, model)
         signals.guard.before_update(signals.record(args, state, control, model, optimizer, lr_scheduler))
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        signals = StepSignals.for_model(model)
+        signals = self._signals(state, model)
         signals.guard.update_applied(signals.record(args, state, control, model, optimizer, lr_scheduler))
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        signals = StepSignals.for_model(model)
+        signals = self._signals(state, model)
         record = signals.record(args, state, control, model, optimizer, lr_scheduler, step=state.global_step)
         signals.guard.after_update(record, control)

@@ -151,6 +151,6 @@ class SkipNonFiniteCallback(GuardedStep, ResumableCallback, CheckpointJudge):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Flush queued steps, then report weights the last update left non-finite."""
-        self._stage.end_run(args, state, control, model, optimizer)
+        self._stage.end_run(args, state, control, model)
         StepSignals.for_model(model).close()
         super().on_train_end(args, state, control, **kwargs)

@@ -119,8 +119,15 @@ class StepSignals:
     # ---- the step's training loss ----------------------------------------------------------------
 
     def add_loss(self, step: int, value: torch.Tensor) -> None:
-        """Add one micro-batch's loss (detached, on device) to ``step``'s."""
-        value = value.detach().float().mean()
+        """Add one micro-batch's loss (detached, on device) to ``step``'s.
+
+        Trainer's ``training_step`` returns a detached 0-d fp32 loss, taken as it is (no op); anything else (the
+        forward hook's loss, a half-precision or per-token loss) is detached and reduced to a 0-d fp32 mean.
+        """
+        if value.requires_grad:
+            value = value.detach()
+        if value.dtype != torch.float32 or value.dim():
+            value = value.float().mean()
         if self._loss_step != step or self._loss_sum is None:
             self._loss_step, self._loss_sum, self._loss_count, self._missing_loss = step, value, 1, False
         else:

@@ -171,10 +171,11 @@ class SpikeStage:
             if norm is None:
                 norm = global_grad_norm(gradients(record.model.parameters()))
                 self._warn_clipped_norm(record.args)
-            if active_grad_scaler(record.optimizer) is not None:
+            if record.skip is False and active_grad_scaler(record.optimizer) is not None:
                 # An fp16 overflow is the grad scaler's business (it skips the update and lowers the scale),
                 # not a spike: flag it on device, to be dropped when the buffer is read. A non-finite loss
-                # too means non-finite weights (or a NaN batch): a spike, as in fp32.
+                # too means non-finite weights (or a NaN batch): a spike, as in fp32. A step the skip stage
+                # decided on device needs no second flag: its own flag is raised by every non-finite norm.
                 loss = record.loss()
                 self._overflow = ~torch.isfinite(norm)
                 if loss is not None:

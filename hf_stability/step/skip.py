@@ -48,11 +48,10 @@ from hf_stability.step.skip_decision import (
     innermost,
     judge_flagged_weights,
     measure_step,
-    update_dropped,
     weights_nonfinite,
 )
 from hf_stability.step.skip_health import SkipHealth
-from hf_stability.step.skip_queue import StepQueue
+from hf_stability.step.skip_queue import GRADIENTS, QueuedStep, StepQueue
 from hf_stability.user_optimizer import hold_step, release_step
 
 
@@ -67,8 +66,10 @@ class SkipStage:
         self.settings = settings
         self.health = SkipHealth(settings.max_consecutive_skips, settings.max_underflow_steps)
         self._queue = StepQueue()
-        self._device_skip: tuple[object, bool] | None = None  # (optimizer, whether it takes ``found_inf``)
-        self._found_inf_set: torch.optim.Optimizer | None = None
+        # (the optimizer Trainer steps, the torch optimizer inside it that takes ``found_inf``, or None)
+        self._device_skip: tuple[object, torch.optim.Optimizer | None] | None = None
+        self._found_inf_set: torch.optim.Optimizer | None = None  # told to skip this step's update on device
+        self._held: object = None  # the optimizer whose ``step`` this step's skip holds (`hold_step`)
         self._parameters: TrainedParameters | None = None  # listed at the first step of each run
 
     @property
@@ -90,24 +91,23 @@ class SkipStage:
             signals.samples.hold("skip", completing_step(state))
         self._queue = StepQueue()
         self._parameters = None
+        self._release()  # a run that raised mid-step may have left its flag or a held step behind
         self.health.begin_run()
 
     def _takes_found_inf(self, optimizer: object) -> torch.optim.Optimizer | None:
         """The torch optimizer when it skips on a ``found_inf`` flag (checked once per optimizer), else None."""
-        inner = innermost(optimizer)
-        if self._device_skip is None or self._device_skip[0] is not inner:
-            self._device_skip = (inner, found_inf_supported(inner))
-        return inner if self._device_skip[1] else None
+        if self._device_skip is None or self._device_skip[0] is not optimizer:
+            inner = innermost(optimizer)
+            self._device_skip = (optimizer, inner if found_inf_supported(inner) else None)
+        return self._device_skip[1]
 
     # ---- the step --------------------------------------------------------------------------------
 
     def before_update(self, step_record: StepRecord) -> None:
         """Decide the step: flags, one all-reduce, the update dropped on device (queued) or on the host (flush)."""
-        args, state, control, model, optimizer = (
-            step_record.args, step_record.state, step_record.control, step_record.model, step_record.optimizer)
+        args, state, model, optimizer = step_record.args, step_record.state, step_record.model, step_record.optimizer
         step = step_record.step
         scaler = active_grad_scaler(optimizer)
-        record = StepSignals.for_model(model)
         if self._parameters is None:
             self._parameters = TrainedParameters(model)
         # The update can be dropped on device: by the grad scaler (fp16), or by a fused optimizer's found_inf flag.
@@ -121,27 +121,39 @@ class SkipStage:
         )
         self._queue.append(entry)
         if queued:
-            if device_skip is not None:
-                set_found_inf(device_skip, update_dropped(entry))
-                self._found_inf_set = device_skip
-            # Until a flush or the rollback's check judges the weights, a flagged step counts as a skipped batch.
-            step_record.decide(update_dropped(entry), "fp16_overflow" if scaler else "nonfinite_gradients")
+            self._drop_on_device(step_record, entry, device_skip, "fp16_overflow" if scaler else "nonfinite_gradients")
             return
-        reason = self._flush(args, state, control, step, record, weights_measured=True)
+        record = StepSignals.for_model(model)
+        reason = self._flush(args, state, step_record.control, step, record, weights_measured=True)
         if reason is not None or record.guard.weights.nonfinite_after(step):
             model.zero_grad(set_to_none=True)  # no update: neither a bad batch's nor one made from NaN weights
             hold_step(optimizer)  # nor a wrapper optimizer's own step logic (a Lookahead's interpolation)
+            self._held = optimizer
         step_record.decide(reason is not None, reason)
 
+    def _drop_on_device(
+        self, step_record: StepRecord, entry: QueuedStep, optimizer: torch.optim.Optimizer | None, reason: str
+    ) -> None:
+        """Leave the step's flags on device: the scaler (already told by `measure_step`) or ``optimizer``'s
+        ``found_inf`` drops the update. Until a flush or the rollback's check judges the weights, a flagged step
+        counts as a skipped batch."""
+        flag = entry.reduced[GRADIENTS]  # 0.0 or 1.0: what a fused optimizer's ``found_inf`` takes
+        if optimizer is not None:
+            set_found_inf(optimizer, flag)
+            self._found_inf_set = optimizer
+        step_record.decide(flag > 0, reason)
+
     def update_applied(self, step_record: StepRecord) -> None:
-        self._release(step_record.optimizer)
+        self._release()
 
     def after_update(self, step_record: StepRecord) -> None:
         """Nothing: the skip's work of a step is done once the update is applied (or dropped)."""
 
-    def _release(self, optimizer: object) -> None:
+    def _release(self) -> None:
         """Take the ``found_inf`` flag and a held ``step`` back: the next step decides anew."""
-        release_step(optimizer)
+        if self._held is not None:
+            release_step(self._held)
+            self._held = None
         if self._found_inf_set is not None:
             clear_found_inf(self._found_inf_set)
             self._found_inf_set = None
@@ -181,10 +193,10 @@ class SkipStage:
         if not restoring:
             self.health.stop_for_weights(args, state, control, state.global_step, state.global_step, record.samples)
 
-    def end_run(self, args, state, control, model: torch.nn.Module, optimizer: object) -> None:
+    def end_run(self, args, state, control, model: torch.nn.Module) -> None:
         """Flush queued steps, then report weights the last update left non-finite."""
         # A step that raised may have left its flag (or a held step) behind.
-        self._release(optimizer)
+        self._release()
         record = StepSignals.for_model(model)
         self._flush(args, state, control, state.global_step, record)
         if not self.health.weights_stop and weights_nonfinite(model, state.global_step):

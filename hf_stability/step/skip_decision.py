@@ -16,6 +16,7 @@ non-finite gradients is then dropped in one of two ways:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import cast
@@ -53,33 +54,42 @@ def unscaled_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[
 
 
 class TrainedParameters:
-    """The model's parameters, listed once per run, and the fused checks the skip runs over them each step.
+    """The model's parameters, listed once per run, and the fused checks the skip runs over them.
 
     Listing them once spares every step a walk of the module tree; the checks are one fused kernel and one
     stack (no per-tensor Python call), which on a model of BART-base's layout (259 tensors) is what keeps the
-    host cost of a step near zero.
+    host cost of a step near zero. :meth:`zero` is a constant kept on the parameters' device, the value of a
+    check a step leaves out (no new tensor per step).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.parameters: list[torch.Tensor] = list(model.parameters())
         devices = {p.device for p in self.parameters}
         self._device = devices.pop() if len(devices) == 1 else None  # None: spread over devices (device_map)
+        self._zeros: dict[torch.device, torch.Tensor] = {}
+
+    def zero(self, device: torch.device) -> torch.Tensor:
+        """A 0-d fp32 zero on ``device``, made once (read only: stacked into the step's value vector)."""
+        zero = self._zeros.get(device)
+        if zero is None:
+            zero = self._zeros[device] = torch.zeros((), device=device)
+        return zero
 
     def _global_norm(self, norms: Sequence[torch.Tensor]) -> torch.Tensor:
         if self._device is None:
             norms = [n.to(norms[0].device) for n in norms]
         return torch.linalg.vector_norm(replicated(torch.stack(list(norms))).float())
 
-    def nonfinite(self) -> torch.Tensor:
-        """A 0-d device bool: some parameter of this rank holds NaN/Inf (one fused norm, no host read)."""
+    def norm(self) -> torch.Tensor:
+        """The 0-d fp32 norm of this rank's weights: non-finite iff some parameter holds NaN/Inf (one fused norm)."""
         if not self.parameters:
-            return torch.zeros((), dtype=torch.bool)
+            return torch.zeros(())
         with torch.no_grad():
-            return ~torch.isfinite(self._global_norm(foreach_norm(self.parameters)))
+            return self._global_norm(foreach_norm(self.parameters))
 
     def verdict(self) -> tuple[bool, bool]:
         """``(this rank's weights non-finite, any rank's)``: one fused norm, one all-reduce, one host read."""
-        local = self.nonfinite().float().reshape(1)
+        local = (~torch.isfinite(self.norm())).float().reshape(1)
         here, anywhere = torch.cat([local, reduce_across_ranks(local, "max")]).tolist()
         return here > 0, anywhere > 0
 
@@ -129,8 +139,11 @@ def measure_step(
 ) -> QueuedStep:
     """The step's flags, local and all-reduced, with its event values, all on device.
 
-    ``judge_weights``: also check the weights the step started from (one fused norm), on a step whose flags are
-    read at once anyway (a flush); ordinary steps leave that flag 0 (`judge_flagged_weights`).
+    The flags are the non-finite places of one value vector, in `Flags` order: the gradient norm, the loss, and
+    the norm of the weights the step started from. ``judge_weights``: measure that third value (one fused norm)
+    on a step whose flags are read at once anyway (a flush); ordinary steps leave a constant zero there
+    (`judge_flagged_weights` judges the weights of a flagged step). A step so costs three small ops (stack,
+    subtract, compare) and one all-reduce: no parameter walk, no per-tensor Python call.
 
     ``grad_norm`` is Trainer's pre-clip norm of the (unscaled) gradients when the trainer shares it
     (`StabilityTrainer`): it is non-finite exactly when a gradient is, so it is not computed again. ``None``
@@ -145,17 +158,18 @@ def measure_step(
     if grad_norm is None:
         grad_norm = parameters.grad_norm()
     grad_norm = replicated(grad_norm)
-    grads_bad = ~torch.isfinite(grad_norm)
-    if found_inf is not None:
-        grads_bad = grads_bad | (torch.stack([f.float().sum() for f in found_inf]).sum() > 0).to(grads_bad.device)
-    device = grads_bad.device
-    no_flag = torch.zeros((), dtype=torch.bool, device=device)
-    loss_bad = ~torch.isfinite(loss).to(device) if loss is not None else no_flag
-    # The weights this step's forward used are not judged here: after an update that blew them up, every later
-    # loss and gradient is non-finite, so the flags above see it, and a flush judges the weights of flagged
-    # steps once (`judge_flagged_weights`).
-    params_bad = parameters.nonfinite().to(device) if judge_weights else no_flag
-    local = torch.stack([grads_bad, loss_bad, params_bad]).float()
+    device = grad_norm.device
+    gradient_value = _scalar(grad_norm, device)
+    if found_inf:  # the scaler's overflow raises the gradient flag too
+        overflow = found_inf[0] if len(found_inf) == 1 else torch.stack([f.to(device) for f in found_inf]).sum()
+        gradient_value = torch.where(_scalar(overflow, device) > 0, math.inf, gradient_value)
+    zero = parameters.zero(device)
+    values = torch.stack([
+        gradient_value,
+        zero if loss is None else _scalar(loss, device),
+        _scalar(parameters.norm(), device) if judge_weights else zero,
+    ])
+    local = values.sub(values).ne_(0)  # x - x is 0 for a finite x, NaN for NaN/Inf: 1.0 where non-finite
     reduced = reduce_across_ranks(local, "max")
     for flag in found_inf or ():
         flag.copy_(reduced[GRADIENTS])
@@ -163,10 +177,19 @@ def measure_step(
         step=step,
         local=local,
         reduced=reduced,
-        grad_norm=grad_norm.float().reshape(()).to(device),
-        loss=None if loss is None else loss.float().reshape(()).to(device),
+        grad_norm=grad_norm,
+        loss=loss,
         loss_scale=None if scaler is None else _scale_copy(scaler, device),
     )
+
+
+def _scalar(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``value`` as a 0-d fp32 tensor on ``device``, with no op where it already is one (the usual case)."""
+    if value.dtype != torch.float32:
+        value = value.float()
+    if value.dim():
+        value = value.reshape(())
+    return value if value.device == device else value.to(device)
 
 
 def _scale_copy(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
@@ -175,16 +198,6 @@ def _scale_copy(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Ten
     if scale is None:
         return torch.full((), float(scaler.get_scale()), device=device)
     return scale.float().reshape(()).to(device, copy=True)
-
-
-def update_dropped(entry: QueuedStep) -> torch.Tensor:
-    """0-d device bool: the update of ``entry``'s step must not happen (non-finite gradients, non-finite weights
-    included: they make every gradient non-finite).
-
-    Until a flush judges the weights, the step also counts as a skipped batch on device (the flag spike rollback
-    reads); the flush or the rollback's own check turns it into a non-finite-weights step when the weights are.
-    """
-    return entry.reduced[GRADIENTS] > 0
 
 
 def judge_flagged_weights(
