@@ -171,25 +171,29 @@ def host_reads_per_step(config, regime, steps, logging_steps, tokenizer, dataset
 
 class OrdinaryStepClock(TrainerCallback):
     """Wall time of each ordinary step (``step % 10 != 0``, not the last), ``on_step_begin`` to ``on_step_end``,
-    and the part of it spent inside hf-stability code (``inside``: callback hooks and the trainer's taps).
+    and the part of it spent inside hf-stability code (``inside``: callback hooks, the trainer's taps and the sample
+    recording).
 
     Steps that log, save, judge buffered spike values or flush the skip queue are multiples of 10 here.
     """
 
-    def __init__(self, inside: Stopwatch) -> None:
+    def __init__(self, *inside: Stopwatch) -> None:
         self.inside = inside
         self.milliseconds: list[float] = []
         self.inside_milliseconds: list[float] = []
         self._start = self._inside_start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start, self._inside_start = time.perf_counter(), self.inside.seconds
+        self._start, self._inside_start = time.perf_counter(), self._inside_seconds()
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if step > WARMUP_STEPS // 2 and step % 10 and step < state.max_steps:
             self.milliseconds.append((time.perf_counter() - self._start) * 1000)
-            self.inside_milliseconds.append((self.inside.seconds - self._inside_start) * 1000)
+            self.inside_milliseconds.append((self._inside_seconds() - self._inside_start) * 1000)
+
+    def _inside_seconds(self) -> float:
+        return sum(stopwatch.seconds for stopwatch in self.inside)
 
 
 BART_CONFIGS = (("Trainer", Trainer), ("StabilityTrainer, defaults", StabilityTrainer))
@@ -210,10 +214,10 @@ def bart_layout_run(trainer_class: type[Trainer], regime: str, steps: int, datas
         trainer = trainer_class(bart_layout_model(), args, train_dataset=dataset)
         if regime == "fp16":
             emulate_fp16_scaler(trainer, init_scale=2.0**8)
-        stopwatch = StabilityClock()
-        clock = OrdinaryStepClock(stopwatch)
+        stability, recording = StabilityClock(), RecordingClock()
+        clock = OrdinaryStepClock(stability, recording)
         trainer.add_callback(clock)
-        with stopwatch.watching(trainer), contextlib.redirect_stdout(sys.stderr):
+        with stability.watching(trainer), recording.watching(), contextlib.redirect_stdout(sys.stderr):
             trainer.train()
     return clock
 
