@@ -169,15 +169,16 @@ class SampleRecord:
 
     def add(self, step: int, indices: torch.Tensor, loss: torch.Tensor | None, inputs: Mapping[str, Any]) -> None:
         """Record one micro-batch of ``step`` (no host read)."""
-        if step not in self._steps:
-            self._steps[step] = []
-            self._prune(step)
-            if self.keeps_inputs:
-                self._with_inputs.append(step)
         keep_inputs = self.keeps_inputs
+        micro_batches = self._steps.get(step)
+        if micro_batches is None:
+            micro_batches = self._steps[step] = []
+            self._prune(step)
+            if keep_inputs:
+                self._with_inputs.append(step)
         if loss is not None and loss.requires_grad:
             loss = loss.detach()
-        self._steps[step].append(MicroBatch(indices, loss, inputs if keep_inputs else None))
+        micro_batches.append(MicroBatch(indices, loss, inputs if keep_inputs else None))
 
     @property
     def keeps_inputs(self) -> bool:

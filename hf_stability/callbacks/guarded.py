@@ -22,15 +22,21 @@ class GuardedStep(StageHooks):
         """Open the run's signals and make ``stage`` (default: this callback) the guard's ``role``."""
         signals = StepSignals.for_model(model).open(state)
         signals.guard.register(role, self if stage is None else stage)
-        self._run_signals = (state, signals)
+        self._run = (state, signals, signals.guard.claim(self))
         return signals
 
     def _signals(self, state: TrainerState, model: torch.nn.Module) -> StepSignals:
         """The signals this callback registered with in the run of ``state`` (no registry lookup per event);
         for a run it did not register in, those of ``model``."""
-        run = getattr(self, "_run_signals", None)
+        run = getattr(self, "_run", None)
+        return run[1] if run is not None and run[0] is state else StepSignals.for_model(model)
+
+    def _driven(self, state: TrainerState, model: torch.nn.Module) -> StepSignals | None:
+        """The signals whose guard this callback hands the step events to; ``None`` where the run's first registered
+        callback does (`StepGuard.claim`), which has received the event already."""
+        run = getattr(self, "_run", None)
         if run is not None and run[0] is state:
-            return run[1]
+            return run[1] if run[2] else None
         return StepSignals.for_model(model)
 
     def log_step_metrics(self, state: TrainerState, logs: dict | None, model: torch.nn.Module | None) -> None:
@@ -48,14 +54,17 @@ class GuardedStep(StageHooks):
             state.log_history[-1].update(metrics)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        signals = self._signals(state, model)
-        signals.guard.before_update(signals.record(args, state, control, model, optimizer, lr_scheduler))
+        signals = self._driven(state, model)
+        if signals is not None:
+            signals.guard.before_update(signals.record(args, state, control, model, optimizer, lr_scheduler))
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        signals = self._signals(state, model)
-        signals.guard.update_applied(signals.record(args, state, control, model, optimizer, lr_scheduler))
+        signals = self._driven(state, model)
+        if signals is not None:
+            signals.guard.update_applied(signals.record(args, state, control, model, optimizer, lr_scheduler))
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        signals = self._signals(state, model)
-        record = signals.record(args, state, control, model, optimizer, lr_scheduler, step=state.global_step)
-        signals.guard.after_update(record, control)
+        signals = self._driven(state, model)
+        if signals is not None:
+            record = signals.record(args, state, control, model, optimizer, lr_scheduler, step=state.global_step)
+            signals.guard.after_update(record, control)

@@ -101,8 +101,8 @@ class AdaptiveClipStage(StageHooks):
             self._warn_clipped_norm(record.args)
         raw = norm if pre_clip is None else pre_clip.detach().float().reshape(()).to(device)
         healthy = torch.isfinite(raw) & torch.isfinite(norm)
-        if isinstance(skipped, torch.Tensor):  # fp16 decision still on device
-            healthy = healthy & ~skipped.to(device)
+        if isinstance(skipped, torch.Tensor):  # a decision still on device (nonzero: the update is dropped)
+            healthy = healthy & (skipped.to(device) == 0)
         bound = self.bound(self.stats)
         active = healthy & (healthy_steps >= warmup)
         clip = active & (norm > bound)

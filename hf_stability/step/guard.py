@@ -42,7 +42,8 @@ class StepRecord:
     """What one optimizer step carries from stage to stage.
 
     ``skip`` is the skip decision: ``False`` (update goes ahead), ``True`` (decided on the host: every gradient
-    is ``None``), or a 0-d bool device tensor (decided on device, read with the queue at the next flush);
+    is ``None``), or a 0-d device tensor, nonzero where the update is dropped (decided on device, read with the
+    queue at the next flush);
     ``reason`` names it. The loss and the pre-clip norm are asked for once, when a stage first needs them.
     """
 
@@ -111,13 +112,27 @@ class StepGuard:
     def __init__(self, inputs: StepInputs | None = None) -> None:
         self.inputs = inputs
         self.stages: dict[str, Stage] = {}
+        self._roles: tuple[Stage | None, ...] = (None,) * len(ROLES)  # the stages in `ROLES` order
         self.record: StepRecord | None = None  # the step being taken (or the last one taken)
         self._done: dict[str, int] = {}  # event -> the step it last ran for
         self.weights = WeightsLedger()  # the run's verdicts on its weights, shared by the skip and spike stages
+        self.driver: object = None  # the callback that hands the guard Trainer's step events (`claim`)
 
     def reset(self) -> None:
-        """A new run: no stage, no step, no verdict."""
-        self.stages, self.record, self._done, self.weights = {}, None, {}, WeightsLedger()
+        """A new run: no stage, no step, no verdict, no driver."""
+        self.stages, self.record, self._done, self.weights, self.driver = {}, None, {}, WeightsLedger(), None
+        self._roles = (None,) * len(ROLES)
+
+    def claim(self, callback: object) -> bool:
+        """Whether ``callback`` hands this run's step events to the guard: the first callback to register does.
+
+        It registered first in ``on_train_begin``, so it is the first of the registered callbacks to receive every
+        event: the others need not call at all (one call per event instead of one per callback). One that calls
+        anyway finds the event done for the step.
+        """
+        if self.driver is None:
+            self.driver = callback
+        return self.driver is callback
 
     def restores_weights(self) -> bool:
         """Whether the run's spike stage can answer non-finite weights by restoring a trusted snapshot now."""
@@ -129,6 +144,7 @@ class StepGuard:
         if role not in ROLES:
             raise ValueError(f"`role`: one of {ROLES}, got {role!r}")
         self.stages[role] = stage
+        self._roles = tuple(self.stages.get(name) for name in ROLES)
 
     def _first(self, event: str, step: int) -> bool:
         """Whether ``event`` has not run for ``step`` yet (and mark it run)."""
@@ -144,7 +160,7 @@ class StepGuard:
         if not self._first("before_update", record.step):
             return
         self.record = record
-        skip, clip, spike, telemetry = (self.stages.get(role) for role in ROLES)
+        skip, clip, spike, telemetry = self._roles
         if skip is not None:
             skip.before_update(record)  # flags (gradients, loss, weights on flush steps), one all-reduce, drop
         if clip is not None:
@@ -159,7 +175,7 @@ class StepGuard:
         if not self._first("update_applied", record.step):
             return
         self.record = record
-        skip, spike = self.stages.get("skip"), self.stages.get("spike")
+        skip, _, spike, _ = self._roles
         if skip is not None:
             skip.update_applied(record)  # found_inf and a held step taken back; an engine's own skip recorded
         if spike is not None:
@@ -170,7 +186,7 @@ class StepGuard:
         if not self._first("after_update", record.step):
             return
         self.record, record.control = record, control
-        spike = self.stages.get("spike")
+        spike = self._roles[2]
         if spike is not None:
             spike.after_update(record)  # on check steps: one read, then rollback, or a snapshot on snapshot steps
 
@@ -200,9 +216,11 @@ class StepGuard:
         return self.metrics() if self._first("log", step) else {}
 
     def skip_flag(self, step: int) -> torch.Tensor | bool:
-        """Whether ``step`` is skipped: a host bool, or the pending device flag (no host read)."""
+        """Whether ``step`` is skipped: a host bool, or the pending 0-d bool device flag (no host read)."""
         record = self.record
-        return record.skip if record is not None and record.step == step else False
+        if record is None or record.step != step:
+            return False
+        return record.skip != 0 if isinstance(record.skip, torch.Tensor) else record.skip
 
 
 def read_metrics(offered: Mapping[str, Metric]) -> dict[str, float | int]:

@@ -205,7 +205,7 @@ class SpikeStage:
         left_out = None  # device flags, read with the value at the next check
         for flag in (skipped, self._overflow):
             if isinstance(flag, torch.Tensor):
-                left_out = flag if left_out is None else left_out | flag.to(left_out.device)
+                left_out = flag if left_out is None else left_out.logical_or(flag.to(left_out.device))
         self._pending.append((step, value, left_out))
         self._grad_norm = self._overflow = None
 

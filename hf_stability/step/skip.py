@@ -66,8 +66,8 @@ class SkipStage:
         self.settings = settings
         self.health = SkipHealth(settings.max_consecutive_skips, settings.max_underflow_steps)
         self._queue = StepQueue()
-        # (the optimizer Trainer steps, the torch optimizer inside it that takes ``found_inf``, or None)
-        self._device_skip: tuple[object, torch.optim.Optimizer | None] | None = None
+        # (the optimizer Trainer steps, the user's optimizer inside it, whether that one takes ``found_inf``)
+        self._optimizers: tuple[object, torch.optim.Optimizer, bool] | None = None
         self._found_inf_set: torch.optim.Optimizer | None = None  # told to skip this step's update on device
         self._held: object = None  # the optimizer whose ``step`` this step's skip holds (`hold_step`)
         self._parameters: TrainedParameters | None = None  # listed at the first step of each run
@@ -94,12 +94,13 @@ class SkipStage:
         self._release()  # a run that raised mid-step may have left its flag or a held step behind
         self.health.begin_run()
 
-    def _takes_found_inf(self, optimizer: object) -> torch.optim.Optimizer | None:
-        """The torch optimizer when it skips on a ``found_inf`` flag (checked once per optimizer), else None."""
-        if self._device_skip is None or self._device_skip[0] is not optimizer:
+    def _user_optimizer(self, optimizer: object) -> tuple[torch.optim.Optimizer, bool]:
+        """The user's optimizer inside ``optimizer`` and whether it skips on a ``found_inf`` flag (looked up once
+        per optimizer Trainer steps)."""
+        if self._optimizers is None or self._optimizers[0] is not optimizer:
             inner = innermost(optimizer)
-            self._device_skip = (optimizer, inner if found_inf_supported(inner) else None)
-        return self._device_skip[1]
+            self._optimizers = (optimizer, inner, found_inf_supported(inner))
+        return self._optimizers[1], self._optimizers[2]
 
     # ---- the step --------------------------------------------------------------------------------
 
@@ -111,13 +112,14 @@ class SkipStage:
         if self._parameters is None:
             self._parameters = TrainedParameters(model)
         # The update can be dropped on device: by the grad scaler (fp16), or by a fused optimizer's found_inf flag.
-        device_skip = None if scaler is not None else self._takes_found_inf(optimizer)
+        user_optimizer, takes_found_inf = self._user_optimizer(optimizer)
+        device_skip = user_optimizer if scaler is None and takes_found_inf else None
         queued = (scaler is not None or device_skip is not None) and not self._queue.due(
             args, state, step, self.max_consecutive_skips, adding=1
         )
         # A flush step reads its flags at once: the weights it started from are judged in the same read.
         entry = measure_step(
-            step, self._parameters, step_record.loss(), step_record.pre_clip_norm(), scaler, optimizer, not queued
+            step, self._parameters, step_record.loss(), step_record.pre_clip_norm(), scaler, user_optimizer, not queued
         )
         self._queue.append(entry)
         if queued:
@@ -141,7 +143,7 @@ class SkipStage:
         if optimizer is not None:
             set_found_inf(optimizer, flag)
             self._found_inf_set = optimizer
-        step_record.decide(flag > 0, reason)
+        step_record.decide(flag, reason)
 
     def update_applied(self, step_record: StepRecord) -> None:
         self._release()

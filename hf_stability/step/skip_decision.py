@@ -16,7 +16,6 @@ non-finite gradients is then dropped in one of two ways:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import cast
@@ -39,17 +38,17 @@ def innermost(optimizer: object) -> torch.optim.Optimizer:
     return cast(torch.optim.Optimizer, unwrap_optimizer(optimizer))
 
 
-def unscaled_found_inf(scaler: torch.amp.GradScaler, optimizer: object) -> list[torch.Tensor]:
-    """The scaler's per-device found-inf tensors for this step, unscaling first if Trainer has not.
+def unscaled_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The scaler's per-device found-inf tensors of ``optimizer`` (the user's: `innermost`) for this step,
+    unscaling first if Trainer has not.
 
     Trainer unscales through ``accelerator.clip_grad_norm_`` before ``on_pre_optimizer_step`` even
     with ``max_grad_norm=0``; the explicit ``unscale_`` only covers custom training loops.
     """
-    inner = innermost(optimizer)
-    found = found_inf_per_device(scaler, inner)
+    found = found_inf_per_device(scaler, optimizer)
     if not found:
-        scaler.unscale_(inner)
-        found = found_inf_per_device(scaler, inner)
+        scaler.unscale_(optimizer)
+        found = found_inf_per_device(scaler, optimizer)
     return list(found.values())
 
 
@@ -134,7 +133,7 @@ def measure_step(
     loss: torch.Tensor | None,
     grad_norm: torch.Tensor | None,
     scaler: torch.amp.GradScaler | None,
-    optimizer: object,
+    optimizer: torch.optim.Optimizer | None,
     judge_weights: bool = False,
 ) -> QueuedStep:
     """The step's flags, local and all-reduced, with its event values, all on device.
@@ -145,6 +144,7 @@ def measure_step(
     (`judge_flagged_weights` judges the weights of a flagged step). A step so costs three small ops (stack,
     subtract, compare) and one all-reduce: no parameter walk, no per-tensor Python call.
 
+    ``optimizer`` is the user's optimizer (`innermost`), whose found-inf flags ``scaler`` keeps.
     ``grad_norm`` is Trainer's pre-clip norm of the (unscaled) gradients when the trainer shares it
     (`StabilityTrainer`): it is non-finite exactly when a gradient is, so it is not computed again. ``None``
     (a plain `Trainer`) computes it here.
@@ -154,22 +154,21 @@ def measure_step(
     the unscaled ones are NaN with the flag clear. In fp16 the reduced flag is written back into the scaler, so
     every rank skips and lowers its scale alike.
     """
-    found_inf = unscaled_found_inf(scaler, optimizer) if scaler is not None else None
+    found_inf = unscaled_found_inf(scaler, optimizer) if scaler is not None and optimizer is not None else None
     if grad_norm is None:
         grad_norm = parameters.grad_norm()
     grad_norm = replicated(grad_norm)
     device = grad_norm.device
-    gradient_value = _scalar(grad_norm, device)
-    if found_inf:  # the scaler's overflow raises the gradient flag too
-        overflow = found_inf[0] if len(found_inf) == 1 else torch.stack([f.to(device) for f in found_inf]).sum()
-        gradient_value = torch.where(_scalar(overflow, device) > 0, math.inf, gradient_value)
     zero = parameters.zero(device)
     values = torch.stack([
-        gradient_value,
+        _scalar(grad_norm, device),
         zero if loss is None else _scalar(loss, device),
         _scalar(parameters.norm(), device) if judge_weights else zero,
     ])
     local = values.sub(values).ne_(0)  # x - x is 0 for a finite x, NaN for NaN/Inf: 1.0 where non-finite
+    if found_inf:  # the scaler's overflow raises the gradient flag too
+        overflow = found_inf[0] if len(found_inf) == 1 else torch.stack([f.to(device) for f in found_inf]).amax(0)
+        local.narrow(0, GRADIENTS, 1).clamp_(min=overflow if overflow.device == device else overflow.to(device))
     reduced = reduce_across_ranks(local, "max")
     for flag in found_inf or ():
         flag.copy_(reduced[GRADIENTS])
@@ -193,11 +192,9 @@ def _scalar(value: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _scale_copy(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
-    """The loss scale now, as a 0-d fp32 copy: the scaler updates its scale tensor in place after the step."""
+    """The loss scale now, as a device copy: the scaler updates its scale tensor in place after the step."""
     scale = scaler_scale(scaler)
-    if scale is None:
-        return torch.full((), float(scaler.get_scale()), device=device)
-    return scale.float().reshape(()).to(device, copy=True)
+    return scale.clone() if scale.device == device else scale.to(device, copy=True)
 
 
 def judge_flagged_weights(
