@@ -3,9 +3,10 @@
 Trainer announces an optimizer step to every callback three times (``on_pre_optimizer_step``,
 ``on_optimizer_step``, ``on_step_end``). The stability callbacks do not act on those events themselves: each
 registers its stage (skip, clip, spike, telemetry) with the one guard of the model's run
-(``StepSignals.for_model(model).guard``) and, on each event, hands the event to the guard. The first callback
-to do so runs every stage of that event; the others find the event done for this step. Where a callback sits
-in the callback list therefore changes nothing, and the order of the stages is the order of the lines below.
+(``StepSignals.for_model(model).guard``); on each event the callback that registered first (:meth:`StepGuard.claim`),
+which is the first of them to receive every event, hands it to the guard, which runs every stage of that event.
+The others return at once (one that calls anyway finds the event done for this step). Where a callback sits in
+the callback list therefore changes nothing, and the order of the stages is the order of the lines below.
 
 The stages are plain objects in ``hf_stability.step`` (skip, clip, spike, telemetry, DeepSpeed's skip report); a
 public callback owns its stage and exports its state with checkpoints.

@@ -66,6 +66,7 @@ class TrainedParameters:
         devices = {p.device for p in self.parameters}
         self._device = devices.pop() if len(devices) == 1 else None  # None: spread over devices (device_map)
         self._zeros: dict[torch.device, torch.Tensor] = {}
+        self._covered: tuple[object, bool] | None = None  # (an optimizer, whether these hold all it steps)
 
     def zero(self, device: torch.device) -> torch.Tensor:
         """A 0-d fp32 zero on ``device``, made once (read only: stacked into the step's value vector)."""
@@ -73,6 +74,17 @@ class TrainedParameters:
         if zero is None:
             zero = self._zeros[device] = torch.zeros((), device=device)
         return zero
+
+    def cover(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether every parameter ``optimizer`` steps is one of these (checked once per optimizer).
+
+        Then a norm of these gradients is non-finite whenever a grad scaler finds an overflow in the optimizer's.
+        """
+        if self._covered is None or self._covered[0] is not optimizer:
+            listed = {id(p) for p in self.parameters}
+            stepped = (p for group in optimizer.param_groups for p in group["params"])
+            self._covered = (optimizer, all(id(p) in listed for p in stepped))
+        return self._covered[1]
 
     def _global_norm(self, norms: Sequence[torch.Tensor]) -> torch.Tensor:
         if self._device is None:
@@ -166,7 +178,9 @@ def measure_step(
         _scalar(parameters.norm(), device) if judge_weights else zero,
     ])
     local = values.sub(values).ne_(0)  # x - x is 0 for a finite x, NaN for NaN/Inf: 1.0 where non-finite
-    if found_inf:  # the scaler's overflow raises the gradient flag too
+    # The scaler's overflow raises the gradient flag too. Unscaling keeps an Inf/NaN, so the norm of the gradients
+    # already sees it when it covers every parameter the optimizer steps (the usual case: no op added).
+    if found_inf and optimizer is not None and not parameters.cover(optimizer):
         overflow = found_inf[0] if len(found_inf) == 1 else torch.stack([f.to(device) for f in found_inf]).amax(0)
         local.narrow(0, GRADIENTS, 1).clamp_(min=overflow if overflow.device == device else overflow.to(device))
     reduced = reduce_across_ranks(local, "max")

@@ -52,21 +52,32 @@ def test_a_missing_loss_raises_no_flag_and_a_missing_norm_is_measured():
     assert math.isnan(entry.grad_norm.item())
 
 
-def test_an_fp16_overflow_raises_the_gradient_flag_and_the_reduced_flag_goes_back_to_the_scaler():
-    # A scaler that found an overflow while the unscaled norm is finite (the norm was measured before): the
-    # gradient flag is raised; a subnormal scale's NaN gradients with the scaler's flag clear raise it too.
+@pytest.mark.parametrize("optimizer_outside_model", [False, True], ids=["model-optimizer", "extra-parameter"])
+def test_an_fp16_overflow_raises_the_gradient_flag_and_the_reduced_flag_goes_back_to_the_scaler(
+    optimizer_outside_model,
+):
+    # Trainer's norm is measured over the model's (unscaled) gradients, which keep the scaler's Inf: it raises the
+    # flag. An optimizer that also steps a tensor outside the model can overflow where that norm stays finite:
+    # the scaler's own flag raises it then. A subnormal scale's NaN gradients with the scaler's flag clear raise
+    # it either way, and the reduced flag goes back into the scaler.
     model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
+    extra = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([*model.parameters(), *([extra] if optimizer_outside_model else [])])
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
-    for overflow, grad_norm, expected in [(True, 1.5, 1.0), (False, math.nan, 1.0), (False, 1.5, 0.0)]:
+    parameters = TrainedParameters(model)
+    cases = [("overflow", math.inf, 1.0), ("nan", math.nan, 1.0), ("healthy", 1.5, 0.0)]
+    if optimizer_outside_model:
+        cases.append(("overflow outside the model", 1.5, 1.0))
+    for case, grad_norm, expected in cases:
         optimizer.zero_grad()
-        scaler.scale(model(torch.ones(1, 2)).sum()).backward()
-        if overflow:
+        scaler.scale(model(torch.ones(1, 2)).sum() + extra.sum()).backward()
+        if case == "overflow":
             model.weight.grad[0, 0] = math.inf
-        entry = measure_step(1, TrainedParameters(model), torch.tensor(2.0), torch.tensor(grad_norm), scaler, optimizer)
-        assert entry.local[GRADIENTS].item() == expected and entry.local[PARAMETERS].item() == 0.0
+        elif case == "overflow outside the model":
+            extra.grad[0] = math.inf
+        entry = measure_step(1, parameters, torch.tensor(2.0), torch.tensor(grad_norm), scaler, optimizer)
+        assert entry.local[GRADIENTS].item() == expected and entry.local[PARAMETERS].item() == 0.0, case
         found_inf = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-        assert [flag.item() for flag in found_inf.values()] == [expected]
+        assert [flag.item() for flag in found_inf.values()] == [expected], case
         assert entry.loss_scale is not None and entry.loss_scale.item() == 2.0**4
-        scaler.update()
         scaler.update(2.0**4)
