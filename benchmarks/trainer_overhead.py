@@ -16,10 +16,12 @@ Run: ``python benchmarks/trainer_overhead.py [--steps 300 --repeats 3 --logging-
 
 ``--model bart-layout`` measures instead the host cost per ordinary step on a model with BART-base's layout
 (259 parameter tensors, tiny widths, so that what is measured is Python and op dispatch, the host time that
-adds to a GPU step): plain `Trainer` against `StabilityTrainer` with its defaults, fused AdamW, runs alternated
-in one process, the median wall time of the ordinary steps (no logging, save, check, flush or last step:
-``step % 10 != 0``) from ``on_step_begin`` to ``on_step_end``, over all repeats. Run:
-``python benchmarks/trainer_overhead.py --model bart-layout [--steps 60 --repeats 6]``.
+adds to a GPU step): plain `Trainer` against `StabilityTrainer` with its defaults, fused AdamW, the two trained
+in one process by two threads that take turns step by step (`Lockstep`), so that both see the same machine;
+the wall time of the ordinary steps (no logging, save, check, flush or last step: ``step % 10 != 0``) from
+``on_step_begin`` to ``on_step_end``, the added time as the median difference between the two trainers' same
+steps, over all repeats. Run:
+``python benchmarks/trainer_overhead.py --model bart-layout [--steps 200 --repeats 3]``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,21 +172,58 @@ def host_reads_per_step(config, regime, steps, logging_steps, tokenizer, dataset
     return sum(counts.values()) / steps
 
 
+class Lockstep:
+    """Two training threads that take turns, one optimizer step each, so that both trainers' steps interleave.
+
+    Alternated runs leave the two trainers minutes apart, and this shared machine's speed drifts between runs by
+    more than the overhead measured; steps taken in turn see the same machine. A thread hands the turn over when it
+    reaches its next step (its logging, saving and data loading done), so no two steps ever overlap.
+    """
+
+    def __init__(self) -> None:
+        self._turn = 0
+        self._finished: set[int] = set()
+        self._condition = threading.Condition()
+
+    def take_turn(self, party: int) -> None:
+        with self._condition:
+            if not self._condition.wait_for(lambda: self._turn == party or 1 - party in self._finished, timeout=600):
+                raise TimeoutError("the other training thread stopped taking turns")
+
+    def pass_turn(self, party: int) -> None:
+        with self._condition:
+            self._turn = 1 - party
+            self._condition.notify_all()
+
+    def finish(self, party: int) -> None:
+        with self._condition:
+            self._finished.add(party)
+            self._turn = 1 - party
+            self._condition.notify_all()
+
+
 class OrdinaryStepClock(TrainerCallback):
     """Wall time of each ordinary step (``step % 10 != 0``, not the last), ``on_step_begin`` to ``on_step_end``,
     and the part of it spent inside hf-stability code (``inside``: callback hooks, the trainer's taps and the sample
-    recording).
+    recording). With a `Lockstep`, each step waits for its turn before it is timed.
 
     Steps that log, save, judge buffered spike values or flush the skip queue are multiples of 10 here.
     """
 
-    def __init__(self, *inside: Stopwatch) -> None:
+    def __init__(self, *inside: Stopwatch, lockstep: Lockstep | None = None, party: int = 0) -> None:
         self.inside = inside
+        self.lockstep, self.party = lockstep, party
         self.milliseconds: list[float] = []
         self.inside_milliseconds: list[float] = []
         self._start = self._inside_start = 0.0
+        self._stepped = False
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self.lockstep is not None:
+            if self._stepped:
+                self.lockstep.pass_turn(self.party)
+            self.lockstep.take_turn(self.party)
+            self._stepped = True
         self._start, self._inside_start = time.perf_counter(), self._inside_seconds()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -199,27 +239,57 @@ class OrdinaryStepClock(TrainerCallback):
 BART_CONFIGS = (("Trainer", Trainer), ("StabilityTrainer, defaults", StabilityTrainer))
 
 
-def bart_layout_run(trainer_class: type[Trainer], regime: str, steps: int, dataset) -> OrdinaryStepClock:
-    """The ordinary steps of one run on the BART-base layout, timed."""
-    with tempfile.TemporaryDirectory() as output_dir:
-        args = training_args(
-            output_dir,
-            max_steps=steps,
-            per_device_train_batch_size=2,
-            logging_steps=50,
-            optim="adamw_torch_fused",
-            bf16=regime == "bf16",
-            fp16=regime == "fp16",
-        )
-        trainer = trainer_class(bart_layout_model(), args, train_dataset=dataset)
-        if regime == "fp16":
-            emulate_fp16_scaler(trainer, init_scale=2.0**8)
-        stability, recording = StabilityClock(), RecordingClock()
-        clock = OrdinaryStepClock(stability, recording)
-        trainer.add_callback(clock)
-        with stability.watching(trainer), recording.watching(), contextlib.redirect_stdout(sys.stderr):
-            trainer.train()
-    return clock
+def bart_layout_trainer(trainer_class: type[Trainer], regime: str, steps: int, dataset, output_dir: str) -> Trainer:
+    args = training_args(
+        output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        logging_steps=50,
+        optim="adamw_torch_fused",
+        bf16=regime == "bf16",
+        fp16=regime == "fp16",
+    )
+    trainer = trainer_class(bart_layout_model(), args, train_dataset=dataset)
+    if regime == "fp16":
+        emulate_fp16_scaler(trainer, init_scale=2.0**8)
+    return trainer
+
+
+def bart_layout_lockstep(regime: str, steps: int, dataset, first: int) -> list[OrdinaryStepClock]:
+    """One run of each trainer (`BART_CONFIGS`), in two threads taking turns step by step; ``first`` starts."""
+    lockstep = Lockstep()
+    lockstep._turn = first
+    stability, recording = StabilityClock(), RecordingClock()
+    clocks, errors = [], []
+    with tempfile.TemporaryDirectory() as output_dir, contextlib.ExitStack() as stack:
+        trainers = [
+            bart_layout_trainer(trainer_class, regime, steps, dataset, f"{output_dir}/{party}")
+            for party, (_, trainer_class) in enumerate(BART_CONFIGS)
+        ]
+        for party, trainer in enumerate(trainers):
+            clocks.append(OrdinaryStepClock(stability, recording, lockstep=lockstep, party=party))
+            trainer.add_callback(clocks[-1])
+            if isinstance(trainer, StabilityTrainer):
+                stack.enter_context(stability.watching(trainer))
+        stack.enter_context(recording.watching())
+        stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+
+        def train(party: int) -> None:
+            try:
+                trainers[party].train()
+            except BaseException as error:  # reported by the main thread
+                errors.append(error)
+            finally:
+                lockstep.finish(party)
+
+        threads = [threading.Thread(target=train, args=(party,)) for party in range(len(trainers))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    return clocks
 
 
 def bart_layout_table(options: argparse.Namespace) -> None:
@@ -227,26 +297,30 @@ def bart_layout_table(options: argparse.Namespace) -> None:
     rows = []
     for regime in options.regimes:
         times: dict[str, list[float]] = {label: [] for label, _ in BART_CONFIGS}
+        added: list[float] = []
         inside: list[float] = []
         for repeat in range(options.repeats):
-            for label, trainer_class in BART_CONFIGS if repeat % 2 == 0 else BART_CONFIGS[::-1]:
-                clock = bart_layout_run(trainer_class, regime, options.steps, dataset)
-                times[label] += clock.milliseconds
-                if trainer_class is StabilityTrainer:
-                    inside += clock.inside_milliseconds
+            base_clock, stability_clock = bart_layout_lockstep(regime, options.steps, dataset, first=repeat % 2)
+            times["Trainer"] += base_clock.milliseconds
+            times["StabilityTrainer, defaults"] += stability_clock.milliseconds
+            # Step k of one trainer against step k of the other, taken one right after the other.
+            added += [s - b for s, b in zip(stability_clock.milliseconds, base_clock.milliseconds, strict=True)]
+            inside += stability_clock.inside_milliseconds
         base, stability = (statistics.median(times[label]) for label, _ in BART_CONFIGS)
+        difference = statistics.median(added)
         rows.append(
             f"| {regime} | {base:.2f} | {stability:.2f} "
-            f"| {stability - base:+.2f} ({(stability / base - 1) * 100:+.1f}%) "
+            f"| {difference:+.2f} ({difference / base * 100:+.1f}%) "
             f"| {statistics.median(inside):.2f} |"
         )
     print(
         f"BART-base layout ({BART_BASE_TENSORS} parameter tensors, d_model 16, 6+6 layers, batch 2 x 16 tokens), "
-        f"fused AdamW, {options.steps} steps/run, median of the ordinary steps of {options.repeats} alternated runs, "
-        "1 torch thread\n"
+        f"fused AdamW, {options.steps} steps/run, {options.repeats} runs of each trainer, the two trainers taking "
+        "turns step by step in one process; medians over the ordinary steps, the added time the median of the "
+        "differences between the trainers' same steps; 1 torch thread\n"
     )
     print(
-        "| precision | Trainer ms/step | StabilityTrainer ms/step | added ms/step (wall clock) "
+        "| precision | Trainer ms/step | StabilityTrainer ms/step | added ms/step (wall clock, paired steps) "
         "| ms/step inside hf-stability code |"
     )
     print("|---|---|---|---|---|")
