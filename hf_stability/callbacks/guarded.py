@@ -16,6 +16,9 @@ class GuardedStep(StageHooks):
     (:meth:`register_stage`): its position in the callback list then changes nothing.
     """
 
+    # The run it registered in: (its TrainerState, its StepSignals, whether this callback drives the guard).
+    _run: tuple[TrainerState, StepSignals, bool] | None = None
+
     def register_stage(
         self, role: str, state: TrainerState, model: torch.nn.Module, stage: Stage | None = None
     ) -> StepSignals:
@@ -28,13 +31,13 @@ class GuardedStep(StageHooks):
     def _signals(self, state: TrainerState, model: torch.nn.Module) -> StepSignals:
         """The signals this callback registered with in the run of ``state`` (no registry lookup per event);
         for a run it did not register in, those of ``model``."""
-        run = getattr(self, "_run", None)
+        run = self._run
         return run[1] if run is not None and run[0] is state else StepSignals.for_model(model)
 
     def _driven(self, state: TrainerState, model: torch.nn.Module) -> StepSignals | None:
         """The signals whose guard this callback hands the step events to; ``None`` where the run's first registered
         callback does (`StepGuard.claim`), which has received the event already."""
-        run = getattr(self, "_run", None)
+        run = self._run
         if run is not None and run[0] is state:
             return run[1] if run[2] else None
         return StepSignals.for_model(model)
