@@ -180,8 +180,8 @@ class Lockstep:
     reaches its next step (its logging, saving and data loading done), so no two steps ever overlap.
     """
 
-    def __init__(self) -> None:
-        self._turn = 0
+    def __init__(self, first: int = 0) -> None:
+        self._turn = first  # the party whose step comes first
         self._finished: set[int] = set()
         self._condition = threading.Condition()
 
@@ -257,8 +257,7 @@ def bart_layout_trainer(trainer_class: type[Trainer], regime: str, steps: int, d
 
 def bart_layout_lockstep(regime: str, steps: int, dataset, first: int) -> list[OrdinaryStepClock]:
     """One run of each trainer (`BART_CONFIGS`), in two threads taking turns step by step; ``first`` starts."""
-    lockstep = Lockstep()
-    lockstep._turn = first
+    lockstep = Lockstep(first)
     stability, recording = StabilityClock(), RecordingClock()
     clocks, errors = [], []
     with tempfile.TemporaryDirectory() as output_dir, contextlib.ExitStack() as stack:
