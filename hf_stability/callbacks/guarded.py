@@ -38,9 +38,9 @@ class GuardedStep(StageHooks):
         """The signals whose guard this callback hands the step events to; ``None`` where the run's first registered
         callback does (`StepGuard.claim`), which has received the event already."""
         run = self._run
-        if run is not None and run[0] is state:
-            return run[1] if run[2] else None
-        return StepSignals.for_model(model)
+        if run is not None and run[0] is state and not run[2]:
+            return None
+        return self._signals(state, model)
 
     def log_step_metrics(self, state: TrainerState, logs: dict | None, model: torch.nn.Module | None) -> None:
         """Plain-`Trainer` path of ``on_log``: the guard's metrics into a training log entry, once per entry.
