@@ -16,7 +16,13 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerState
 
-from hf_stability._compat import SUPPORTED, UpstreamChangedError, foreach_norm, grad_scaler
+from hf_stability._compat import (
+    SUPPORTED,
+    UpstreamChangedError,
+    foreach_norm,
+    grad_scaler,
+    wait_until_backend_releases,
+)
 from hf_stability._logging import get_logger
 from hf_stability.samples import SampleRecord
 from hf_stability.step.guard import StepGuard, StepRecord
@@ -275,7 +281,15 @@ def reduce_across_ranks(value: torch.Tensor, op: str = "max") -> torch.Tensor:
     reduce_op = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}[op]
     work = for_collective(value)
     dist.all_reduce(work, op=reduce_op)
+    settle_collective(work)
     return work.to(value.device)
+
+
+def settle_collective(*tensors: torch.Tensor) -> None:
+    """After a gloo collective: wait until gloo's worker thread has let go of ``tensors``, so that no collective of
+    ours, the end-of-run check last of all, can abort the process at exit (`wait_until_backend_releases`)."""
+    if dist.get_backend() == "gloo":
+        wait_until_backend_releases(*tensors)
 
 
 def active_grad_scaler(optimizer: object) -> torch.amp.GradScaler | None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from hf_stability._logging import get_logger, is_main_process
 from hf_stability.events import StabilityEventLog
 from hf_stability.samples import SampleRecord, event_samples, process_rank, public, record_bad_samples
-from hf_stability.step.channel import StepSignals, distributed, for_collective
+from hf_stability.step.channel import StepSignals, distributed, for_collective, settle_collective
 from hf_stability.step.skip_queue import FLAG_NAMES, ReadStep
 
 logger = get_logger(__name__)
@@ -66,6 +66,7 @@ def ranks_flagged(steps: list[ReadStep], local: torch.Tensor | None) -> list[dic
         work = for_collective(local)
         gathered = [torch.zeros_like(work) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, work)
+        settle_collective(work, *gathered)
         table = torch.stack(gathered).tolist()  # [rank][step][flag]
     return [
         {name: [rank for rank, rows in enumerate(table) if rows[row][flag]] for flag, name in enumerate(FLAG_NAMES)}
