@@ -9,6 +9,9 @@ nothing behind).
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import platform
 import random
 
 import psutil
@@ -38,7 +41,13 @@ def poisoned_steps(seed: int = 0) -> list[int]:
 
 
 class ResidentMemory(TrainerCallback):
-    """Resident set size of this process at the end of chosen steps."""
+    """Resident set size of this process at the end of chosen steps, once freed memory is given back.
+
+    Raw RSS also counts the heap pages glibc keeps after ``free``: it swung between 623 and 795 MB from one
+    250-step sample to the next in this run, with the Python heap and the live tensors flat, so two raw samples
+    could differ by more than 5% with nothing held. After ``gc.collect()`` and ``malloc_trim(0)`` the same samples
+    stayed within 515.9-517.1 MB: what is left is what the process holds.
+    """
 
     def __init__(self, steps) -> None:
         self.steps = set(steps)
@@ -46,6 +55,8 @@ class ResidentMemory(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.steps:
+            gc.collect()
+            ctypes.CDLL(None).malloc_trim(0)
             self.rss[state.global_step] = psutil.Process().memory_info().rss
 
 
@@ -64,6 +75,7 @@ def one_thread():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="measures memory after glibc's malloc_trim")
 @pytest.mark.usefixtures("one_thread")
 def test_soak_2000_steps_with_poisoned_batches_spikes_and_nonfinite_weights(bert_tokenizer, tmp_path):
     dataset = mlm_dataset(bert_tokenizer, rows=256)
@@ -100,4 +112,4 @@ def test_soak_2000_steps_with_poisoned_batches_spikes_and_nonfinite_weights(bert
     soak_loss = trainer.evaluate(evaluation)["eval_loss"]
     assert soak_loss < 2 * clean_loss, (soak_loss, clean_loss)
     growth = memory.rss[STEPS] / memory.rss[MEMORY_FROM] - 1
-    assert growth < 0.05, f"resident memory grew {growth:.1%} from step {MEMORY_FROM} to {STEPS}"
+    assert growth < 0.02, f"resident memory grew {growth:.1%} from step {MEMORY_FROM} to {STEPS}"
