@@ -1,4 +1,5 @@
-"""No extra device-to-host read on ordinary steps: `StabilityTrainer` against a plain `Trainer`, read for read.
+"""No extra device-to-host read on ordinary steps: `StabilityTrainer` against a plain `Trainer`, read for read; and
+the few device ops it adds per ordinary step, op for op.
 
 Counted as `benchmarks/trainer_overhead.py` counts them (every tensor method that copies to the host, made
 anywhere while the step runs, Trainer's own included), per optimizer step, with the default optimizer
@@ -8,10 +9,13 @@ micro-batch's dataset indices meanwhile (`hf_stability.samples`): that recording
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from transformers import Trainer, TrainerCallback
 
 from benchmarks.host_reads import counting_host_reads
+from benchmarks.op_counts import counting_ops
 from hf_stability import LossScaleTelemetryCallback, SkipNonFiniteCallback, SpikeRollbackCallback, StabilityTrainer
 from hf_stability.step.channel import StepSignals
 from tests.testing_utils import (
@@ -110,3 +114,56 @@ def test_no_extra_host_read_with_the_callbacks_under_a_plain_trainer(tmp_path, b
                                     callbacks=callbacks, max_grad_norm=max_grad_norm)
     extra = {step: with_callbacks[step] - plain[step] for step in ORDINARY}
     assert extra == dict.fromkeys(ORDINARY, 0), f"extra host reads per step: {extra}"
+
+
+class OpsPerStep(TrainerCallback):
+    """The aten ops dispatched from the beginning to the end of each optimizer step, by name."""
+
+    def __init__(self, counts: Counter) -> None:
+        self.counts = counts
+        self.per_step: dict[int, Counter] = {}
+        self._start: Counter = Counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = Counter(self.counts)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.per_step[state.global_step] = Counter(self.counts) - self._start
+
+
+def ops_per_step(trainer_class, output_dir, regime: str) -> tuple[dict[int, Counter], int]:
+    """Per step, the ops of a BART-base-layout step; and the number of the optimizer's parameter groups."""
+    args = training_args(output_dir, bf16=regime == "bf16", fp16=regime == "fp16", logging_steps=100,
+                         snapshot_interval=100, spike_check_interval=100, per_device_train_batch_size=2)
+    trainer = trainer_class(bart_layout_model(), args, train_dataset=seq2seq_dataset(rows=32))
+    if regime == "fp16":
+        emulate_fp16_scaler(trainer)
+    with counting_ops() as counts:
+        counter = OpsPerStep(counts)
+        trainer.add_callback(counter)
+        trainer.train()
+    return counter.per_step, len(trainer.optimizer.param_groups)
+
+
+# What the skip decision adds to an ordinary step (`measure_step`, `SkipStage._drop_on_device`): the value vector
+# (stack), its non-finite places (sub, ne_), the gradient flag (select). fp16 also writes the reduced flag back into
+# the scaler (select, copy_) and keeps a copy of the loss scale for the step's event (clone). Everything else
+# (spike, telemetry, sample recording) adds no op to an ordinary step.
+DECISION_OPS = {"aten.stack.default": 1, "aten.sub.Tensor": 1, "aten.ne_.Scalar": 1, "aten.select.int": 1}
+FP16_DECISION_OPS = {**DECISION_OPS, "aten.select.int": 2, "aten.copy_.default": 1, "aten.clone.default": 1}
+
+
+@pytest.mark.parametrize("regime", ["fp32", "bf16", "fp16"])
+def test_an_ordinary_step_adds_only_the_skip_decisions_few_ops(tmp_path, regime):
+    """259 parameter tensors, fused AdamW: a per-tensor op or a walk over the parameters would add 259 ops or more.
+
+    With fp32/bf16 the fused AdamW, handed the flag as ``found_inf``, runs one more ``_foreach_sub_`` per
+    parameter group itself (torch's skip arithmetic: one multi-tensor kernel on CUDA); in fp16 the scaler does.
+    """
+    plain, _ = ops_per_step(Trainer, tmp_path / "plain", regime)
+    stability, groups = ops_per_step(StabilityTrainer, tmp_path / "stability", regime)
+    for step in ORDINARY[1:]:  # the first step also creates the run's cached zero (`TrainedParameters.zero`)
+        added = dict(stability[step] - plain[step])
+        assert not plain[step] - stability[step], f"step {step}: ops missing"
+        expected = FP16_DECISION_OPS if regime == "fp16" else {**DECISION_OPS, "aten._foreach_sub_.List": groups}
+        assert added == expected, f"step {step}: ops added {added}"
