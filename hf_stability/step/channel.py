@@ -286,9 +286,10 @@ def reduce_across_ranks(value: torch.Tensor, op: str = "max") -> torch.Tensor:
 
 
 def settle_collective(*tensors: torch.Tensor) -> None:
-    """After a gloo collective: wait until gloo's worker thread has let go of ``tensors``, so that no collective of
-    ours, the end-of-run check last of all, can abort the process at exit (`wait_until_backend_releases`)."""
-    if dist.get_backend() == "gloo":
+    """After a collective on CPU tensors (gloo, alone or as a mixed backend's CPU part): wait until gloo's worker
+    thread has let go of ``tensors``, so that no collective of ours, the end-of-run check last of all, can abort the
+    process at exit (`wait_until_backend_releases`)."""
+    if tensors[0].device.type == "cpu" and "gloo" in dist.get_backend():
         wait_until_backend_releases(*tensors)
 
 

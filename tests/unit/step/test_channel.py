@@ -45,7 +45,7 @@ def test_a_reduction_returns_only_once_gloo_has_let_go_of_its_tensor(one_rank_gl
     """gloo's worker thread drops a finished work's tensors just after the caller wakes; a drop that comes after the
     interpreter began shutting down aborts the process (pytorch/pytorch#190489). Ours happen before we return."""
     still_held = 0
-    for _ in range(2000):  # without the wait, gloo still held 1 in 500 here (and 1 in 3-5 on two ranks)
+    for _ in range(2000):  # without the wait, gloo still held 1 to 10 of 2000 here (and 1 in 3 to 5 on two ranks)
         reduced = reduce_across_ranks(torch.ones(3), "max")
         still_held += reduced._use_count() > 1
     assert still_held == 0
