@@ -30,19 +30,20 @@ from tests.testing_utils import (
 ORDINARY = range(1, 6)  # step 6 is the last one: it flushes and checks
 
 
-class ReadsPerStep(TrainerCallback):
-    """Host reads from the beginning to the end of each optimizer step (forward, backward, update, callbacks)."""
+class CountsPerStep(TrainerCallback):
+    """What an instrument counted from the beginning to the end of each optimizer step (forward, backward, update,
+    callbacks), by key: host reads by method, or ops by name."""
 
-    def __init__(self, counts) -> None:
+    def __init__(self, counts: Counter) -> None:
         self.counts = counts
-        self.per_step: dict[int, int] = {}
-        self._start = 0
+        self.per_step: dict[int, Counter] = {}
+        self._start: Counter = Counter()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = sum(self.counts.values())
+        self._start = Counter(self.counts)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.per_step[state.global_step] = sum(self.counts.values()) - self._start
+        self.per_step[state.global_step] = Counter(self.counts) - self._start
 
 
 class RecordedSteps(TrainerCallback):
@@ -56,8 +57,9 @@ class RecordedSteps(TrainerCallback):
         self.held[state.global_step] = StepSignals.for_model(model).samples.steps()
 
 
-def reads_per_step(trainer_class, output_dir, tokenizer, dataset, regime: str, model=None, callbacks=None,
-                   **overrides) -> dict[int, int]:
+def counted_run(counting, trainer_class, output_dir, tokenizer, dataset, regime: str, model=None, callbacks=None,
+                **overrides) -> tuple[dict[int, Counter], Trainer]:
+    """Train with ``counting`` (`counting_host_reads` or `counting_ops`) on; its counts per step, and the trainer."""
     args = training_args(
         output_dir,
         bf16=regime == "bf16",
@@ -73,11 +75,17 @@ def reads_per_step(trainer_class, output_dir, tokenizer, dataset, regime: str, m
         emulate_fp16_scaler(trainer)
     if trainer_class is Trainer and callbacks:
         LossScaleTelemetryCallback.attach(trainer)
-    with counting_host_reads() as counts:
-        counter = ReadsPerStep(counts)
+    with counting() as counts:
+        counter = CountsPerStep(counts)
         trainer.add_callback(counter)
         trainer.train()
-    return counter.per_step
+    return counter.per_step, trainer
+
+
+def reads_per_step(*run, **overrides) -> dict[int, int]:
+    """Host reads per step of `counted_run`."""
+    per_step, _ = counted_run(counting_host_reads, *run, **overrides)
+    return {step: sum(counts.values()) for step, counts in per_step.items()}
 
 
 @pytest.mark.parametrize("regime", ["fp32", "bf16", "fp16"])
@@ -116,33 +124,11 @@ def test_no_extra_host_read_with_the_callbacks_under_a_plain_trainer(tmp_path, b
     assert extra == dict.fromkeys(ORDINARY, 0), f"extra host reads per step: {extra}"
 
 
-class OpsPerStep(TrainerCallback):
-    """The aten ops dispatched from the beginning to the end of each optimizer step, by name."""
-
-    def __init__(self, counts: Counter) -> None:
-        self.counts = counts
-        self.per_step: dict[int, Counter] = {}
-        self._start: Counter = Counter()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = Counter(self.counts)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.per_step[state.global_step] = Counter(self.counts) - self._start
-
-
 def ops_per_step(trainer_class, output_dir, regime: str) -> tuple[dict[int, Counter], int]:
     """Per step, the ops of a BART-base-layout step; and the number of the optimizer's parameter groups."""
-    args = training_args(output_dir, bf16=regime == "bf16", fp16=regime == "fp16", logging_steps=100,
-                         snapshot_interval=100, spike_check_interval=100, per_device_train_batch_size=2)
-    trainer = trainer_class(bart_layout_model(), args, train_dataset=seq2seq_dataset(rows=32))
-    if regime == "fp16":
-        emulate_fp16_scaler(trainer)
-    with counting_ops() as counts:
-        counter = OpsPerStep(counts)
-        trainer.add_callback(counter)
-        trainer.train()
-    return counter.per_step, len(trainer.optimizer.param_groups)
+    per_step, trainer = counted_run(counting_ops, trainer_class, output_dir, None, seq2seq_dataset(rows=32), regime,
+                                    bart_layout_model(), per_device_train_batch_size=2)
+    return per_step, len(trainer.optimizer.param_groups)
 
 
 # What the skip decision adds to an ordinary step (`measure_step`, `SkipStage._drop_on_device`): the value vector
